@@ -1,0 +1,211 @@
+"""Typed schemas for every config group, and the one place a config is checked.
+
+Hydra composes ``conf/`` against these dataclasses (each stored as ``base_<group>``, which the YAML
+files of that group list first in their defaults), so a misspelt key fails at composition. What
+types cannot say (a name must be registered, a scale must be positive) ``validate`` checks, before
+any data is loaded, any Ray task is sent or any MLflow run is opened.
+
+Workers never see Hydra: a trial travels as the plain dict of its resolved config, and
+``config_from_dict`` turns it back into a typed ``Config``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from pipeline.errors import ConfigError
+
+#: The five study axes: one name each, as CLI override, config key, Optuna param and MLflow param.
+AXES = ("initializer", "scale", "activation", "normalization", "batch_size")
+
+
+@dataclass
+class InitializerConfig:
+    """How every Linear/Conv weight (and bias) of the model is set before training.
+
+    ``scale`` (top level) multiplies the standard deviation or bound the scheme would give; the
+    fields here are the scheme's own options, each used only by the schemes that name it.
+    """
+
+    name: str = "kaiming_normal"
+    gain: Any = "auto"  # "auto": the activation's gain (see nn/activations.py), or a number
+    mode: str = "fan_in"  # kaiming / variance_scaling: fan_in | fan_out (| fan_avg)
+    std: float = 0.01  # normal
+    bound: float = 0.05  # uniform
+    value: float = 0.0  # constant
+    factor: float = 1.0  # variance_scaling: Keras's own variance factor ("scale" in Keras)
+    distribution: str = "truncated_normal"  # variance_scaling: normal | truncated_normal | uniform
+    path: Optional[str] = None  # pretrained: a .safetensors file or a torch state dict
+    run_id: Optional[str] = None  # pretrained: an MLflow run whose final weights to start from
+    exclude: list[str] = field(default_factory=list)  # pretrained: parameter prefixes left as built
+    bias: str = "zeros"  # zeros | constant | normal | uniform | torch_default
+    bias_value: float = 0.0  # constant: the value; normal: the std; uniform: the bound
+
+
+@dataclass
+class ActivationConfig:
+    name: str = "relu"
+    slope: float = 0.01  # leaky_relu's negative slope
+
+
+@dataclass
+class NormalizationConfig:
+    name: str = "none"  # none | batch | layer | group
+    groups: int = 8  # group norm only
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"  # mlp | cnn
+    depth: int = 4  # hidden layers (mlp) or conv blocks (cnn)
+    width: int = 128  # hidden units (mlp)
+    residual: bool = False  # mlp: h <- h + block(h) on width->width layers
+    channels: int = 32  # cnn
+    kernel_size: int = 3  # cnn
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    root: Optional[str] = None  # mnist / fashion_mnist / cifar10: the directory with the files
+    input_norm: str = "zscore"  # none | zscore | minmax, fitted on the training split only
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2  # datasets without their own test split
+    split_seed: int = 0  # the split stays fixed across trials, whatever the trial's seed
+    max_train: Optional[int] = None  # keep at most this many training samples
+    classes: Optional[list[int]] = None  # keep only these classes (relabelled 0..k-1)
+    n_samples: int = 2000  # synthetic
+    n_features: int = 32  # synthetic
+    n_classes: int = 4  # synthetic
+    difficulty: float = 0.5  # synthetic: 0 easy .. 1 hard (class separation shrinks)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adam
+    lr: float = 0.05
+    momentum: float = 0.9  # sgd momentum; adam's beta1
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    grad_clip: Optional[float] = None  # max global gradient norm, none by default
+    target_accuracy: float = 0.9  # epochs_to_target counts epochs until val_accuracy >= this
+    probe_size: int = 256  # diagnostics run on this fixed batch of training samples
+    diagnostics: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: Optional[int] = None  # torch intra-op threads; default: what Ray gave the trial
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///runs/mlflow.db"  # any MLflow tracking URI
+    artifact_root: str = "runs/artifacts"  # local artifact store of new experiments (sqlite stores)
+    experiment: str = "initstudy-trials"  # experiment of single `trial` runs
+    log_weights: bool = True
+
+
+@dataclass
+class Config:
+    initializer: InitializerConfig = field(default_factory=InitializerConfig)
+    activation: ActivationConfig = field(default_factory=ActivationConfig)
+    normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    scale: float = 1.0
+    batch_size: int = 64
+    seed: int = 0
+    study: Any = None  # the study command's settings; ignored by a trial
+    cluster: Any = None
+    space: Any = None
+
+
+GROUP_SCHEMAS = {
+    "initializer": InitializerConfig,
+    "activation": ActivationConfig,
+    "normalization": NormalizationConfig,
+    "model": ModelConfig,
+    "dataset": DatasetConfig,
+    "optimizer": OptimizerConfig,
+    "train": TrainConfig,
+    "tracking": TrackingConfig,
+}
+
+
+def register_schemas() -> None:
+    """Store the schemas in Hydra's ConfigStore (``base_config`` and ``base_<group>``)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    for group, schema in GROUP_SCHEMAS.items():
+        store.store(group=group, name=f"base_{group}", node=schema)
+
+
+def config_from_dict(data: dict) -> Config:
+    """A typed ``Config`` from a resolved plain dict (a trial as it travels to a worker)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), data)
+        return OmegaConf.to_object(merged)
+    except Exception as err:  # omegaconf's errors carry the key path; keep them on one line
+        raise ConfigError(" ".join(str(err).split())) from err
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def axis_values(cfg: Config) -> dict[str, Any]:
+    """The five axes as flat values: the group axes by their (canonical) name."""
+    return {
+        "initializer": cfg.initializer.name,
+        "scale": cfg.scale,
+        "activation": cfg.activation.name,
+        "normalization": cfg.normalization.name,
+        "batch_size": cfg.batch_size,
+    }
+
+
+def validate(cfg: Config) -> None:
+    """Raise ``ConfigError`` naming the first bad value, before any work starts."""
+    from pipeline import data
+    from pipeline.nn import activations, initializers, models, norms
+
+    cfg.initializer.name = initializers.INITIALIZERS.canonical(cfg.initializer.name)
+    for check in (_check_numbers, initializers.validate_config):
+        check(cfg)
+    activations.ACTIVATIONS.canonical(cfg.activation.name)
+    norms.NORMALIZATIONS.canonical(cfg.normalization.name)
+    models.MODELS.canonical(cfg.model.name)
+    data.DATASETS.canonical(cfg.dataset.name)
+    _check_choice("dataset.input_norm", cfg.dataset.input_norm, data.INPUT_NORMS)
+    _check_choice("optimizer", cfg.optimizer.name, ("sgd", "adam"))
+
+
+def _check_numbers(cfg: Config) -> None:
+    _positive("scale", cfg.scale)
+    _positive("batch_size", cfg.batch_size)
+    _positive("train.epochs", cfg.train.epochs)
+    _positive("optimizer.lr", cfg.optimizer.lr)
+    _positive("model.depth", cfg.model.depth)
+    _positive("model.width", cfg.model.width)
+    _positive("train.probe_size", cfg.train.probe_size)
+    if cfg.train.grad_clip is not None:
+        _positive("train.grad_clip", cfg.train.grad_clip)
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}={value} is invalid; it must be > 0")
+
+
+def _check_choice(key: str, value: str, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value} is invalid; valid: {', '.join(valid)}")
