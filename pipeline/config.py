@@ -110,6 +110,37 @@ class TrackingConfig:
 
 
 @dataclass
+class StudyConfig:
+    """The ``run`` command: how Optuna chooses trials and how many."""
+
+    name: str = "initstudy-default"  # also the MLflow experiment and the Optuna study name
+    n_trials: Optional[int] = 24  # None: the grid size (grid sampler)
+    sampler: str = "tpe"  # tpe | random | qmc | grid | nsga2
+    pruner: str = "none"  # none | median | successive_halving | hyperband
+    objectives: list[str] = field(default_factory=lambda: ["val_accuracy"])
+    seeds: int = 1  # each sampled configuration runs with seeds seed, seed+1, ...; objective = mean
+    seed: int = 0  # the sampler's seed (a study re-run gives the same trials in the same order)
+    storage: Optional[str] = None  # any Optuna RDB URL; default sqlite in output_dir/<name>/
+    output_dir: str = "runs/studies"
+    max_failure_rate: float = 0.5  # stop the study once more than this share of trials failed
+    min_trials_for_failure_rate: int = 4
+    retries: int = 1  # re-runs of a trial whose worker process died
+    report: bool = True  # build the study report at the end
+    progress: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    """Where trials run: a local Ray instance (address null) or an existing cluster."""
+
+    address: Optional[str] = None  # null: start a local Ray; "auto" or "host:port": join a cluster
+    num_cpus: Optional[int] = None  # local instance size; default: every core
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # fractions let several small trials share one GPU
+    max_concurrent: Optional[int] = None  # default: what the cluster's resources allow
+
+
+@dataclass
 class Config:
     initializer: InitializerConfig = field(default_factory=InitializerConfig)
     activation: ActivationConfig = field(default_factory=ActivationConfig)
@@ -122,9 +153,9 @@ class Config:
     scale: float = 1.0
     batch_size: int = 64
     seed: int = 0
-    study: Any = None  # the study command's settings; ignored by a trial
-    cluster: Any = None
-    space: Any = None
+    study: StudyConfig = field(default_factory=StudyConfig)  # `run` only; a trial ignores it
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    space: Any = None  # `run` only: config key -> sweep expression (pipeline/space.py)
 
 
 GROUP_SCHEMAS = {
@@ -136,6 +167,8 @@ GROUP_SCHEMAS = {
     "optimizer": OptimizerConfig,
     "train": TrainConfig,
     "tracking": TrackingConfig,
+    "study": StudyConfig,
+    "cluster": ClusterConfig,
 }
 
 

@@ -1,0 +1,86 @@
+"""The commands: thin wrappers that compose a config (pipeline/compose.py) and run it.
+
+``python -m pipeline trial [overrides]``      one trial, recorded in MLflow
+``python -m pipeline run [overrides]``        a study (Optuna trials on Ray workers)
+``python -m pipeline reproduce RUN_ID``       re-run a recorded trial from its logged config
+
+Bad input of any kind (unknown name, malformed override, invalid value, missing data) is one
+line on stderr and exit code 2, before any training and before any MLflow run is opened.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from pipeline.compose import compose
+from pipeline.errors import ConfigError
+
+USAGE = "usage: python -m pipeline {trial,run,reproduce} [overrides | RUN_ID]"
+
+
+def trial_command(args: list[str]) -> int:
+    from pipeline.runner import run_recorded_trial
+
+    config = compose(args)
+    done = run_recorded_trial(config)
+    print(_trial_summary(done))
+    return 0
+
+
+def _trial_summary(done) -> str:
+    r = done.result
+    state = f"diverged at epoch {r.diverged_epoch}" if r.diverged else "converged" if r.epochs_to_target else "finished"
+    return (
+        f"final_accuracy={r.final_accuracy:.4f} best_val_accuracy={r.best_val_accuracy:.4f} "
+        f"diverged={str(r.diverged).lower()} ({state}, {r.epochs_run} epochs, {r.wall_time_s:.1f} s)\n"
+        f"run_id={done.run_id} experiment={done.experiment}"
+    )
+
+
+def reproduce_command(args: list[str]) -> int:
+    from pipeline import tracking
+    from pipeline.runner import run_recorded_trial
+
+    if not args:
+        raise ConfigError("reproduce needs a RUN_ID; e.g. python -m pipeline reproduce 3f2a... [tracking.uri=...]")
+    run_id, overrides = args[0], args[1:]
+    uri = compose(overrides)["tracking"]["uri"]
+    config = tracking.download_config(run_id, uri)
+    config["tracking"]["uri"] = uri
+    done = run_recorded_trial(config, tags={"reproduced_from": run_id})
+    print(_trial_summary(done))
+    return 0
+
+
+def run_command(args: list[str]) -> int:
+    from pipeline.study import StudyFailed, run_study
+
+    try:
+        run_study(args)
+    except StudyFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "run": run_command,
+    "trial": trial_command,
+    "reproduce": reproduce_command,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv else "run"
+    if command in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if command not in COMMANDS:
+        print(f"error: unknown command '{command}'; valid: {', '.join(COMMANDS)}\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command](argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,116 @@
+"""Everything Ray: the only module that imports it (its API moves between releases).
+
+Ray owns placement, resources and retries. A study's trials are Ray tasks (``num_cpus`` and
+``num_gpus`` per trial, fractions allowed, ``max_retries`` for worker deaths); pruning questions go
+to a small actor pinned to the driver's node, which holds the Optuna study (Optuna owns pruning
+decisions and trial states). We use Ray core rather than Ray Tune: see README "Design".
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Optional
+
+import ray
+
+from pipeline.config import ClusterConfig
+from pipeline.errors import ConfigError
+
+
+def start(cfg: ClusterConfig) -> dict[str, float]:
+    """Start a local Ray instance (``address`` null) or join a cluster; return its total resources."""
+    if not ray.is_initialized():
+        try:
+            ray.init(**_init_args(cfg))
+        except ConnectionError as err:
+            raise ConfigError(f"cluster.address={cfg.address}: cannot reach a Ray cluster ({err})") from err
+    return ray.cluster_resources()
+
+
+def _init_args(cfg: ClusterConfig) -> dict[str, Any]:
+    common = {"logging_level": "WARNING", "log_to_driver": True, "configure_logging": True}
+    if cfg.address:
+        return {"address": cfg.address, **common}
+    # Workers must find the package and conf/ the driver uses, also when started from elsewhere.
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [_project_root(), os.environ.get("PYTHONPATH")]))}}
+    return {"num_cpus": cfg.num_cpus or os.cpu_count(), "include_dashboard": False, "runtime_env": env, **common}
+
+
+def _project_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def concurrency(cfg: ClusterConfig, resources: dict[str, float]) -> int:
+    """How many trials fit at once: the cluster's CPUs (and GPUs) over what one trial asks for."""
+    limits = [math.floor(resources.get("CPU", 1) / cfg.cpus_per_trial)] if cfg.cpus_per_trial > 0 else []
+    if cfg.gpus_per_trial > 0:
+        gpus = resources.get("GPU", 0)
+        if gpus < cfg.gpus_per_trial:
+            raise ConfigError(f"cluster.gpus_per_trial={cfg.gpus_per_trial} but the cluster has {gpus} GPUs")
+        limits.append(math.floor(gpus / cfg.gpus_per_trial + 1e-9))
+    fit = max(1, min(limits) if limits else 1)
+    return min(fit, cfg.max_concurrent) if cfg.max_concurrent else fit
+
+
+def submit(fn: Callable, payload: dict, cfg: ClusterConfig, retries: int):
+    """Run ``fn(payload)`` as a Ray task with the trial's resources; returns an object ref."""
+    remote = ray.remote(fn).options(
+        num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial, max_retries=retries, retry_exceptions=False
+    )
+    return remote.remote(payload)
+
+
+def wait(refs: list, timeout_s: float) -> tuple[list, list]:
+    return ray.wait(refs, num_returns=1, timeout=timeout_s)
+
+
+def result(ref) -> tuple[Optional[dict], Optional[str]]:
+    """``(value, None)``, or ``(None, reason)`` if the task raised or its worker died for good."""
+    try:
+        return ray.get(ref), None
+    except ray.exceptions.RayTaskError as err:
+        return None, " ".join(str(err.cause if err.cause else err).split())[:2000]
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError) as err:
+        return None, f"worker died: {type(err).__name__}"
+    except ray.exceptions.RayError as err:
+        return None, f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
+
+
+def cancel(refs: list) -> None:
+    for ref in refs:
+        ray.cancel(ref, force=True)
+
+
+def worker_context() -> dict[str, Any]:
+    """Inside a task: where it runs and which GPUs Ray gave it."""
+    ctx = ray.get_runtime_context()
+    return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "gpu_ids": ray.get_gpu_ids()}
+
+
+@ray.remote(num_cpus=0)
+class _PruningOracle:
+    """Answers workers' per-epoch "should this trial stop?" with the Optuna study's pruner."""
+
+    def __init__(self, decide: Callable[[int, int, int, float], bool]) -> None:
+        self.decide = decide
+
+    def report(self, trial_id: int, seed_index: int, step: int, value: float) -> bool:
+        return self.decide(trial_id, seed_index, step, value)
+
+
+def start_oracle(decide: Callable[[int, int, int, float], bool]):
+    """An actor on the driver's node (so a sqlite study storage on that node is reachable)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    strategy = NodeAffinitySchedulingStrategy(node_id=here, soft=False)
+    return _PruningOracle.options(scheduling_strategy=strategy).remote(decide)
+
+
+def ask_oracle(oracle, trial_id: int, seed_index: int, step: int, value: float) -> bool:
+    return ray.get(oracle.report.remote(trial_id, seed_index, step, value))

@@ -1,0 +1,490 @@
+"""Weight initializers: ``INITIALIZERS`` (one entry per scheme) and their model-level application.
+
+Registry contract: an entry is ``fn(tensor, args: InitArgs) -> None``. It fills ``tensor`` in place
+(under ``torch.no_grad``) with zero mean, drawing every random number from ``args.generator``, and
+reads only the options of ``args.cfg`` its scheme names (``mode``, ``std``, ``bound``, ``value``,
+``factor``, ``distribution``, ``gain``). Where ``torch.nn.init`` has the scheme the entry calls it,
+so ``kaiming_normal`` with ``gain: auto`` and a ReLU equals ``torch.nn.init.kaiming_normal_``.
+Fans use PyTorch's layout ``(out, in, *kernel)``: fan_in = in * prod(kernel), fan_out = out *
+prod(kernel). ``pretrained`` is registered so that it validates and lists like the others, but it
+sets a whole model at once (``load_pretrained``), not one tensor.
+
+The one meaning of scale: ``scale`` multiplies the standard deviation (or bound) the scheme would
+otherwise give; ``gain`` likewise multiplies the std, as in PyTorch; Keras's variance factor
+(``initializer.factor``) multiplies the variance. So ``scale=2`` doubles every weight's std whatever
+the scheme (``constant``: the value; ``zeros`` stays zero), and ``variance_scaling`` with
+``factor=2`` equals Keras's ``VarianceScaling(scale=2)``. Biases are never multiplied by scale.
+
+Which weights: ``apply_init`` sets every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` /
+``nn.Conv3d`` weight with ``init_weight`` and its bias with ``init_bias``; normalization layers
+keep their defaults (weight 1, bias 0).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from pipeline.config import Config, InitializerConfig
+from pipeline.errors import ConfigError
+from pipeline.registry import Registry
+
+#: std of N(0, 1) truncated at +-2, so N(0, (s/c)^2) truncated at +-2s/c has std s (Keras, timm).
+TRUNC_NORMAL_STD_CORRECTION = 0.87962566103423978
+#: The schemes a bias can use (a bias is 1-D: it has no fans and cannot be orthogonal).
+BIAS_INITIALIZERS = ("zeros", "constant", "normal", "uniform", "torch_default")
+#: The layers whose weight and bias ``apply_init`` sets.
+INIT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+KAIMING_MODES = ("fan_in", "fan_out")
+VARIANCE_MODES = ("fan_in", "fan_out", "fan_avg")
+DISTRIBUTIONS = ("normal", "truncated_normal", "uniform")
+
+
+@dataclass(frozen=True)
+class InitArgs:
+    """What an entry needs beyond the tensor.
+
+    Attributes:
+        cfg: The scheme's own options.
+        scale: Multiplies the std (or bound) the scheme would give.
+        activation_gain: What ``cfg.gain == "auto"`` resolves to (``activations.activation_gain``).
+        generator: The source of every random number; None: torch's global generator.
+    """
+
+    cfg: InitializerConfig
+    scale: float
+    activation_gain: float
+    generator: Optional[torch.Generator] = None
+
+    @property
+    def gain(self) -> float:
+        return self.activation_gain if self.cfg.gain == "auto" else float(self.cfg.gain)
+
+
+WeightInit = Callable[[Tensor, InitArgs], None]
+
+INITIALIZERS: Registry[WeightInit] = Registry("initializer")
+
+
+# --- fans and the one variance-scaling primitive -----------------------------------------------
+
+
+def _require_2d(tensor: Tensor, name: str) -> None:
+    if tensor.dim() < 2:
+        raise ConfigError(f"{name} needs a tensor of at least 2 dimensions, got shape {tuple(tensor.shape)}")
+
+
+def _fan(tensor: Tensor, mode: str, name: str, valid: tuple[str, ...]) -> float:
+    """fan_in, fan_out or their mean, in PyTorch's layout (out, in, *kernel)."""
+    _check_choice("initializer.mode", mode, valid, name)
+    _require_2d(tensor, name)
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(tensor)
+    return {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
+
+
+def _fill_normal(tensor: Tensor, std: float, generator: Optional[torch.Generator]) -> None:
+    nn.init.normal_(tensor, 0.0, std, generator=generator)
+
+
+def _fill_uniform(tensor: Tensor, std: float, generator: Optional[torch.Generator]) -> None:
+    # Computed as torch.nn.init.kaiming_uniform_ does, so the same seed gives the same tensor.
+    bound = math.sqrt(3.0) * std
+    nn.init.uniform_(tensor, -bound, bound, generator=generator)
+
+
+def _fill_truncated(tensor: Tensor, std: float, generator: Optional[torch.Generator]) -> None:
+    # Widen before truncating at +-2 wide so the std after truncation is `std` (Keras). torch's
+    # trunc_normal_ takes absolute bounds, not multiples of its std.
+    wide = std / TRUNC_NORMAL_STD_CORRECTION
+    nn.init.trunc_normal_(tensor, 0.0, wide, -2.0 * wide, 2.0 * wide, generator=generator)
+
+
+#: distribution -> fill with zero mean and the given std: the one primitive under kaiming, lecun and
+#: variance_scaling, so that scale means the same thing in all of them.
+_FILLS = {"normal": _fill_normal, "uniform": _fill_uniform, "truncated_normal": _fill_truncated}
+
+
+def _fan_scaled(tensor: Tensor, args: InitArgs, name: str, gain: float, mode: str, distribution: str) -> None:
+    """std = gain * scale / sqrt(fan): PyTorch's kaiming formula, with our scale on top."""
+    # torch's kaiming_* take a nonlinearity, not a gain, and cannot express gain="auto" for elu,
+    # gelu or silu, nor a scale; so compute the std as they do and fill with their primitives.
+    std = gain * args.scale / math.sqrt(_fan(tensor, mode, name, KAIMING_MODES))
+    _FILLS[distribution](tensor, std, args.generator)
+
+
+# --- the entries ----------------------------------------------------------------------------------
+
+
+@INITIALIZERS.register("zeros")
+def _zeros(tensor: Tensor, args: InitArgs) -> None:
+    nn.init.zeros_(tensor)
+
+
+@INITIALIZERS.register("constant")
+def _constant(tensor: Tensor, args: InitArgs) -> None:
+    nn.init.constant_(tensor, args.cfg.value * args.scale)
+
+
+@INITIALIZERS.register("normal")
+def _normal(tensor: Tensor, args: InitArgs) -> None:
+    nn.init.normal_(tensor, 0.0, args.cfg.std * args.scale, generator=args.generator)
+
+
+@INITIALIZERS.register("uniform")
+def _uniform(tensor: Tensor, args: InitArgs) -> None:
+    bound = args.cfg.bound * args.scale
+    nn.init.uniform_(tensor, -bound, bound, generator=args.generator)
+
+
+@INITIALIZERS.register("xavier_uniform", "glorot_uniform")
+def _xavier_uniform(tensor: Tensor, args: InitArgs) -> None:
+    _require_2d(tensor, "xavier_uniform")
+    nn.init.xavier_uniform_(tensor, gain=args.gain * args.scale, generator=args.generator)
+
+
+@INITIALIZERS.register("xavier_normal", "glorot_normal")
+def _xavier_normal(tensor: Tensor, args: InitArgs) -> None:
+    _require_2d(tensor, "xavier_normal")
+    nn.init.xavier_normal_(tensor, gain=args.gain * args.scale, generator=args.generator)
+
+
+@INITIALIZERS.register("kaiming_uniform", "he_uniform")
+def _kaiming_uniform(tensor: Tensor, args: InitArgs) -> None:
+    _fan_scaled(tensor, args, "kaiming_uniform", args.gain, args.cfg.mode, "uniform")
+
+
+@INITIALIZERS.register("kaiming_normal", "he_normal")
+def _kaiming_normal(tensor: Tensor, args: InitArgs) -> None:
+    _fan_scaled(tensor, args, "kaiming_normal", args.gain, args.cfg.mode, "normal")
+
+
+# LeCun is Var 1/fan_in by definition (PyTorch: kaiming with nonlinearity="linear"), so it ignores
+# initializer.gain and initializer.mode; its normal is untruncated, as PyTorch's kaiming_normal_.
+# Keras's truncated lecun_normal is variance_scaling (factor 1, fan_in, truncated_normal).
+@INITIALIZERS.register("lecun_uniform")
+def _lecun_uniform(tensor: Tensor, args: InitArgs) -> None:
+    _fan_scaled(tensor, args, "lecun_uniform", 1.0, "fan_in", "uniform")
+
+
+@INITIALIZERS.register("lecun_normal")
+def _lecun_normal(tensor: Tensor, args: InitArgs) -> None:
+    _fan_scaled(tensor, args, "lecun_normal", 1.0, "fan_in", "normal")
+
+
+@INITIALIZERS.register("orthogonal")
+def _orthogonal(tensor: Tensor, args: InitArgs) -> None:
+    _require_2d(tensor, "orthogonal")
+    nn.init.orthogonal_(tensor, gain=args.gain * args.scale, generator=args.generator)
+
+
+@INITIALIZERS.register("variance_scaling")
+def _variance_scaling(tensor: Tensor, args: InitArgs) -> None:
+    """Keras 3's VarianceScaling: Var = factor / n (n by mode), then our scale on the std."""
+    cfg = args.cfg
+    _check_choice("initializer.distribution", cfg.distribution, DISTRIBUTIONS, "variance_scaling")
+    n = _fan(tensor, cfg.mode, "variance_scaling", VARIANCE_MODES)
+    _FILLS[cfg.distribution](tensor, math.sqrt(cfg.factor / n) * args.scale, args.generator)
+
+
+@INITIALIZERS.register("pretrained")
+def _pretrained(tensor: Tensor, args: InitArgs) -> None:
+    raise ConfigError("initializer=pretrained sets a whole model: use apply_init or load_pretrained")
+
+
+# --- weights, biases, models -----------------------------------------------------------------------
+
+
+def init_weight(
+    weight: Tensor,
+    cfg: InitializerConfig,
+    scale: float,
+    activation_gain: float,
+    generator: Optional[torch.Generator] = None,
+) -> None:
+    """Set one weight tensor in place with the scheme ``cfg.name``.
+
+    Args:
+        weight: A tensor in PyTorch's layout (out, in, *kernel).
+        cfg: The initializer options.
+        scale: Multiplies the std (or bound) the scheme gives.
+        activation_gain: What ``cfg.gain == "auto"`` means.
+        generator: Source of the random numbers (None: torch's global generator).
+    """
+    entry = INITIALIZERS.get(cfg.name)
+    if weight.numel() == 0:  # no fans to divide by; torch's own initializers skip these too
+        return
+    with torch.no_grad():
+        entry(weight, InitArgs(cfg, scale, activation_gain, generator))
+
+
+def init_bias(
+    bias: Tensor, cfg: InitializerConfig, fan_in: int, generator: Optional[torch.Generator] = None
+) -> None:
+    """Set a bias in place by ``cfg.bias`` and ``cfg.bias_value`` (never multiplied by scale).
+
+    Args:
+        bias: A 1-D bias.
+        cfg: ``bias`` is one of ``BIAS_INITIALIZERS``; ``bias_value`` is the constant's value, the
+            normal's std or the uniform's bound.
+        fan_in: The layer's fan_in (``torch_default`` draws from U(+-1/sqrt(fan_in)), as nn.Linear).
+        generator: Source of the random numbers.
+    """
+    _check_bias(cfg.bias)
+    value = cfg.bias_value
+    with torch.no_grad():
+        if cfg.bias == "zeros":
+            nn.init.zeros_(bias)
+        elif cfg.bias == "constant":
+            nn.init.constant_(bias, value)
+        elif cfg.bias == "normal":
+            nn.init.normal_(bias, 0.0, value, generator=generator)
+        else:
+            bound = value if cfg.bias == "uniform" else _torch_default_bound(fan_in)
+            nn.init.uniform_(bias, -bound, bound, generator=generator)
+
+
+def _torch_default_bound(fan_in: int) -> float:
+    return 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+
+def apply_init(
+    model: nn.Module,
+    cfg: InitializerConfig,
+    scale: float,
+    activation_gain: float,
+    generator: Optional[torch.Generator] = None,
+) -> None:
+    """Initialize every Linear/Conv layer of ``model`` in place (or load pretrained weights).
+
+    Layers are visited in ``model.modules()`` order, so one generator seed gives one model.
+
+    Args:
+        model: Any module; normalization layers in it keep their defaults.
+        cfg: The initializer options (``cfg.name == "pretrained"``: see ``load_pretrained``).
+        scale: Multiplies every weight's std (or bound); biases are not scaled.
+        activation_gain: What ``cfg.gain == "auto"`` means.
+        generator: Source of the random numbers.
+    """
+    if INITIALIZERS.canonical(cfg.name) == "pretrained":
+        load_pretrained(model, cfg, scale)
+        return
+    for module in model.modules():
+        if isinstance(module, INIT_LAYERS):
+            init_weight(module.weight, cfg, scale, activation_gain, generator)
+            if module.bias is not None:
+                fan_in = nn.init._calculate_fan_in_and_fan_out(module.weight)[0]
+                init_bias(module.bias, cfg, fan_in, generator)
+
+
+# --- weight files and pretrained starts ------------------------------------------------------------
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    """Write ``model.state_dict()`` to a safetensors file (creating its directory)."""
+    # clone: safetensors refuses tensors that share storage (tied weights) or are not contiguous.
+    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+
+
+def load_weights_file(path: str | Path) -> dict[str, Tensor]:
+    """A state dict from a ``.safetensors`` file or a torch state dict (any other suffix).
+
+    Torch files are read with ``weights_only=True``: a pickle that needs code is refused, never run.
+
+    Raises:
+        ConfigError: The file is missing, unreadable, or holds something other than named tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"weights file {path} does not exist")
+    state = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+    if not isinstance(state, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, Tensor) for key, value in state.items()
+    ):
+        raise ConfigError(f"weights file {path} holds a {type(state).__name__}, not a state dict of named tensors")
+    return dict(state)
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own SafetensorError, among others
+        raise ConfigError(f"weights file {path} is not a valid safetensors file: {_one_line(err)}") from err
+
+
+def _read_torch(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for code-carrying pickles, others for junk
+        raise ConfigError(
+            f"weights file {path} is neither safetensors nor a torch state dict loadable with "
+            f"weights_only=True (pickled code is never run): {_one_line(err)}"
+        ) from err
+
+
+def _one_line(err: Exception, limit: int = 200) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_pretrained(model: nn.Module, cfg: InitializerConfig, scale: float) -> None:
+    """Load weights from ``cfg.path`` or the MLflow run ``cfg.run_id`` into ``model``, strictly.
+
+    Parameters under a prefix of ``cfg.exclude`` (matched by dotted components: ``head`` matches
+    ``head.weight``, not ``header.weight``) are neither loaded nor required and keep the values the
+    model was built with. Afterwards the loaded Linear/Conv weights are multiplied by ``scale``.
+
+    Raises:
+        ConfigError: Missing or unexpected keys, or a shape mismatch (the first offenders named).
+    """
+    path = _pretrained_path(cfg)
+    state = _without(load_weights_file(path), cfg.exclude)
+    _check_fits(_without(model.state_dict(), cfg.exclude), state, path)
+    model.load_state_dict(state, strict=False)  # strict=False only because excluded keys are absent
+    if scale != 1:
+        _scale_loaded_weights(model, scale, set(state))
+
+
+def _pretrained_path(cfg: InitializerConfig) -> Path:
+    _check_pretrained_source(cfg)
+    if cfg.path is not None:
+        return Path(cfg.path)
+    from pipeline import tracking  # MLflow is imported only when a run is the source
+
+    return tracking.download_weights(cfg.run_id)
+
+
+def _without(state: Mapping[str, Tensor], prefixes: list[str]) -> dict[str, Tensor]:
+    return {key: value for key, value in state.items() if not _excluded(key, prefixes)}
+
+
+def _excluded(key: str, prefixes: list[str]) -> bool:
+    return any(key == p.rstrip(".") or key.startswith(p.rstrip(".") + ".") for p in prefixes)
+
+
+def _check_fits(own: Mapping[str, Tensor], loaded: Mapping[str, Tensor], path: Path) -> None:
+    mismatched = [k for k in own if k in loaded and own[k].shape != loaded[k].shape]
+    shapes = [f"{k} model {tuple(own[k].shape)} vs file {tuple(loaded[k].shape)}" for k in mismatched]
+    problems = [
+        _listing("missing keys", [k for k in own if k not in loaded]),
+        _listing("unexpected keys", [k for k in loaded if k not in own]),
+        _listing("shape mismatch", shapes),
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError(
+            f"pretrained weights {path} do not fit the model: {'; '.join(problems)} "
+            "(initializer.exclude lists parameter prefixes to leave as built)"
+        )
+
+
+def _listing(what: str, items: list[str], first: int = 3) -> str:
+    if not items:
+        return ""
+    more = f" (+{len(items) - first} more)" if len(items) > first else ""
+    return f"{what}: {', '.join(items[:first])}{more}"
+
+
+@torch.no_grad()
+def _scale_loaded_weights(model: nn.Module, scale: float, loaded: set[str]) -> None:
+    for name, module in model.named_modules():
+        key = f"{name}.weight" if name else "weight"
+        if isinstance(module, INIT_LAYERS) and key in loaded:
+            module.weight.mul_(scale)
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+
+def validate_config(cfg: Config) -> None:
+    """Check ``cfg.initializer`` before any work starts.
+
+    Only the options the chosen scheme reads are checked (a default ``std`` does not matter to
+    ``orthogonal``); ``gain`` and the bias always are.
+
+    Raises:
+        ConfigError: One line naming the bad value and the valid ones.
+    """
+    init = cfg.initializer
+    name = INITIALIZERS.canonical(init.name)
+    for check in _SCHEME_CHECKS.get(name, ()):
+        check(init, name)
+    _check_gain(init.gain)
+    _check_bias(init.bias)
+    if init.bias in ("normal", "uniform"):
+        _positive(f"initializer.bias_value (bias={init.bias})", init.bias_value)
+
+
+def _check_choice(key: str, value: str, valid: tuple[str, ...], name: str) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value} is invalid for {name}; valid: {', '.join(valid)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{key}={value} is invalid; it must be a number > 0")
+
+
+def _check_gain(gain: object) -> None:
+    if gain == "auto":
+        return
+    try:
+        value = float(gain) if not isinstance(gain, bool) else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if not value > 0:
+        raise ConfigError(f"initializer.gain={gain} is invalid; valid: auto or a number > 0")
+
+
+def _check_bias(name: str) -> None:
+    if name in BIAS_INITIALIZERS:
+        return
+    reason = ""
+    if name in INITIALIZERS and INITIALIZERS.canonical(name) == "pretrained":
+        reason = ": pretrained loads whole models, biases included"
+    elif name in INITIALIZERS:
+        reason = f": {name} needs a tensor of at least 2 dimensions and a bias is 1-D"
+    raise ConfigError(f"initializer.bias={name} is invalid{reason}; valid: {', '.join(BIAS_INITIALIZERS)}")
+
+
+def _check_kaiming(cfg: InitializerConfig, name: str) -> None:
+    _check_choice("initializer.mode", cfg.mode, KAIMING_MODES, name)
+
+
+def _check_variance_scaling(cfg: InitializerConfig, name: str) -> None:
+    _check_choice("initializer.mode", cfg.mode, VARIANCE_MODES, name)
+    _check_choice("initializer.distribution", cfg.distribution, DISTRIBUTIONS, name)
+    _positive("initializer.factor", cfg.factor)
+
+
+def _check_pretrained_source(cfg: InitializerConfig) -> None:
+    given = [key for key in ("path", "run_id") if getattr(cfg, key) is not None]
+    if len(given) != 1:
+        got = "both" if given else "neither"
+        raise ConfigError(
+            f"initializer=pretrained needs exactly one of initializer.path or initializer.run_id; got {got}"
+        )
+
+
+def _check_pretrained(cfg: InitializerConfig, name: str) -> None:
+    _check_pretrained_source(cfg)
+    if cfg.path is not None and not Path(cfg.path).is_file():
+        raise ConfigError(f"initializer.path={cfg.path} does not exist (initializer=pretrained needs a weights file)")
+
+
+#: canonical name -> the checks of the options that scheme reads
+_SCHEME_CHECKS: dict[str, tuple[Callable[[InitializerConfig, str], None], ...]] = {
+    "normal": (lambda cfg, name: _positive("initializer.std", cfg.std),),
+    "uniform": (lambda cfg, name: _positive("initializer.bound", cfg.bound),),
+    "kaiming_uniform": (_check_kaiming,),
+    "kaiming_normal": (_check_kaiming,),
+    "variance_scaling": (_check_variance_scaling,),
+    "pretrained": (_check_pretrained,),
+}

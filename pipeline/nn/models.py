@@ -1,0 +1,96 @@
+"""Models built from the registries: an MLP and a small CNN.
+
+Both are a stack of ``Block``s (layer -> normalization -> activation, optionally residual) and a
+linear head. Diagnostics rely on that shape: ``model.blocks`` are the hidden layers, each with
+``.layer`` (its pre-activation is the layer's output), ``.norm`` and ``.act``.
+
+``MODELS`` maps a name to ``factory(model_cfg, activation_cfg, norm_cfg, input_shape, num_classes)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pipeline.config import ActivationConfig, ModelConfig, NormalizationConfig
+from pipeline.errors import ConfigError
+from pipeline.nn.activations import build_activation
+from pipeline.nn.norms import build_norm
+from pipeline.registry import Registry
+
+ModelFactory = Callable[[ModelConfig, ActivationConfig, NormalizationConfig, tuple, int], nn.Module]
+
+MODELS: Registry[ModelFactory] = Registry("model")
+
+
+class Block(nn.Module):
+    """One hidden layer: ``act(norm(layer(x)))``, plus ``x`` when residual."""
+
+    def __init__(self, layer: nn.Module, norm: nn.Module, act: nn.Module, residual: bool) -> None:
+        super().__init__()
+        self.layer, self.norm, self.act = layer, norm, act
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.norm(self.layer(x)))
+        return x + h if self.residual else h
+
+
+class Network(nn.Module):
+    """``head(pool(blocks(x)))``; ``pool`` flattens (MLP) or averages positions (CNN)."""
+
+    def __init__(self, stem: nn.Module, blocks: list[Block], pool: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.stem, self.pool, self.head = stem, pool, head
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.pool(h))
+
+
+@MODELS.register("mlp")
+def build_mlp(
+    cfg: ModelConfig, act: ActivationConfig, norm: NormalizationConfig, input_shape: tuple, num_classes: int
+) -> Network:
+    """``depth`` hidden layers of ``width`` units; residual links skip the width->width layers."""
+    in_features = math.prod(input_shape)
+    blocks = []
+    for i in range(cfg.depth):
+        fan_in = in_features if i == 0 else cfg.width
+        linear = nn.Linear(fan_in, cfg.width)  # (B, fan_in) -> (B, width)
+        blocks.append(Block(linear, build_norm(norm, cfg.width), build_activation(act), cfg.residual and i > 0))
+    return Network(nn.Flatten(), blocks, nn.Identity(), nn.Linear(cfg.width, num_classes))
+
+
+@MODELS.register("cnn")
+def build_cnn(
+    cfg: ModelConfig, act: ActivationConfig, norm: NormalizationConfig, input_shape: tuple, num_classes: int
+) -> Network:
+    """``depth`` conv blocks of ``channels``; every second block halves the length/size while it is >= 8.
+
+    1-D inputs (C, L) get Conv1d, images (C, H, W) Conv2d; a global average pool feeds the head.
+    """
+    if len(input_shape) not in (2, 3):
+        raise ConfigError(f"model=cnn needs (C, L) or (C, H, W) inputs, got shape {tuple(input_shape)}; use model=mlp")
+    spatial_dims = len(input_shape) - 1
+    conv = nn.Conv1d if spatial_dims == 1 else nn.Conv2d
+    channels, size, blocks = input_shape[0], min(input_shape[1:]), []
+    for i in range(cfg.depth):
+        stride = 2 if i % 2 == 1 and size >= 8 else 1
+        layer = conv(channels, cfg.channels, cfg.kernel_size, stride=stride, padding=cfg.kernel_size // 2)
+        residual = cfg.residual and stride == 1 and channels == cfg.channels
+        blocks.append(Block(layer, build_norm(norm, cfg.channels, spatial_dims), build_activation(act), residual))
+        channels, size = cfg.channels, math.ceil(size / stride)
+    pool = nn.Sequential(nn.AdaptiveAvgPool1d(1) if spatial_dims == 1 else nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return Network(nn.Identity(), blocks, pool, nn.Linear(cfg.channels, num_classes))
+
+
+def build_model(
+    cfg: ModelConfig, act: ActivationConfig, norm: NormalizationConfig, input_shape: tuple, num_classes: int
+) -> Network:
+    return MODELS.get(cfg.name)(cfg, act, norm, tuple(input_shape), num_classes)

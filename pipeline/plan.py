@@ -1,0 +1,123 @@
+"""A study, planned and checked before any work: config, space, sampler, pruner, storage.
+
+``plan_study`` composes the base config, applies the ``space.*`` overrides itself (Hydra refuses
+sweep expressions outside --multirun), parses the space and builds the sampler and pruner. Every
+mistake is a ``ConfigError`` here, before Ray starts or any record is written.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+
+from pipeline import objectives, space
+from pipeline.compose import compose, group_options
+from pipeline.config import Config, config_from_dict, validate
+from pipeline.errors import ConfigError
+from pipeline.registry import Registry
+
+SAMPLERS: Registry[Callable[["StudyPlan"], optuna.samplers.BaseSampler]] = Registry("sampler")
+PRUNERS: Registry[Callable[[Config], optuna.pruners.BasePruner]] = Registry("pruner")
+
+
+@dataclass
+class StudyPlan:
+    cfg: Config
+    base_config: dict  # resolved, with the final space
+    hydra_overrides: list[str]
+    axes: list[space.Axis]
+    storage: str
+    n_trials: int
+    sampler: Any = None
+    pruner: Any = None
+
+    @property
+    def prunes(self) -> bool:
+        return self.cfg.study.pruner != "none"
+
+    def seeds(self) -> list[int]:
+        return [self.cfg.seed + i for i in range(self.cfg.study.seeds)]
+
+    def trial_config(self, params: dict, seed: int) -> dict:
+        """The resolved config of one trial: the base overrides, then the trial's params, then its seed."""
+        config = copy.deepcopy(self._composed(tuple(space.to_overrides(params))))
+        config["seed"] = seed
+        return config
+
+    @functools.lru_cache(maxsize=256)
+    def _composed(self, trial_overrides: tuple[str, ...]) -> dict:
+        sampled = {o.split("=")[0] for o in trial_overrides}
+        base = [o for o in self.hydra_overrides if o.split("=")[0].lstrip("+~") not in sampled]
+        config = compose(base + list(trial_overrides))
+        validate(config_from_dict(config))
+        return config
+
+    def __hash__(self) -> int:  # lru_cache on a method needs a hashable self
+        return id(self)
+
+
+def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """``space.*`` / ``~space.*`` overrides (ours to parse) apart from everything else (Hydra's)."""
+    ours = [a for a in args if a.lstrip("+~").startswith("space.")]
+    return [a for a in args if a not in ours], ours
+
+
+def plan_study(args: list[str]) -> StudyPlan:
+    hydra_overrides, space_overrides = split_overrides(args)
+    config = compose(hydra_overrides)
+    cfg = config_from_dict(config)
+    validate(cfg)
+    config["space"] = space.apply_overrides(config.get("space") or {}, space_overrides)
+    options = {group: group_options(group) for group in space.GROUP_AXES}
+    axes = space.parse_space(config["space"], config, options)
+    plan = StudyPlan(cfg, config, hydra_overrides, axes, _storage(cfg), 0)
+    _check_objectives(cfg)
+    plan.sampler = SAMPLERS.get(cfg.study.sampler)(plan)
+    plan.pruner = PRUNERS.get(cfg.study.pruner)(cfg)
+    plan.n_trials = _n_trials(cfg, axes)
+    return plan
+
+
+def _storage(cfg: Config) -> str:
+    if cfg.study.storage:
+        return cfg.study.storage
+    path = Path(cfg.study.output_dir, cfg.study.name, "optuna.db").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _check_objectives(cfg: Config) -> None:
+    names = cfg.study.objectives
+    if not names:
+        raise ConfigError(f"study.objectives is empty; valid: {', '.join(objectives.DIRECTIONS)}")
+    directions = [objectives.direction(n) for n in names]
+    if cfg.study.pruner != "none" and (len(names) > 1 or directions[0] != "maximize"):
+        raise ConfigError(f"study.pruner={cfg.study.pruner} prunes on val_accuracy and needs one maximized objective; "
+                          f"got {names}")
+    if cfg.study.seeds < 1:
+        raise ConfigError(f"study.seeds={cfg.study.seeds} is invalid; it must be >= 1")
+
+
+def _n_trials(cfg: Config, axes: list[space.Axis]) -> int:
+    if cfg.study.sampler == "grid":
+        size = space.grid_size(axes)
+        return size if cfg.study.n_trials is None else min(cfg.study.n_trials, size)
+    if cfg.study.n_trials is None or cfg.study.n_trials < 1:
+        raise ConfigError(f"study.n_trials={cfg.study.n_trials} is invalid; give a number >= 1 (null only with sampler=grid)")
+    return cfg.study.n_trials
+
+
+SAMPLERS.add("tpe", lambda p: optuna.samplers.TPESampler(seed=p.cfg.study.seed, multivariate=True))
+SAMPLERS.add("random", lambda p: optuna.samplers.RandomSampler(seed=p.cfg.study.seed))
+SAMPLERS.add("qmc", lambda p: optuna.samplers.QMCSampler(seed=p.cfg.study.seed, warn_independent_sampling=False))
+SAMPLERS.add("grid", lambda p: optuna.samplers.GridSampler(space.grid(p.axes), seed=p.cfg.study.seed))
+SAMPLERS.add("nsga2", lambda p: optuna.samplers.NSGAIISampler(seed=p.cfg.study.seed))
+
+PRUNERS.add("none", lambda cfg: optuna.pruners.NopPruner())
+PRUNERS.add("median", lambda cfg: optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1))
+PRUNERS.add("successive_halving", lambda cfg: optuna.pruners.SuccessiveHalvingPruner(min_resource=1))
+PRUNERS.add("hyperband", lambda cfg: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.train.epochs))

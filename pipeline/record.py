@@ -1,0 +1,107 @@
+"""A study's MLflow record: the parent run, the children's bookkeeping, the end summary.
+
+One experiment per study (named ``study.name``), one parent run for the study (reused when the
+study resumes), one child run per trial and seed, tagged with the Optuna trial number and state,
+the seed and the Ray node. Every MLflow call goes through ``pipeline.tracking``.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import yaml
+
+from pipeline import tracking
+from pipeline.plan import StudyPlan
+from pipeline.summary import study_summary
+
+STUDY_TAG = "initstudy.study"
+ROLE_TAG = "initstudy.role"
+
+
+@dataclass
+class StudyRecord:
+    plan: StudyPlan
+    parent: tracking.Run
+
+    @classmethod
+    def open(cls, plan: StudyPlan) -> "StudyRecord":
+        """Reuse the study's parent run if it exists (resume), else start one."""
+        cfg = plan.cfg
+        found = tracking.find_runs(cfg.tracking, cfg.study.name, {ROLE_TAG: "study", STUDY_TAG: cfg.study.name})
+        if found:
+            parent = tracking.reopen_run(cfg.tracking.uri, found[0])
+        else:
+            parent = tracking.start_run(cfg.tracking, cfg.study.name, run_name=f"study-{cfg.study.name}",
+                                        tags={ROLE_TAG: "study", STUDY_TAG: cfg.study.name})
+            parent.log_params(_study_params(plan))
+        parent.set_tags({"n_trials_target": plan.n_trials, "command": tracking.command_line()})
+        parent.log_text(yaml.safe_dump(plan.base_config, sort_keys=False), "study_config.yaml")
+        return cls(plan, parent)
+
+    def payload(self, config: dict, trial, seed_index: int, oracle) -> dict:
+        """What a worker needs for one (trial, seed): plain data and the oracle handle."""
+        seed = config["seed"]
+        return {
+            "config": config,
+            "experiment": self.plan.cfg.study.name,
+            "parent_run_id": self.parent.run_id,
+            "run_name": f"trial-{trial.number}-seed-{seed}",
+            "tags": self._child_tags(trial.number, seed_index, seed),
+            "trial_id": trial._trial_id,
+            "seed_index": seed_index,
+            "oracle": oracle,
+            "cpus": self.plan.cfg.cluster.cpus_per_trial,
+        }
+
+    def _child_tags(self, number: int, seed_index: int, seed: int) -> dict:
+        return {STUDY_TAG: self.plan.cfg.study.name, ROLE_TAG: "trial", "optuna_trial": number,
+                "seed_index": seed_index, "seed": seed, "optuna_state": "RUNNING"}
+
+    def failed_run(self, number: int, seed_index: int, seed: int, params: dict, reason: str) -> None:
+        """A trial whose configuration could not even be built still appears, as FAILED."""
+        tags = {**self._child_tags(number, seed_index, seed), "optuna_state": "FAIL"}
+        with tracking.start_run(self.plan.cfg.tracking, self.plan.cfg.study.name, self.parent.run_id,
+                                f"trial-{number}-seed-{seed}", tags) as run:
+            run.log_params({k: str(v) for k, v in params.items()})
+            run.end("FAILED", reason=reason)
+
+    def trial_ended(self, frozen, results: dict[int, dict]) -> None:
+        """Tag every run of the trial with Optuna's final state."""
+        tags = {STUDY_TAG: self.plan.cfg.study.name, "optuna_trial": frozen.number}
+        for run_id in tracking.find_runs(self.plan.cfg.tracking, self.plan.cfg.study.name, tags):
+            tracking.Run(self.plan.cfg.tracking.uri, run_id).set_tags({"optuna_state": frozen.state.name})
+
+    def close_stale_runs(self, reason: str, trial_number: Optional[int] = None, seed_index: Optional[int] = None,
+                         keep: Optional[str] = None) -> None:
+        """End runs left RUNNING by a dead worker (or a dead driver) as FAILED, with the reason."""
+        tags: dict[str, Any] = {STUDY_TAG: self.plan.cfg.study.name, ROLE_TAG: "trial"}
+        if trial_number is not None:
+            tags.update(optuna_trial=trial_number, seed_index=seed_index)
+        for run_id in tracking.find_runs(self.plan.cfg.tracking, self.plan.cfg.study.name, tags, status="RUNNING"):
+            if run_id != keep:
+                tracking.Run(self.plan.cfg.tracking.uri, run_id).end("FAILED", reason=reason)
+
+    def finish(self, study, plan: StudyPlan) -> dict:
+        """Print and log the summary table, tag the best trial, end the parent run."""
+        summary = study_summary(study, plan.cfg.study.objectives, [a.key for a in plan.axes])
+        print(summary["text"], file=sys.stdout)
+        self.parent.log_text(summary["text"], "summary.md")
+        self.parent.log_text(summary["csv"], "trials.csv")
+        self.parent.log_metrics(0, summary["metrics"])
+        self.parent.set_tags(summary["tags"])
+        self.parent.end("FINISHED")
+        return summary
+
+    def fail(self, err: BaseException) -> None:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        self.parent.end(status, reason=f"{type(err).__name__}: {err}")
+
+
+def _study_params(plan: StudyPlan) -> dict[str, str]:
+    s = plan.cfg.study
+    params = {f"space.{k}": str(v) for k, v in plan.base_config["space"].items()}
+    params.update({"study.sampler": s.sampler, "study.pruner": s.pruner, "study.seed": str(s.seed),
+                   "study.seeds": str(s.seeds), "study.objectives": ",".join(s.objectives), "storage": plan.storage})
+    return params

@@ -1,0 +1,170 @@
+"""The study coordinator: Optuna asks, Ray runs, MLflow records.
+
+Who owns what: Optuna owns sampling, pruning decisions and trial states (in persistent storage, so
+a study resumes); Ray owns placement, resources and retries of dead workers; MLflow owns the
+record (a parent run per study, a child run per trial and seed). The driver runs a small
+ask-and-tell loop: it asks Optuna for a configuration, turns it into overrides of the composed
+config, sends one Ray task per seed, and tells Optuna the outcome when all seeds are back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline import cluster, space, tracking
+from pipeline.errors import ConfigError
+from pipeline import objectives as obj
+from pipeline.plan import StudyPlan, plan_study
+from pipeline.progress import Progress
+from pipeline.record import StudyRecord
+from pipeline.worker import PruneDecider, trial_task
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+POLL_S = 0.5
+
+
+@dataclass
+class _Pending:
+    """One Optuna trial in flight: a Ray task per seed."""
+
+    trial: optuna.trial.Trial
+    params: dict
+    seeds: list[int]
+    results: dict[int, dict] = field(default_factory=dict)  # seed index -> worker result
+    failures: dict[int, str] = field(default_factory=dict)
+
+
+class StudyFailed(RuntimeError):
+    """The study stopped itself (failure rate over its limit)."""
+
+
+def run_study(cli_overrides: list[str]) -> dict:
+    """Plan (everything validated before Ray starts), then run the ask-and-tell loop."""
+    plan = plan_study(cli_overrides)
+    tracking.check_reachable(plan.cfg.tracking.uri)
+    study = _open_optuna_study(plan)
+    record = StudyRecord.open(plan)
+    _recover_interrupted(study, record)
+    resources = cluster.start(plan.cfg.cluster)
+    try:
+        runner = _Loop(plan, study, record, cluster.concurrency(plan.cfg.cluster, resources))
+        runner.run()
+        outcome = record.finish(study, plan)
+    except BaseException as err:
+        record.fail(err)
+        raise
+    finally:
+        cluster.shutdown()
+    return outcome
+
+
+def _open_optuna_study(plan: StudyPlan) -> optuna.Study:
+    directions = [obj.direction(name) for name in plan.cfg.study.objectives]
+    return optuna.create_study(
+        storage=plan.storage,
+        study_name=plan.cfg.study.name,
+        sampler=plan.sampler,
+        pruner=plan.pruner,
+        directions=directions,
+        load_if_exists=True,
+    )
+
+
+def _recover_interrupted(study: optuna.Study, record: StudyRecord) -> None:
+    """Trials left RUNNING by a driver that died: mark them FAIL and queue their params again."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        handle = optuna.trial.Trial(study, trial._trial_id)
+        handle.set_user_attr("interrupted", True)
+        handle.set_user_attr("failure_reason", "the driver stopped mid-trial")
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        study.enqueue_trial(trial.params, skip_if_exists=False)
+    record.close_stale_runs(reason="the driver stopped mid-trial")
+
+
+def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that count towards ``n_trials``: finished ones, except those a dead driver left."""
+    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return [t for t in study.get_trials(deepcopy=False, states=finished) if not t.user_attrs.get("interrupted")]
+
+
+class _Loop:
+    """The dispatch loop: keeps ``slots`` Ray tasks busy until ``n_trials`` trials have ended."""
+
+    def __init__(self, plan: StudyPlan, study: optuna.Study, record: StudyRecord, slots: int) -> None:
+        self.plan, self.study, self.record, self.slots = plan, study, record, slots
+        self.pending: dict[Any, tuple[_Pending, int]] = {}  # Ray ref -> (trial, seed index)
+        self.in_flight: dict[int, _Pending] = {}  # Optuna trial number -> trial
+        self.done = len(counted_trials(study))
+        self.oracle = cluster.start_oracle(PruneDecider(plan.storage, plan.cfg.study.name, plan.pruner)) if plan.prunes else None
+        self.progress = Progress(self.done, plan.n_trials, enabled=plan.cfg.study.progress)
+
+    def run(self) -> None:
+        while self._wanted() > 0 or self.pending:
+            while self._wanted() > 0 and len(self.pending) < self.slots:
+                self._launch()
+            if self.pending:
+                self._collect(cluster.wait(list(self.pending), POLL_S)[0])
+        self.progress.close()
+
+    def _wanted(self) -> int:
+        return self.plan.n_trials - self.done - len(self.in_flight)
+
+    def _launch(self) -> None:
+        trial = self.study.ask()
+        params = space.suggest(trial, self.plan.axes)
+        pending = _Pending(trial, params, self.plan.seeds())
+        self.in_flight[trial.number] = pending
+        try:
+            configs = [self.plan.trial_config(params, seed) for seed in pending.seeds]
+        except ConfigError as err:  # this combination is invalid (e.g. groups vs width): a FAIL
+            self._fail_unlaunched(pending, str(err))
+            return
+        for index, config in enumerate(configs):
+            payload = self.record.payload(config, trial, index, self.oracle)
+            self.pending[cluster.submit(trial_task, payload, self.plan.cfg.cluster, self.plan.cfg.study.retries)] = (pending, index)
+
+    def _fail_unlaunched(self, pending: _Pending, reason: str) -> None:
+        for index, seed in enumerate(pending.seeds):
+            self.record.failed_run(pending.trial.number, index, seed, pending.params, reason)
+            pending.failures[index] = reason
+        self._tell(pending)
+
+    def _collect(self, ready: list) -> None:
+        for ref in ready:
+            pending, index = self.pending.pop(ref)
+            value, reason = cluster.result(ref)
+            if value is None:
+                pending.failures[index] = reason
+                self.record.close_stale_runs(trial_number=pending.trial.number, seed_index=index, reason=reason)
+            else:
+                pending.results[index] = value
+                self.record.close_stale_runs(trial_number=pending.trial.number, seed_index=index,
+                                             reason="worker died; the trial was retried", keep=value["run_id"])
+            if len(pending.results) + len(pending.failures) == len(pending.seeds):
+                self._tell(pending)
+
+    def _tell(self, pending: _Pending) -> None:
+        del self.in_flight[pending.trial.number]
+        state, values, attrs = obj.outcome(pending.results, pending.failures, pending.seeds, self.plan.cfg.study.objectives)
+        for key, val in attrs.items():
+            pending.trial.set_user_attr(key, val)
+        frozen = self.study.tell(pending.trial, values=values, state=state)
+        self.record.trial_ended(frozen, pending.results)
+        self.done += 1
+        self.progress.update(self.study, len(self.in_flight))
+        self._check_failure_rate()
+
+    def _check_failure_rate(self) -> None:
+        study_cfg = self.plan.cfg.study
+        trials = counted_trials(self.study)
+        failed = sum(t.state == TrialState.FAIL for t in trials)
+        if len(trials) >= study_cfg.min_trials_for_failure_rate and failed / len(trials) > study_cfg.max_failure_rate:
+            cluster.cancel(list(self.pending))
+            raise StudyFailed(
+                f"{failed} of {len(trials)} trials failed (> study.max_failure_rate={study_cfg.max_failure_rate}); "
+                f"last reason: {trials[-1].user_attrs.get('failure_reason', '?') if failed else '?'}"
+            )

@@ -1,0 +1,267 @@
+"""Everything MLflow: the only module that imports it (its API moves between releases).
+
+The record of a trial (shared/DESIGN.md section 2): a run whose params are the five axes plus the
+flattened config; metrics ``train_loss``, ``train_accuracy``, ``val_loss``, ``val_accuracy`` and
+diagnostic summaries with ``step=epoch`` (epoch 0 is the initialization); at the end
+``final_accuracy`` and friends; tags ``diverged``, provenance (git commit, package versions,
+device, host) and the command that reproduces it; artifacts: the resolved config, the final
+weights, the per-layer diagnostics table and its plot.
+
+Runs are always ended: ``TrialRecorder`` is a context manager that marks a run FAILED (with the
+reason) if the body raises, and KILLED on Ctrl-C, so no run is left RUNNING.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import importlib.metadata
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+from urllib.parse import urlparse
+
+import yaml
+
+from pipeline.config import AXES, TrackingConfig
+from pipeline.errors import ConfigError
+
+PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
+WEIGHTS_ARTIFACT = "weights/model.safetensors"
+CONFIG_ARTIFACT = "config.yaml"
+
+
+def resolve_uri(uri: str) -> str:
+    """Make a relative sqlite path absolute (and its directory exist), so workers agree on it."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///"):]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    return uri
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no table-creation chatter per process
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=resolve_uri(uri))
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, with a clear message, if an HTTP tracking server does not answer."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).read()
+    except Exception as err:
+        raise ConfigError(f"tracking.uri={uri} is unreachable ({err}); start it with scripts/mlflow_server.sh") from err
+
+
+def ensure_experiment(tracking: TrackingConfig, name: str) -> str:
+    """The id of experiment ``name``, created (with a local artifact root for sqlite stores) if new."""
+    mlflow_client = client(tracking.uri)
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if not tracking.uri.startswith(("http://", "https://", "databricks")):
+        location = Path(tracking.artifact_root).resolve().as_uri()
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=location)
+    except Exception:  # another process created it meanwhile
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"depth": 4}}`` -> ``{"model.depth": 4}``; empty/None groups are dropped."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        elif value is not None:
+            flat[name] = value
+    return flat
+
+
+def trial_params(config: dict) -> dict[str, str]:
+    """The five axes (group axes by name) plus the flattened config, as MLflow params."""
+    trial_part = {k: v for k, v in config.items() if k not in ("study", "cluster", "space")}
+    params = {k: str(v) for k, v in flatten(trial_part).items()}
+    for axis in AXES:
+        value = config[axis]
+        params[axis] = str(value["name"] if isinstance(value, dict) else value)
+    return params
+
+
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict[str, str]:
+    """Tags that say what produced a run: code version, packages, host."""
+    tags = {"git_commit": _git_commit(), "python": platform.python_version(), "host": socket.gethostname()}
+    for package in ("torch", "mlflow", "optuna", "ray", "hydra-core"):
+        try:
+            tags[f"version.{package}"] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return tags
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Run:
+    """A handle on one MLflow run. As a context manager it always ends the run."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.client = client(uri)
+        self.run_id = run_id
+        self.ended = False
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.end("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.end("KILLED", reason="interrupted")
+        else:
+            self.end("FAILED", reason=f"{exc_type.__name__}: {exc}")
+        return False
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), PARAM_BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + PARAM_BATCH])
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_file(self, path: Path, artifact_dir: Optional[str] = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_dir)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def end(self, status: str, reason: Optional[str] = None) -> None:
+        if self.ended:
+            return
+        if reason:
+            self.set_tags({"failure_reason": reason[:5000]})
+        self.client.set_terminated(self.run_id, status=status)
+        self.ended = True
+
+
+def start_run(tracking: TrackingConfig, experiment: str, parent_run_id: Optional[str] = None,
+              run_name: Optional[str] = None, tags: Optional[dict] = None) -> Run:
+    """A new run in ``experiment`` (created if new), tagged with provenance (and its parent)."""
+    experiment_id = ensure_experiment(tracking, experiment)
+    all_tags = {**provenance(), **{k: str(v) for k, v in (tags or {}).items()}}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client(tracking.uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
+    return Run(tracking.uri, run.info.run_id)
+
+
+def reopen_run(uri: str, run_id: str) -> Run:
+    """An existing run set RUNNING again (a resumed study's parent run)."""
+    handle = Run(uri, run_id)
+    handle.client.update_run(run_id, status="RUNNING")
+    return handle
+
+
+def find_runs(tracking: TrackingConfig, experiment: str, tags: dict[str, Any], status: Optional[str] = None) -> list[str]:
+    """Ids of the runs in ``experiment`` whose tags equal ``tags`` (and whose status is ``status``)."""
+    found = client(tracking.uri).get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    if status:
+        clauses.append(f"attributes.status = '{status}'")
+    runs = client(tracking.uri).search_runs([found.experiment_id], " and ".join(clauses), max_results=5000)
+    return [r.info.run_id for r in runs]
+
+
+def log_trial_artifacts(recorder: Run, config: dict, layer_table: list[dict], model=None) -> None:
+    """The resolved config, the per-layer diagnostics (CSV and plot) and the final weights."""
+    from pipeline.nn.initializers import save_weights
+    from pipeline.report import plot_signal_by_depth
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        (tmp_path / CONFIG_ARTIFACT).write_text(yaml.safe_dump(config, sort_keys=False))
+        recorder.log_file(tmp_path / CONFIG_ARTIFACT)
+        if layer_table:
+            _write_csv(tmp_path / "layers.csv", layer_table)
+            plot_signal_by_depth(layer_table, tmp_path / "signal_by_depth.png")
+            recorder.log_file(tmp_path / "layers.csv", "diagnostics")
+            recorder.log_file(tmp_path / "signal_by_depth.png", "diagnostics")
+        if model is not None:
+            save_weights(model, tmp_path / "model.safetensors")
+            recorder.log_file(tmp_path / "model.safetensors", "weights")
+
+
+def _write_csv(path: Path, rows: Iterable[dict]) -> None:
+    rows = list(rows)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def download_weights(run_id: str, tracking_uri: Optional[str] = None) -> Path:
+    """A local copy of a run's final weights (for ``initializer=pretrained initializer.run_id=...``)."""
+    return _download(run_id, WEIGHTS_ARTIFACT, tracking_uri)
+
+
+def download_config(run_id: str, tracking_uri: Optional[str] = None) -> dict:
+    """A run's resolved config (for ``reproduce``)."""
+    return yaml.safe_load(_download(run_id, CONFIG_ARTIFACT, tracking_uri).read_text())
+
+
+def _download(run_id: str, artifact: str, tracking_uri: Optional[str]) -> Path:
+    import mlflow.artifacts
+
+    uri = resolve_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", TrackingConfig().uri))
+    try:
+        dst = tempfile.mkdtemp(prefix="initstudy-")
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=dst, tracking_uri=uri)
+    except Exception as err:
+        raise ConfigError(f"cannot fetch '{artifact}' of MLflow run {run_id} from {uri}: {' '.join(str(err).split())[:300]}") from err
+    return Path(local)
+
+
+def run_status(run_id: str, tracking_uri: str) -> str:
+    return client(tracking_uri).get_run(run_id).info.status
+
+
+def command_line() -> str:
+    return " ".join(["python -m pipeline", *sys.argv[1:]])

@@ -1,0 +1,253 @@
+"""The trial engine: ``run_trial(config, report)`` trains one configured model.
+
+It knows nothing of Ray, Optuna or MLflow. It builds data, model and initializer from the
+registries, trains, and calls ``report(epoch, metrics)`` after each epoch (epoch 0 is the state at
+initialization); a ``report`` that returns True stops the trial (pruning). A NaN/inf loss is a
+result, not an error: the trial stops, ``diverged`` is set with the epoch, and the result returns.
+
+``prepare_trial`` does everything that can fail on bad input (validation, data, model, init)
+before any training, so callers can open their records only once it has succeeded.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline import data, diagnostics
+from pipeline.config import Config, config_from_dict, validate
+from pipeline.errors import ConfigError
+from pipeline.nn.activations import ACTIVATIONS, activation_gain
+from pipeline.nn.initializers import apply_init
+from pipeline.nn.models import build_model
+
+Report = Callable[[int, dict], Optional[bool]]
+
+
+@dataclass
+class PreparedTrial:
+    cfg: Config
+    splits: data.Splits
+    model: nn.Module
+    device: torch.device
+
+
+@dataclass
+class TrialResult:
+    final_accuracy: float  # on the held-out test split
+    final_val_accuracy: float  # validation accuracy after the last epoch (a study's default objective)
+    best_val_accuracy: float
+    epochs_to_target: Optional[int]  # None: never reached train.target_accuracy
+    diverged: bool
+    diverged_epoch: Optional[int]
+    pruned: bool
+    epochs_run: int
+    wall_time_s: float
+    history: list[dict] = field(default_factory=list)  # one metrics dict per reported epoch
+    layer_table: list[dict] = field(default_factory=list)  # per-layer diagnostics, with "epoch"
+
+    def summary(self) -> dict[str, float]:
+        """The end-of-trial metrics, as logged."""
+        out = {
+            "final_accuracy": self.final_accuracy,
+            "final_val_accuracy": self.final_val_accuracy,
+            "best_val_accuracy": self.best_val_accuracy,
+            "epochs_run": self.epochs_run,
+            "wall_time_s": self.wall_time_s,
+        }
+        if self.epochs_to_target is not None:
+            out["epochs_to_target"] = self.epochs_to_target
+        return out
+
+
+def run_trial(config: dict | Config, report: Optional[Report] = None) -> TrialResult:
+    """Prepare and train one trial; ``config`` is a resolved config dict or a ``Config``."""
+    return train_trial(prepare_trial(config), report)
+
+
+def prepare_trial(config: dict | Config, device: Optional[str] = None) -> PreparedTrial:
+    """Validate, load the data, build and initialize the model. Raises ``ConfigError`` on bad input."""
+    cfg = config if isinstance(config, Config) else config_from_dict(config)
+    validate(cfg)
+    dev = resolve_device(device or cfg.train.device)
+    _set_threads(cfg.train.threads)
+    splits = data.load_dataset(cfg.dataset, dev)
+    if cfg.batch_size > len(splits.y_train):
+        raise ConfigError(f"batch_size={cfg.batch_size} is larger than the training set ({len(splits.y_train)} samples)")
+    model = build_model(cfg.model, cfg.activation, cfg.normalization, splits.input_shape, splits.num_classes)
+    _fetch_pretrained(cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    apply_init(model, cfg.initializer, cfg.scale, activation_gain(cfg.activation), generator)
+    return PreparedTrial(cfg, splits, model.to(dev), dev)
+
+
+def _fetch_pretrained(cfg: Config) -> None:
+    """``initializer.run_id`` -> a local copy of that run's weights (MLflow stays in tracking.py)."""
+    if cfg.initializer.name == "pretrained" and cfg.initializer.run_id:
+        from pipeline import tracking
+
+        cfg.initializer.path = str(tracking.download_weights(cfg.initializer.run_id, cfg.tracking.uri))
+        cfg.initializer.run_id = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but no CUDA device is available; valid here: auto, cpu")
+    return torch.device(name)
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    # Stalled nets compute with denormal floats and run ~10x slower on CPU (SCIENCE.md s4).
+    torch.set_flush_denormal(True)
+
+
+def train_trial(prep: PreparedTrial, report: Optional[Report] = None) -> TrialResult:
+    """Train a prepared trial epoch by epoch, reporting curves and diagnostics."""
+    cfg, model, splits = prep.cfg, prep.model, prep.splits
+    report = report or (lambda step, metrics: None)
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    shuffle = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+    optimizer = build_optimizer(model, cfg)
+    probe_batch = _probe_batch(splits, cfg.train.probe_size)
+    state = _TrainState()
+
+    # Epoch 0: the network as initialized, before any update.
+    init_metrics = _epoch_zero(model, splits, probe_batch, cfg, state)
+    pruned = bool(report(0, init_metrics))
+
+    for epoch in range(1, cfg.train.epochs + 1):
+        if pruned or state.diverged_epoch is not None:
+            break
+        metrics = _train_epoch(model, optimizer, splits, cfg, shuffle, epoch, probe_batch, state)
+        pruned = bool(report(epoch, metrics))
+
+    _, test_acc = evaluate(model, splits.x_test, splits.y_test)
+    _, val_acc = evaluate(model, splits.x_val, splits.y_val)
+    return TrialResult(
+        final_accuracy=test_acc,
+        final_val_accuracy=val_acc,
+        best_val_accuracy=state.best_val,
+        epochs_to_target=state.epochs_to_target,
+        diverged=state.diverged_epoch is not None,
+        diverged_epoch=state.diverged_epoch,
+        pruned=pruned,
+        epochs_run=state.epochs_run,
+        wall_time_s=time.perf_counter() - start,
+        history=state.history,
+        layer_table=state.layer_table,
+    )
+
+
+@dataclass
+class _TrainState:
+    best_val: float = 0.0
+    epochs_to_target: Optional[int] = None
+    diverged_epoch: Optional[int] = None
+    epochs_run: int = 0
+    history: list[dict] = field(default_factory=list)
+    layer_table: list[dict] = field(default_factory=list)
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    opt = cfg.optimizer
+    if opt.name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=opt.lr, betas=(opt.momentum, 0.999), weight_decay=opt.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+
+
+def _probe_batch(splits: data.Splits, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # The first `size` training samples: fixed across epochs and trials (the split is seeded).
+    return splits.x_train[:size], splits.y_train[:size]
+
+
+def _epoch_zero(model, splits, probe_batch, cfg: Config, state: _TrainState) -> dict:
+    val_loss, val_acc = evaluate(model, splits.x_val, splits.y_val)
+    metrics = {"val_loss": val_loss, "val_accuracy": val_acc}
+    diag = _diagnose(model, probe_batch, cfg, state, epoch=0)
+    metrics.update({f"init_{k}": v for k, v in diag.items() if k in ("act_std_ratio", "grad_norm_ratio")})
+    if "probe_loss" in diag:
+        metrics["init_loss"] = diag["probe_loss"]
+    metrics.update(diag)
+    state.history.append({"epoch": 0, **metrics})
+    return metrics
+
+
+def _train_epoch(model, optimizer, splits, cfg: Config, shuffle, epoch: int, probe_batch, state: _TrainState) -> dict:
+    before = diagnostics.weight_snapshot(model)
+    batches = data.batch_indices(len(splits.y_train), cfg.batch_size, shuffle, splits.y_train.device)
+    train_loss, train_acc = _fit_batches(model, optimizer, splits, batches, cfg.train.grad_clip)
+    state.epochs_run = epoch
+    metrics = {"train_loss": train_loss, "train_accuracy": train_acc}
+    if not math.isfinite(train_loss):
+        state.diverged_epoch = epoch  # a result: the caller records it, nothing is raised
+        state.history.append({"epoch": epoch, **metrics})
+        return metrics
+    val_loss, val_acc = evaluate(model, splits.x_val, splits.y_val)
+    metrics.update(val_loss=val_loss, val_accuracy=val_acc)
+    ratios = diagnostics.update_ratios(model, before, len(batches))
+    metrics["update_ratio"] = sum(ratios) / len(ratios)
+    metrics.update(_diagnose(model, probe_batch, cfg, state, epoch, ratios))
+    _track_progress(state, epoch, val_acc, cfg.train.target_accuracy)
+    state.history.append({"epoch": epoch, **metrics})
+    return metrics
+
+
+def _fit_batches(model, optimizer, splits: data.Splits, batches, grad_clip) -> tuple[float, float]:
+    """One pass over the batches; returns mean loss and accuracy (loss is NaN/inf if it diverged)."""
+    model.train()
+    loss_sum = torch.zeros((), device=splits.y_train.device)
+    correct = torch.zeros((), device=splits.y_train.device)
+    for idx in batches:
+        x, y = splits.x_train[idx], splits.y_train[idx]
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        # Accumulate on the device: no host sync per step. A NaN anywhere poisons the sum.
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(dim=1) == y).sum()
+    n = len(splits.y_train)
+    return float(loss_sum) / n, float(correct) / n
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
+    """Mean loss and accuracy; a sample whose logits are not finite counts as wrong."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(y), chunk):
+        logits, target = model(x[i : i + chunk]), y[i : i + chunk]
+        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+        finite = torch.isfinite(logits).all(dim=1)
+        correct += int(((logits.argmax(dim=1) == target) & finite).sum())
+    return loss_sum / len(y), correct / len(y)
+
+
+def _diagnose(model, probe_batch, cfg: Config, state: _TrainState, epoch: int, ratios=None) -> dict:
+    if not cfg.train.diagnostics:
+        return {}
+    saturated = ACTIVATIONS.get(cfg.activation.name).saturated
+    result = diagnostics.probe(model, *probe_batch, saturated=saturated)
+    for i, row in enumerate(result.layers):
+        extra = {"update_ratio": ratios[i]} if ratios else {}
+        state.layer_table.append({"epoch": epoch, **row, **extra})
+    return result.summary
+
+
+def _track_progress(state: _TrainState, epoch: int, val_acc: float, target: float) -> None:
+    state.best_val = max(state.best_val, val_acc)
+    if state.epochs_to_target is None and val_acc >= target:
+        state.epochs_to_target = epoch

@@ -1,0 +1,23 @@
+"""Fixtures: configs composed through the same Hydra path the CLI uses, stores under tmp_path."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.compose import compose
+
+# A small, fast trial: the shape of every test config unless a test says otherwise.
+TINY = ["model.depth=2", "model.width=32", "train.epochs=2", "train.probe_size=64"]
+
+
+@pytest.fixture
+def store(tmp_path) -> list[str]:
+    """Overrides that point MLflow at a fresh sqlite store in tmp_path."""
+    return [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts"]
+
+
+@pytest.fixture
+def make_config():
+    def make(*overrides: str, tiny: bool = True) -> dict:
+        return compose([*(TINY if tiny else []), *overrides])
+
+    return make
