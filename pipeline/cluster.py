@@ -17,13 +17,22 @@ from pipeline.config import ClusterConfig
 from pipeline.errors import ConfigError
 
 
+_started_here = False
+
+
 def start(cfg: ClusterConfig) -> dict[str, float]:
-    """Start a local Ray instance (``address`` null) or join a cluster; return its total resources."""
+    """Start a local Ray instance (``address`` null) or join a cluster; return its total resources.
+
+    If this process is already connected to Ray (a notebook, a test session), that connection is
+    used as it is, and ``shutdown`` leaves it alone.
+    """
+    global _started_here
     if not ray.is_initialized():
         try:
             ray.init(**_init_args(cfg))
         except ConnectionError as err:
             raise ConfigError(f"cluster.address={cfg.address}: cannot reach a Ray cluster ({err})") from err
+        _started_here = True
     return ray.cluster_resources()
 
 
@@ -41,8 +50,11 @@ def _project_root() -> str:
 
 
 def shutdown() -> None:
-    if ray.is_initialized():
+    """Disconnect, if ``start`` connected (a local instance started by ``start`` then stops)."""
+    global _started_here
+    if _started_here and ray.is_initialized():
         ray.shutdown()
+    _started_here = False
 
 
 def concurrency(cfg: ClusterConfig, resources: dict[str, float]) -> int:

@@ -218,7 +218,7 @@ def validate(cfg: Config) -> None:
     norms.NORMALIZATIONS.canonical(cfg.normalization.name)
     models.MODELS.canonical(cfg.model.name)
     data.DATASETS.canonical(cfg.dataset.name)
-    _check_choice("dataset.input_norm", cfg.dataset.input_norm, data.INPUT_NORMS)
+    data.validate_config(cfg.dataset)
     _check_choice("optimizer", cfg.optimizer.name, ("sgd", "adam"))
 
 

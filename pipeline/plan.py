@@ -111,10 +111,20 @@ def _n_trials(cfg: Config, axes: list[space.Axis]) -> int:
     return cfg.study.n_trials
 
 
+class _AskTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its ``study.stop()`` (which only works inside ``optimize``).
+
+    Our loop stops at the grid size itself (``n_trials`` defaults to it).
+    """
+
+    def after_trial(self, study, trial, state, values) -> None:
+        return None
+
+
 SAMPLERS.add("tpe", lambda p: optuna.samplers.TPESampler(seed=p.cfg.study.seed, multivariate=True))
 SAMPLERS.add("random", lambda p: optuna.samplers.RandomSampler(seed=p.cfg.study.seed))
 SAMPLERS.add("qmc", lambda p: optuna.samplers.QMCSampler(seed=p.cfg.study.seed, warn_independent_sampling=False))
-SAMPLERS.add("grid", lambda p: optuna.samplers.GridSampler(space.grid(p.axes), seed=p.cfg.study.seed))
+SAMPLERS.add("grid", lambda p: _AskTellGridSampler(space.grid(p.axes), seed=p.cfg.study.seed))
 SAMPLERS.add("nsga2", lambda p: optuna.samplers.NSGAIISampler(seed=p.cfg.study.seed))
 
 PRUNERS.add("none", lambda cfg: optuna.pruners.NopPruner())

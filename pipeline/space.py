@@ -128,7 +128,8 @@ def _choice(key: str, choices: list) -> CategoricalDistribution:
 
 
 def _range(key: str, sweep) -> BaseDistribution:
-    values = list(sweep)
+    start, stop, step = sweep.start, sweep.stop, sweep.step
+    values = [start + i * step for i in range(max(0, math.ceil((stop - start) / step)))] if step else []
     if not values:
         raise ConfigError(f"space.{key}=range({sweep.start}, {sweep.stop}, {sweep.step}) is empty")
     if all(isinstance(v, int) for v in values):

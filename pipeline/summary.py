@@ -67,9 +67,13 @@ def _group_by(key: str, trials: list) -> dict[str, list[float]]:
         for t in trials:
             groups[_bin_label(t.params[key], edges, min(values), max(values))].append(t.values[0])
         return dict(sorted(groups.items()))
-    for t in trials:
-        groups[str(t.params[key])].append(t.values[0])
-    return dict(sorted(groups.items()))
+    for value in sorted(set(values), key=lambda v: (isinstance(v, str), v)):
+        groups[_label(value)] = [t.values[0] for t in trials if t.params[key] == value]
+    return dict(groups)
+
+
+def _label(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _bin_label(value: float, edges: list[float], low: float, high: float) -> str:

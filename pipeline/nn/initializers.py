@@ -1,8 +1,8 @@
 """Weight initializers: ``INITIALIZERS`` (one entry per scheme) and their model-level application.
 
 Registry contract: an entry is ``fn(tensor, args: InitArgs) -> None``. It fills ``tensor`` in place
-(under ``torch.no_grad``) with zero mean, drawing every random number from ``args.generator``, and
-reads only the options of ``args.cfg`` its scheme names (``mode``, ``std``, ``bound``, ``value``,
+(under ``torch.no_grad``), draws every random number from ``args.generator``, and reads only the
+options of ``args.cfg`` its scheme names (``mode``, ``std``, ``bound``, ``value``,
 ``factor``, ``distribution``, ``gain``). Where ``torch.nn.init`` has the scheme the entry calls it,
 so ``kaiming_normal`` with ``gain: auto`` and a ReLU equals ``torch.nn.init.kaiming_normal_``.
 Fans use PyTorch's layout ``(out, in, *kernel)``: fan_in = in * prod(kernel), fan_out = out *
@@ -34,6 +34,21 @@ from torch import Tensor, nn
 from pipeline.config import Config, InitializerConfig
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
+
+__all__ = [
+    "BIAS_INITIALIZERS",
+    "INITIALIZERS",
+    "TRUNC_NORMAL_STD_CORRECTION",
+    "InitArgs",
+    "WeightInit",
+    "apply_init",
+    "init_bias",
+    "init_weight",
+    "load_pretrained",
+    "load_weights_file",
+    "save_weights",
+    "validate_config",
+]
 
 #: std of N(0, 1) truncated at +-2, so N(0, (s/c)^2) truncated at +-2s/c has std s (Keras, timm).
 TRUNC_NORMAL_STD_CORRECTION = 0.87962566103423978

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -42,3 +43,16 @@ def compose_group(tmp_path: Path) -> Callable[[str, str], DictConfig]:
             return compose("primary", overrides=[f"{group}={option}"])[group]
 
     return run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread per test module.
+
+    On a 2-CPU box MKL's QR (orthogonal_) right after an OpenMP-parallel op stalls ~0.3 s behind
+    OpenMP's spinning threads (1 ms with one thread): the suite runs in half the time.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,97 @@
+"""Study spaces: Hydra's sweep grammar -> Optuna distributions; bad spaces fail before Ray starts."""
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from pipeline import space
+from pipeline.compose import group_options
+from pipeline.errors import ConfigError
+from pipeline.plan import plan_study, split_overrides
+
+OPTIONS = {group: group_options(group) for group in space.GROUP_AXES}
+
+
+def parse(make_config, **exprs):
+    return space.parse_space(exprs, make_config(), OPTIONS)
+
+
+def test_expressions_map_onto_optuna_distributions(make_config):
+    axes = parse(make_config, initializer="choice(xavier_normal, kaiming_normal)",
+                 scale="tag(log, interval(0.25, 4))", batch_size="choice(32, 64)", **{"model.depth": "range(2, 8, 2)"})
+    dists = space.distributions(axes)
+    assert dists["initializer"] == CategoricalDistribution(["xavier_normal", "kaiming_normal"])
+    assert dists["scale"] == FloatDistribution(0.25, 4.0, log=True)
+    assert dists["batch_size"] == CategoricalDistribution([32, 64])
+    assert dists["model.depth"] == IntDistribution(2, 6, step=2)  # Python's range: stop excluded
+
+
+def test_plain_value_is_fixed(make_config):
+    axes = parse(make_config, scale="0.5", activation="choice(relu, tanh)")
+    params = space.suggest(optuna.create_study().ask(), axes)
+    assert params["scale"] == 0.5 and params["activation"] in ("relu", "tanh")
+
+
+def test_leaky_slope_is_sampled_only_for_leaky_relu(make_config):
+    axes = parse(make_config, activation="choice(relu, leaky_relu)", **{"activation.slope": "interval(0.01, 0.3)"})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = [space.suggest(study.ask(), axes) for _ in range(20)]
+    assert all(("activation.slope" in p) == (p["activation"] == "leaky_relu") for p in seen)
+    assert any("activation.slope" in p for p in seen)
+
+
+@pytest.mark.parametrize(
+    "key, expr, message",
+    [
+        ("nonsense", "choice(1, 2)", "unknown axis 'nonsense'"),
+        ("initializer", "choice()", "not a valid sweep expression|is empty"),
+        ("scale", "interval(2, 1)", "low > high"),
+        ("scale", "tag(log, interval(0, 1))", "log scale needs low > 0"),
+        ("initializer", "choice(xavier_normal, nope)", "unknown initializer 'nope'; valid: .*kaiming_normal"),
+        ("scale", "choice(1, 1)", "repeats a value"),
+        ("model.depth", "range(5, 2)", "is empty"),
+    ],
+)
+def test_bad_spaces_are_clear_errors(make_config, key, expr, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(make_config, **{key: expr})
+
+
+def test_command_line_space_overrides_change_and_drop_axes():
+    base = {"initializer": "choice(a, b)", "scale": "interval(1, 2)"}
+    changed = space.apply_overrides(base, ["space.scale=tag(log, interval(0.1, 10))", "~space.initializer",
+                                           "space.model.depth=range(2, 4)"])
+    assert changed == {"scale": "tag(log, interval(0.1, 10))", "model.depth": "range(2, 4)"}
+    with pytest.raises(ConfigError, match="no such axis"):
+        space.apply_overrides(base, ["~space.batch_size"])
+
+
+def test_split_keeps_space_overrides_away_from_hydra():
+    hydra, ours = split_overrides(["study.n_trials=3", "space.scale=interval(1,2)", "~space.activation", "space=depth"])
+    assert hydra == ["study.n_trials=3", "space=depth"]
+    assert ours == ["space.scale=interval(1,2)", "~space.activation"]
+
+
+def test_plan_grid_defaults_n_trials_to_the_grid_size(tmp_path):
+    plan = plan_study(["space=axes_grid", "study.sampler=grid", "study.n_trials=null", f"study.output_dir={tmp_path}"])
+    assert plan.n_trials == 6
+
+
+def test_plan_rejects_interval_axes_for_the_grid(tmp_path):
+    with pytest.raises(ConfigError, match="grid needs choice"):
+        plan_study(["study.sampler=grid", f"study.output_dir={tmp_path}"])
+
+
+def test_plan_rejects_unknown_sampler_and_objective(tmp_path):
+    with pytest.raises(ConfigError, match="unknown sampler 'foo'; valid: grid, nsga2, qmc, random, tpe"):
+        plan_study(["study.sampler=foo", f"study.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="unknown objective 'loss'"):
+        plan_study(["study.objectives=[loss]", f"study.output_dir={tmp_path}"])
+
+
+def test_trial_config_applies_params_as_overrides(tmp_path):
+    plan = plan_study(["model.depth=3", f"study.output_dir={tmp_path}"])
+    config = plan.trial_config({"initializer": "orthogonal", "scale": 0.5, "model.depth": 5}, seed=7)
+    assert config["initializer"]["name"] == "orthogonal" and config["initializer"]["gain"] == 1.0
+    assert (config["scale"], config["model"]["depth"], config["seed"]) == (0.5, 5, 7)

@@ -1,0 +1,150 @@
+"""Studies on a real local Ray with real sqlite Optuna and MLflow stores (no mocks)."""
+from __future__ import annotations
+
+import itertools
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from pipeline.cli import main
+from pipeline.study import run_study
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    """One local Ray for the module: studies reuse it (and its warm worker processes)."""
+    from pipeline import cluster
+    from pipeline.config import ClusterConfig
+
+    cluster.start(ClusterConfig(num_cpus=2))
+    cluster._started_here = False  # the studies must not stop it
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture
+def study_args(tmp_path):
+    def args(name: str, *extra: str) -> list[str]:
+        return [
+            f"study.name={name}", f"study.output_dir={tmp_path}/studies", "study.progress=false",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
+            "cluster.num_cpus=2", "model.depth=2", "model.width=32", "train.epochs=2", "train.probe_size=64",
+            "tracking.log_weights=false", *extra,
+        ]
+
+    args.tmp_path = tmp_path
+    return args
+
+
+def optuna_study(study_args, name):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{study_args.tmp_path}/studies/{name}/optuna.db")
+
+
+def mlflow_runs(study_args, name):
+    client = MlflowClient(f"sqlite:///{study_args.tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("initstudy.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("initstudy.role") == "trial"]
+    return client, parents, children
+
+
+def test_study_with_seeds_records_parent_children_and_spread(study_args):
+    run_study(study_args("seeds", "study.n_trials=3", "study.seeds=2", "study.sampler=random"))
+    study = optuna_study(study_args, "seeds")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    for trial in study.trials:
+        per_seed = trial.user_attrs["val_accuracy_per_seed"]
+        assert len(per_seed) == 2 and trial.value == pytest.approx(sum(per_seed) / 2)
+        assert trial.user_attrs["val_accuracy_std"] >= 0
+    client, parents, children = mlflow_runs(study_args, "seeds")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 6
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {(c.data.tags["optuna_trial"], c.data.tags["seed"]) for c in children} == {
+        (str(n), str(s)) for n in range(3) for s in (0, 1)}
+    assert all(c.info.status == "FINISHED" and c.data.tags["optuna_state"] == "COMPLETE" for c in children)
+    assert all(c.data.tags["ray_node"] and c.data.params["initializer"] for c in children)
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"summary.md", "trials.csv", "study_config.yaml"} <= artifacts
+    assert parents[0].data.metrics["n_complete"] == 3
+
+
+def test_grid_sampler_covers_the_grid_exactly_once(study_args):
+    run_study(study_args("grid", "space=axes_grid", "study.sampler=grid", "study.n_trials=null"))
+    study = optuna_study(study_args, "grid")
+    seen = sorted((t.params["initializer"], t.params["scale"]) for t in study.trials)
+    assert seen == sorted(itertools.product(["xavier_normal", "kaiming_normal"], [0.5, 1.0, 2.0]))
+
+
+def test_pruned_trials_are_pruned_in_optuna_and_tagged_in_mlflow(study_args):
+    run_study(study_args(
+        "prune", "study.pruner=median", "study.sampler=random", "study.n_trials=10", "train.epochs=4",
+        "space.initializer=choice(zeros, kaiming_normal)", "~space.scale", "~space.normalization",
+        "~space.activation", "~space.batch_size", "cluster.max_concurrent=1",
+    ))
+    pruned = [t for t in optuna_study(study_args, "prune").trials if t.state == TrialState.PRUNED]
+    assert pruned, "a zero-initialized net below the median should have been pruned"
+    _, _, children = mlflow_runs(study_args, "prune")
+    by_trial = {int(c.data.tags["optuna_trial"]): c for c in children}
+    for trial in pruned:
+        run = by_trial[trial.number]
+        assert run.data.tags["pruned"] == "true" and run.data.tags["optuna_state"] == "PRUNED"
+        assert run.info.status == "FINISHED"
+        assert "val_accuracy" in run.data.metrics  # its curve is kept
+
+
+def test_failing_trials_are_recorded_and_the_study_goes_on(study_args):
+    run_study(study_args(
+        "fail", "study.n_trials=4", "study.sampler=random", "normalization.groups=7", "study.max_failure_rate=1.0",
+        "space.normalization=choice(none, group)",
+    ))
+    trials = optuna_study(study_args, "fail").trials
+    assert len(trials) == 4
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert all("groups=7" in t.user_attrs["failure_reason"] for t in failed)
+    assert all(t.state == TrialState.COMPLETE for t in trials if t.params["normalization"] == "none")
+    _, _, children = mlflow_runs(study_args, "fail")
+    assert len(children) == 4 and not [c for c in children if c.info.status == "RUNNING"]
+    for child in children:
+        if child.data.tags["optuna_state"] == "FAIL":
+            assert child.info.status == "FAILED" and "groups=7" in child.data.tags["failure_reason"]
+
+
+def test_too_many_failures_stop_the_study_with_a_clear_error(study_args, capsys):
+    code = main(["run", *study_args("allfail", "study.n_trials=6", "normalization=group", "normalization.groups=7",
+                                     "~space.normalization", "study.min_trials_for_failure_rate=2")])
+    assert code == 1
+    assert "trials failed (> study.max_failure_rate=0.5)" in capsys.readouterr().err
+    _, parents, children = mlflow_runs(study_args, "allfail")
+    assert parents[0].info.status == "FAILED"
+    assert not [c for c in children if c.info.status == "RUNNING"]
+
+
+def test_rerun_resumes_the_study_and_reuses_the_parent_run(study_args):
+    run_study(study_args("resume", "study.n_trials=2", "study.sampler=random"))
+    first = optuna_study(study_args, "resume").trials
+    run_study(study_args("resume", "study.n_trials=4", "study.sampler=random"))
+    trials = optuna_study(study_args, "resume").trials
+    assert len(trials) == 4 and [t.params for t in trials[:2]] == [t.params for t in first]
+    _, parents, children = mlflow_runs(study_args, "resume")
+    assert len(parents) == 1 and len(children) == 4
+
+
+def test_same_sampler_seed_gives_the_same_trials_in_the_same_order(study_args):
+    run_study(study_args("order_a", "study.n_trials=3", "study.seed=5"))
+    run_study(study_args("order_b", "study.n_trials=3", "study.seed=5"))
+    params = [[t.params for t in optuna_study(study_args, n).trials] for n in ("order_a", "order_b")]
+    assert params[0] == params[1]
+
+
+def test_bad_space_fails_before_any_record(study_args, capsys):
+    code = main(["run", *study_args("bad", "space.scale=interval(4, 1)")])
+    assert code == 2 and "low > high" in capsys.readouterr().err
+    assert not (study_args.tmp_path / "mlflow.db").exists()  # nothing recorded, nothing to clean up
