@@ -44,6 +44,11 @@ def reproduce_command(args: list[str]) -> int:
     if not args:
         raise ConfigError("reproduce needs a RUN_ID; e.g. python -m pipeline reproduce 3f2a... [tracking.uri=...]")
     run_id, overrides = args[0], args[1:]
+    # Only the store is chosen here; anything else would be silently ignored, so refuse it.
+    others = [o for o in overrides if o.partition("=")[0] not in ("tracking", "tracking.uri")]
+    if others:
+        raise ConfigError(f"reproduce re-runs the logged config as it was; it takes only tracking.uri=... "
+                          f"(or tracking=<name>), got: {' '.join(others)}")
     uri = compose(overrides)["tracking"]["uri"]
     config = tracking.download_config(run_id, uri)
     config["tracking"]["uri"] = uri
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     if command not in COMMANDS:
-        print(f"error: unknown command '{command}'; valid: {', '.join(COMMANDS)}\n{USAGE}", file=sys.stderr)
+        print(f"error: unknown command '{command}'; valid: {', '.join(COMMANDS)} ({USAGE})", file=sys.stderr)
         return 2
     try:
         return COMMANDS[command](argv[1:])

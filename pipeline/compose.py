@@ -39,6 +39,8 @@ def _check_group_choices(overrides: list[str]) -> None:
     for override in overrides:
         key, sep, value = override.partition("=")
         key = key.lstrip("+~")
+        if sep and not key:  # Hydra would read "=3" as the root group and say "Got int"
+            raise ConfigError(f"malformed override '{override}': no key before '='; expected key=value")
         if sep and "." not in key and (CONF_DIR / key).is_dir() and value not in group_options(key):
             raise ConfigError(f"unknown {key} '{value}'; valid: {', '.join(group_options(key))}")
 

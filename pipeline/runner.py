@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from pipeline import tracking
-from pipeline.config import config_from_dict
+from pipeline.config import config_from_dict, config_to_dict
 from pipeline.errors import ConfigError
 from pipeline.train import TrialResult, prepare_trial, train_trial
 
@@ -42,13 +42,16 @@ def run_recorded_trial(
     name = experiment or config["tracking"]["experiment"]
     try:
         cfg = config_from_dict(config)
+        # The complete config (keys deleted with ~key come back with their defaults), taken before
+        # prepare_trial swaps a pretrained run_id for a local path: what reproduce must re-run.
+        complete = config_to_dict(cfg)
         tracking.check_reachable(cfg.tracking.uri)
         prepared = prepare_trial(cfg)
     except ConfigError as err:
         if record_failures:
             _record_unstarted(config, name, parent_run_id, run_name, tags, err)
         raise
-    resolved = dict(config, initializer={**config["initializer"], "name": cfg.initializer.name})
+    resolved = dict(complete, initializer={**complete["initializer"], "name": cfg.initializer.name})
     with tracking.start_run(cfg.tracking, name, parent_run_id, run_name, tags) as recorder:
         recorder.log_params(tracking.trial_params(resolved))
         recorder.set_tags({"device": str(prepared.device), "reproduce": f"python -m pipeline reproduce {recorder.run_id}"})

@@ -80,8 +80,9 @@ def _recover_interrupted(study: optuna.Study, record: StudyRecord) -> None:
         handle = optuna.trial.Trial(study, trial._trial_id)
         handle.set_user_attr("interrupted", True)
         handle.set_user_attr("failure_reason", "the driver stopped mid-trial")
-        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        frozen = study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         study.enqueue_trial(trial.params, skip_if_exists=False)
+        record.trial_ended(frozen, {})
     record.close_stale_runs(reason="the driver stopped mid-trial")
 
 

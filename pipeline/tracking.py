@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 from urllib.parse import urlparse
@@ -49,9 +50,14 @@ def resolve_uri(uri: str) -> str:
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no table-creation chatter per process
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    _quiet_logs()
     return MlflowClient(tracking_uri=resolve_uri(uri))
+
+
+def _quiet_logs() -> None:
+    # No table-creation chatter per process: stderr stays for our one-line errors.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -170,6 +176,10 @@ class Run:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def log_dir(self, local_dir: Path, artifact_dir: Optional[str] = None) -> None:
+        """Every file of ``local_dir`` under the run's artifact directory ``artifact_dir``."""
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_dir)
+
     def end(self, status: str, reason: Optional[str] = None) -> None:
         if self.ended:
             return
@@ -251,11 +261,102 @@ def _download(run_id: str, artifact: str, tracking_uri: Optional[str]) -> Path:
     import mlflow.artifacts
 
     uri = resolve_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", TrackingConfig().uri))
+    _quiet_logs()
     try:
         dst = tempfile.mkdtemp(prefix="initstudy-")
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=dst, tracking_uri=uri)
     except Exception as err:
         raise ConfigError(f"cannot fetch '{artifact}' of MLflow run {run_id} from {uri}: {' '.join(str(err).split())[:300]}") from err
+    return Path(local)
+
+
+# ---- reading a study back (the report) ----------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """One run as plain data: what the report needs, no MLflow objects."""
+
+    run_id: str
+    name: str
+    status: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    metrics: dict[str, float]  # the latest value of each metric
+
+
+def _record(run) -> RunRecord:
+    return RunRecord(run.info.run_id, run.info.run_name or "", run.info.status, dict(run.data.params),
+                     dict(run.data.tags), dict(run.data.metrics))
+
+
+def study_names(uri: str) -> list[str]:
+    """Names of the experiments that hold a study (a run tagged ``initstudy.role=study``)."""
+    mlflow_client = client(uri)
+    names = {e.experiment_id: e.name for e in mlflow_client.search_experiments(max_results=None)}
+    if not names:
+        return []
+    runs = _search_all(mlflow_client, list(names), "tags.`initstudy.role` = 'study'")
+    return sorted({names[r.info.experiment_id] for r in runs})
+
+
+def study_runs(uri: str, study: str) -> tuple[RunRecord, list[RunRecord]]:
+    """The parent run of ``study`` and its trial runs (one per trial and seed).
+
+    Raises:
+        ConfigError: the store does not exist, or holds no study of that name (the message lists
+            the studies it does hold).
+    """
+    _check_store_exists(uri)
+    mlflow_client = client(uri)
+    found = mlflow_client.get_experiment_by_name(study)
+    parents = _search_all(mlflow_client, [found.experiment_id], "tags.`initstudy.role` = 'study'") if found else []
+    if not parents:
+        names = study_names(uri)
+        listing = f"studies here: {', '.join(names)}" if names else "no study is recorded there yet"
+        raise ConfigError(f"unknown study '{study}' in {resolve_uri(uri)}; {listing}")
+    children = _search_all(mlflow_client, [found.experiment_id], "tags.`initstudy.role` = 'trial'")
+    return _record(parents[0]), [_record(r) for r in children]
+
+
+def _search_all(mlflow_client, experiment_ids: list[str], filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = mlflow_client.search_runs(experiment_ids, filter_string, max_results=5000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _check_store_exists(uri: str) -> None:
+    # Reading a store must not create an empty one (MLflow creates a missing sqlite file silently).
+    if uri.startswith("sqlite:///"):
+        path = Path(resolve_uri(uri)[len("sqlite:///"):])
+        if not path.exists():
+            raise ConfigError(f"no MLflow store at {path} (tracking.uri={uri}); run a study first or pass tracking.uri=...")
+
+
+def metric_histories(uri: str, run_id: str, keys: Iterable[str]) -> dict[str, list[tuple[int, float]]]:
+    """``{key: [(step, value), ...]}`` sorted by step, for each of ``keys`` the run has logged."""
+    mlflow_client = client(uri)
+    histories = {}
+    for key in keys:
+        points = mlflow_client.get_metric_history(run_id, key)
+        if points:
+            histories[key] = sorted((m.step, m.value) for m in points)
+    return histories
+
+
+def download_artifact(uri: str, run_id: str, artifact: str, dst: Path) -> Optional[Path]:
+    """A local copy of one artifact of a run under ``dst``, or None if the run has no such artifact."""
+    import mlflow.artifacts
+
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dst),
+                                                    tracking_uri=resolve_uri(uri))
+    except Exception:  # missing artifact (failed trial, diagnostics off): the report notes the gap
+        return None
     return Path(local)
 
 

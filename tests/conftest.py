@@ -21,3 +21,17 @@ def make_config():
         return compose([*(TINY if tiny else []), *overrides])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray per test module: its studies reuse it (and its warm worker processes)."""
+    import ray
+
+    from pipeline import cluster
+    from pipeline.config import ClusterConfig
+
+    cluster.start(ClusterConfig(num_cpus=2))
+    cluster._started_here = False  # the studies under test must not stop it
+    yield
+    ray.shutdown()

@@ -15,17 +15,8 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    """One local Ray for the module: studies reuse it (and its warm worker processes)."""
-    from pipeline import cluster
-    from pipeline.config import ClusterConfig
-
-    cluster.start(ClusterConfig(num_cpus=2))
-    cluster._started_here = False  # the studies must not stop it
+def _ray(local_ray):
     yield
-    import ray
-
-    ray.shutdown()
 
 
 @pytest.fixture

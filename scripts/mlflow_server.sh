@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# An MLflow tracking server that every Ray node can write to (tracking.uri=http://HOST:PORT).
+#
+#   scripts/mlflow_server.sh start    start it in the background, wait until /health answers
+#   scripts/mlflow_server.sh stop     stop the server this script started (by its pid file)
+#   scripts/mlflow_server.sh status
+#
+# Settings (environment):
+#   MLFLOW_HOST=127.0.0.1      bind address; 0.0.0.0 to let other hosts' Ray nodes reach it
+#   MLFLOW_PORT=5000
+#   MLFLOW_SERVER_DIR=runs/mlflow-server            pid file, log, and the default stores below
+#   MLFLOW_BACKEND_STORE_URI=sqlite:///<dir>/mlflow.db   runs, params, metrics; for several
+#                              hosts or heavy use a database, e.g. postgresql://user:pw@db:5432/mlflow
+#                              (needs `pip install psycopg2-binary`)
+#   MLFLOW_ARTIFACTS_DESTINATION=<dir>/artifacts    where the server stores artifacts it serves
+#                              (clients upload through the server: no shared filesystem needed)
+#   MLFLOW_WORKERS=2           server worker processes
+#   MLFLOW_SERVER_ALLOWED_HOSTS   Host headers to accept besides localhost and private IPs (MLflow
+#                              3's DNS-rebinding guard), e.g. "mlflow,mlflow:5000" behind a
+#                              Kubernetes Service named mlflow; MLFLOW_SERVER_CORS_ALLOWED_ORIGINS
+#                              likewise for browsers on other origins (MLflow reads both itself)
+#   MLFLOW=<project>/.venv/bin/mlflow
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+HOST=${MLFLOW_HOST:-127.0.0.1}
+PORT=${MLFLOW_PORT:-5000}
+DIR=${MLFLOW_SERVER_DIR:-$ROOT/runs/mlflow-server}
+BACKEND=${MLFLOW_BACKEND_STORE_URI:-sqlite:///$DIR/mlflow.db}
+ARTIFACTS=${MLFLOW_ARTIFACTS_DESTINATION:-$DIR/artifacts}
+WORKERS=${MLFLOW_WORKERS:-2}
+START_TIMEOUT_S=${MLFLOW_START_TIMEOUT_S:-60}
+if [ -z "${MLFLOW:-}" ]; then
+  if [ -x "$ROOT/.venv/bin/mlflow" ]; then MLFLOW=$ROOT/.venv/bin/mlflow; else MLFLOW=$(command -v mlflow || true); fi
+fi
+[ -n "$MLFLOW" ] || { echo "error: no mlflow CLI (run scripts/setup.sh, or set MLFLOW=/path/to/mlflow)" >&2; exit 2; }
+PIDFILE=$DIR/server.pid
+# The address clients use: the loopback when bound to all interfaces.
+CLIENT_HOST=$HOST
+case "$HOST" in 0.0.0.0|::|'[::]') CLIENT_HOST=127.0.0.1 ;; esac
+URL=http://$CLIENT_HOST:$PORT
+
+die() { echo "error: $*" >&2; exit 1; }
+alive() { [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
+PYTHON=$(dirname "$MLFLOW")/python
+[ -x "$PYTHON" ] || PYTHON=python3
+healthy() {
+  "$PYTHON" -c 'import sys, urllib.request; sys.exit(urllib.request.urlopen(sys.argv[1], timeout=2).read().strip() != b"OK")' \
+    "$URL/health" 2>/dev/null
+}
+
+cmd_start() {
+  alive && die "already running (pid $(cat "$PIDFILE"), $URL); scripts/mlflow_server.sh stop first"
+  if (exec 3<>"/dev/tcp/$CLIENT_HOST/$PORT") 2>/dev/null; then die "port $PORT is in use (set MLFLOW_PORT)"; fi
+  mkdir -p "$DIR" "$ARTIFACTS"
+  local t0=$SECONDS
+  # Own session (setsid), so `stop` can end the server and its workers as one process group.
+  setsid "$MLFLOW" server --host "$HOST" --port "$PORT" --workers "$WORKERS" \
+    --backend-store-uri "$BACKEND" --serve-artifacts --artifacts-destination "$ARTIFACTS" \
+    >"$DIR/server.log" 2>&1 </dev/null &
+  echo $! >"$PIDFILE"
+  until healthy; do
+    alive || { tail -n 30 "$DIR/server.log" >&2; rm -f "$PIDFILE"; die "mlflow server exited (log: $DIR/server.log)"; }
+    [ $((SECONDS - t0)) -lt "$START_TIMEOUT_S" ] || { cmd_stop >/dev/null; die "no /health answer in ${START_TIMEOUT_S}s (log: $DIR/server.log)"; }
+    sleep 0.5
+  done
+  echo "MLflow server up in $((SECONDS - t0)) s: $URL (bound to $HOST)"
+  echo "  backend store  $BACKEND"
+  echo "  artifacts      $ARTIFACTS (served by the server)"
+  echo "  use            tracking.uri=$URL"
+}
+
+cmd_stop() {
+  [ -f "$PIDFILE" ] || { echo "no MLflow server of ours is running"; return 0; }
+  local pid
+  pid=$(cat "$PIDFILE")
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 30); do ps -o pid= -g "$pid" >/dev/null 2>&1 || break; sleep 0.5; done
+  if ps -o pid= -g "$pid" >/dev/null 2>&1; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
+  rm -f "$PIDFILE"
+  echo "MLflow server stopped"
+}
+
+case "${1:-}" in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) if alive; then echo "running (pid $(cat "$PIDFILE")): $URL"; healthy && echo "health: OK"; else echo "not running"; fi ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
