@@ -19,6 +19,8 @@
 #                              3's DNS-rebinding guard), e.g. "mlflow,mlflow:5000" behind a
 #                              Kubernetes Service named mlflow; MLFLOW_SERVER_CORS_ALLOWED_ORIGINS
 #                              likewise for browsers on other origins (MLflow reads both itself)
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false   MLflow 3's server-side job runner (GenAI evaluation
+#                              jobs; seven extra processes); a study's record does not need it
 #   MLFLOW=<project>/.venv/bin/mlflow
 set -euo pipefail
 
@@ -29,11 +31,14 @@ DIR=${MLFLOW_SERVER_DIR:-$ROOT/runs/mlflow-server}
 BACKEND=${MLFLOW_BACKEND_STORE_URI:-sqlite:///$DIR/mlflow.db}
 ARTIFACTS=${MLFLOW_ARTIFACTS_DESTINATION:-$DIR/artifacts}
 WORKERS=${MLFLOW_WORKERS:-2}
-START_TIMEOUT_S=${MLFLOW_START_TIMEOUT_S:-60}
+START_TIMEOUT_S=${MLFLOW_START_TIMEOUT_S:-90}
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 if [ -z "${MLFLOW:-}" ]; then
   if [ -x "$ROOT/.venv/bin/mlflow" ]; then MLFLOW=$ROOT/.venv/bin/mlflow; else MLFLOW=$(command -v mlflow || true); fi
 fi
 [ -n "$MLFLOW" ] || { echo "error: no mlflow CLI (run scripts/setup.sh, or set MLFLOW=/path/to/mlflow)" >&2; exit 2; }
+PYTHON=$(dirname "$MLFLOW")/python
+[ -x "$PYTHON" ] || PYTHON=python3
 PIDFILE=$DIR/server.pid
 # The address clients use: the loopback when bound to all interfaces.
 CLIENT_HOST=$HOST
@@ -42,8 +47,6 @@ URL=http://$CLIENT_HOST:$PORT
 
 die() { echo "error: $*" >&2; exit 1; }
 alive() { [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
-PYTHON=$(dirname "$MLFLOW")/python
-[ -x "$PYTHON" ] || PYTHON=python3
 healthy() {
   "$PYTHON" -c 'import sys, urllib.request; sys.exit(urllib.request.urlopen(sys.argv[1], timeout=2).read().strip() != b"OK")' \
     "$URL/health" 2>/dev/null

@@ -51,6 +51,8 @@ DASHBOARD=http://127.0.0.1:$DASHBOARD_PORT
 START_TIMEOUT_S=${RAY_START_TIMEOUT_S:-90}
 
 export RAY_AUTH_MODE=token
+# Jobs' entrypoints (`python -m pipeline ...`) find the Python that runs Ray's workers first.
+PATH=$(dirname "$RAY"):$PATH
 
 die() { echo "error: $*" >&2; exit 1; }
 alive() { [ -f "$DIR/$1.pid" ] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null; }

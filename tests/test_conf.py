@@ -80,14 +80,6 @@ def test_pretrained_file_alone_names_its_missing_source():
         validate(cfg)
 
 
-@pytest.mark.parametrize("name", sorted({"digits", "mnist1d", "synthetic"} & set(data.DATASETS.names())))
-def test_builtin_datasets_load_as_composed(name):
-    cfg = config_from_dict(compose([f"dataset={name}"]))
-    splits = data.load_dataset(cfg.dataset)
-    assert len(splits.y_train) > cfg.batch_size and len(splits.y_val) > 0 and len(splits.y_test) > 0
-    assert int(splits.y_train.max()) < splits.num_classes
-
-
 @pytest.mark.parametrize("group", sorted(REGISTRIES))
 def test_every_registry_entry_has_a_yaml_file(group):
     files = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
