@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 FLOOR = 1e-12  # a log axis cannot show 0 (zeros init): such points are drawn at this floor
 OUTCOMES = ("complete", "diverged", "pruned", "failed")
@@ -150,11 +150,12 @@ def plot_convergence(runs: list[TrialRun], key: str) -> Figure:
         _band(axes[0, 0], [r.curves.get("val_accuracy", []) for r in group], colors[value], label, log=False)
         _band(axes[0, 1], [r.curves.get("val_loss", []) for r in group], colors[value], label, log=True)
     _label(axes[0, 0], "Validation accuracy (mean ± 1 std)", "epoch (0 = at initialization)", "accuracy (fraction correct)")
-    _label(axes[0, 1], "Validation loss (geometric mean, ×/÷ 1 geo. std)", "epoch (0 = at initialization)",
+    _label(axes[0, 1], "Validation loss (geometric mean ×/÷ std)", "epoch (0 = at initialization)",
            "cross-entropy (nats, log scale)")
     axes[0, 0].set_ylim(-0.02, 1.02)
     axes[0, 1].set_yscale("log")
-    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside right upper", title=key)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), title=f"{key} (runs)")
     fig.suptitle(f"Convergence by {key}: validation curves over runs (seeds and trials)")
     return fig
 
@@ -259,7 +260,7 @@ def plot_accuracy_vs_scale(runs: list[TrialRun], key: str = "initializer") -> Fi
                    label=f"{_fmt(value)} (n={len(group)})", zorder=3)
         ax.scatter([r.axes["scale"] for r in bad], [r.final_accuracy for r in bad], color=colors[value], s=50,
                    marker="x", zorder=3)
-    ax.set_xscale("log")
+    _log_scale_axis(ax, [r.axes["scale"] for r in done])
     ax.set_ylim(-0.02, 1.02)
     _label(ax, "Final test accuracy against initialization scale", "scale (multiplies the initializer's std; log axis)",
            "final test accuracy (fraction)", integer_x=False)
@@ -268,6 +269,17 @@ def plot_accuracy_vs_scale(runs: list[TrialRun], key: str = "initializer") -> Fi
     labels.append("diverged run")
     fig.legend(handles, labels, loc="outside right upper", title=f"{key} (runs)")
     return fig
+
+
+def _log_scale_axis(ax, values: list[float]) -> None:
+    """A log x axis with plain-number ticks (powers of 2 over a narrow range, of 10 otherwise)."""
+    ax.set_xscale("log")
+    low, high = min(values), max(values)
+    base = 2 if high / low <= 256 else 10
+    ax.xaxis.set_major_locator(LogLocator(base=base, numticks=12))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(low / 1.25, high * 1.25)
 
 
 # ---- signal propagation and unit health at initialization ---------------------------------------
@@ -337,6 +349,7 @@ def _health_bars(ax, runs: list[TrialRun], key: str, column: str) -> None:
         ax.bar([i + offset for i in range(len(groups))], [m for m, _ in stats], width=0.4, yerr=[s for _, s in stats],
                color=color, capsize=3, label="at initialization" if when == "first" else "after the last epoch")
     ax.set_xticks(range(len(groups)), [f"{_fmt(v)}\nn={len(g)}" for v, g in groups.items()], fontsize=8)
+    ax.set_xlim(-0.7, max(len(groups), 2) - 0.3)  # one group must not fill the panel with two slabs
     ax.set_ylim(0, 1.05)
     _label(ax, f"{column.replace('_', ' ')} by {key}", key, "fraction of hidden units", integer_x=False)
 
