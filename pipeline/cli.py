@@ -3,6 +3,7 @@
 ``python -m pipeline trial [overrides]``      one trial, recorded in MLflow
 ``python -m pipeline run [overrides]``        a study (Optuna trials on Ray workers)
 ``python -m pipeline reproduce RUN_ID``       re-run a recorded trial from its logged config
+``python -m pipeline report STUDY``           build a study's report (figures + HTML), log it to the study run
 
 Bad input of any kind (unknown name, malformed override, invalid value, missing data) is one
 line on stderr and exit code 2, before any training and before any MLflow run is opened.
@@ -15,7 +16,7 @@ from typing import Callable
 from pipeline.compose import compose
 from pipeline.errors import ConfigError
 
-USAGE = "usage: python -m pipeline {trial,run,reproduce} [overrides | RUN_ID]"
+USAGE = "usage: python -m pipeline {trial,run,reproduce,report} [overrides | RUN_ID | STUDY]"
 
 
 def trial_command(args: list[str]) -> int:
@@ -68,10 +69,24 @@ def run_command(args: list[str]) -> int:
     return 0
 
 
+def report_command(args: list[str]) -> int:
+    from pipeline.study_report import build_report
+
+    if not args or "=" in args[0]:
+        raise ConfigError("report needs a STUDY name first; e.g. python -m pipeline report demo "
+                          "[tracking.uri=...] [study.output_dir=...]")
+    study, overrides = args[0], args[1:]
+    config = compose(overrides)
+    path = build_report(study, config["tracking"]["uri"], config["study"]["output_dir"])
+    print(f"report: {path} (also logged to the study's MLflow run under report/)")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "run": run_command,
     "trial": trial_command,
     "reproduce": reproduce_command,
+    "report": report_command,
 }
 
 

@@ -107,6 +107,7 @@ class TrackingConfig:
     artifact_root: str = "runs/artifacts"  # local artifact store of new experiments (sqlite stores)
     experiment: str = "initstudy-trials"  # experiment of single `trial` runs
     log_weights: bool = True
+    layer_plot: bool = True  # diagnostics/signal_by_depth.png per trial (~0.1 s; a study sets study.trial_plots)
 
 
 @dataclass
@@ -126,6 +127,7 @@ class StudyConfig:
     min_trials_for_failure_rate: int = 4
     retries: int = 1  # re-runs of a trial whose worker process died
     report: bool = True  # build the study report at the end
+    trial_plots: bool = False  # each trial's own depth plot (the report plots depth per initializer)
     progress: bool = True
 
 

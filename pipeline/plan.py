@@ -46,6 +46,7 @@ class StudyPlan:
         """The resolved config of one trial: the base overrides, then the trial's params, then its seed."""
         config = copy.deepcopy(self._composed(tuple(space.to_overrides(params))))
         config["seed"] = seed
+        config["tracking"]["layer_plot"] = self.cfg.study.trial_plots
         return config
 
     @functools.lru_cache(maxsize=256)

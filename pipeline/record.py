@@ -91,8 +91,24 @@ class StudyRecord:
         self.parent.log_text(summary["csv"], "trials.csv")
         self.parent.log_metrics(0, summary["metrics"])
         self.parent.set_tags(summary["tags"])
+        if plan.cfg.study.report:
+            self._report(plan)
         self.parent.end("FINISHED")
         return summary
+
+    def _report(self, plan: StudyPlan) -> None:
+        """Build the study report (pipeline/study_report.py); its failure is a warning, not a failed study."""
+        from pipeline.study_report import build_report
+
+        cfg = plan.cfg
+        try:
+            path = build_report(cfg.study.name, cfg.tracking.uri, cfg.study.output_dir, storage=plan.storage)
+            print(f"report: {path}", file=sys.stdout)
+        except Exception as err:
+            reason = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
+            self.parent.set_tags({"report_error": reason})
+            print(f"warning: the study report failed ({reason}); rebuild it with "
+                  f"python -m pipeline report {cfg.study.name}", file=sys.stderr)
 
     def fail(self, err: BaseException) -> None:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"

@@ -396,7 +396,7 @@ def plot_trial_outcomes(runs: list[TrialRun]) -> Figure:
     axes[0, 1].set_xticks(range(len(inits)), [_fmt(i) for i in inits], rotation=30, ha="right")
     _label(axes[0, 1], "Trials by initializer", "initializer", "trials", integer_x=False)
     axes[0, 1].yaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0, 1].legend(fontsize=8)
+    axes[0, 1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("Trial outcomes (diverged = complete with a non-finite loss in some seed)")
     return fig
 
@@ -429,11 +429,11 @@ def plot_optimization_history(trials: list, objective: str, direction: str) -> F
     best = [pick(values[: i + 1]) for i in range(len(values))]
     ax.scatter(numbers, values, color="#1f77b4", s=24, zorder=3, label=f"complete trial (n={len(complete)})")
     ax.step(numbers, best, where="post", color="#d62728", label=f"best so far ({direction})")
-    for state, marker, color in (("PRUNED", "v", OUTCOME_COLORS["pruned"]), ("FAIL", "x", OUTCOME_COLORS["failed"])):
+    for state, name, marker in (("PRUNED", "pruned", "v"), ("FAIL", "failed", "x")):
         marked = [t.number for t in trials if t.state.name == state]
         if marked:
-            ax.plot(marked, [0.03] * len(marked), linestyle="none", marker=marker, color=color,
-                    transform=ax.get_xaxis_transform(), label=f"{state.lower()} trial (n={len(marked)})")
+            ax.plot(marked, [0.03] * len(marked), linestyle="none", marker=marker, color=OUTCOME_COLORS[name],
+                    transform=ax.get_xaxis_transform(), label=f"{name} trial (n={len(marked)})")
     _label(ax, f"Optimization history: {objective} by trial", "trial number (Optuna)", f"{objective} (objective)")
     fig.legend(loc="outside right upper")
     return fig

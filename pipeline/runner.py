@@ -57,11 +57,11 @@ def run_recorded_trial(
         recorder.set_tags({"device": str(prepared.device), "reproduce": f"python -m pipeline reproduce {recorder.run_id}"})
 
         def report(step: int, metrics: dict) -> Optional[bool]:
-            recorder.log_metrics(step, metrics)
+            recorder.log_metrics(step, metrics, buffered=True)
             return on_epoch(step, metrics) if on_epoch else None
 
         result = train_trial(prepared, report)
-        _record_outcome(recorder, result, resolved, prepared.model, cfg.tracking.log_weights)
+        _record_outcome(recorder, result, resolved, prepared.model, cfg.tracking)
     return RecordedTrial(recorder.run_id, result, name)
 
 
@@ -74,11 +74,12 @@ def _record_unstarted(config: dict, experiment: str, parent_run_id, run_name, ta
         run.end("FAILED", reason=f"ConfigError: {err}")
 
 
-def _record_outcome(recorder, result: TrialResult, config: dict, model, log_weights: bool) -> None:
+def _record_outcome(recorder, result: TrialResult, config: dict, model, tracking_cfg) -> None:
     recorder.log_metrics(result.epochs_run, result.summary())
     recorder.set_tags({
         "diverged": str(result.diverged).lower(),
         "diverged_epoch": result.diverged_epoch if result.diverged else "",
         "pruned": str(result.pruned).lower(),
     })
-    tracking.log_trial_artifacts(recorder, config, result.layer_table, model if log_weights else None)
+    model = model if tracking_cfg.log_weights else None
+    tracking.log_trial_artifacts(recorder, config, result.layer_table, model, plot=tracking_cfg.layer_plot)

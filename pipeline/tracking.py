@@ -34,6 +34,11 @@ from pipeline.config import AXES, TrackingConfig
 from pipeline.errors import ConfigError
 
 PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
+METRIC_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+FLUSH_EVERY_S = 2.0  # curves reach the store at least this often while a trial runs
+
+# MLflow 3 sends usage telemetry by default; a study's workers must not phone out (and it costs time).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 WEIGHTS_ARTIFACT = "weights/model.safetensors"
 CONFIG_ARTIFACT = "config.yaml"
 
@@ -138,6 +143,8 @@ class Run:
         self.client = client(uri)
         self.run_id = run_id
         self.ended = False
+        self._pending: list = []  # buffered metrics
+        self._flushed_at = time.monotonic()
 
     def __enter__(self) -> "Run":
         return self
@@ -158,12 +165,22 @@ class Run:
         for i in range(0, len(items), PARAM_BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + PARAM_BATCH])
 
-    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+    def log_metrics(self, step: int, metrics: dict[str, float], buffered: bool = False) -> None:
+        """Log now, or (``buffered``) at most every FLUSH_EVERY_S: one store write per few epochs.
+
+        Short trials log many epochs per second; a write per epoch would cost more than training.
+        """
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=items)
+        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if not buffered or time.monotonic() - self._flushed_at >= FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self._pending), METRIC_BATCH):
+            self.client.log_batch(self.run_id, metrics=self._pending[i : i + METRIC_BATCH])
+        self._pending, self._flushed_at = [], time.monotonic()
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -183,6 +200,7 @@ class Run:
     def end(self, status: str, reason: Optional[str] = None) -> None:
         if self.ended:
             return
+        self.flush()
         if reason:
             self.set_tags({"failure_reason": reason[:5000]})
         self.client.set_terminated(self.run_id, status=status)
@@ -219,23 +237,23 @@ def find_runs(tracking: TrackingConfig, experiment: str, tags: dict[str, Any], s
     return [r.info.run_id for r in runs]
 
 
-def log_trial_artifacts(recorder: Run, config: dict, layer_table: list[dict], model=None) -> None:
-    """The resolved config, the per-layer diagnostics (CSV and plot) and the final weights."""
+def log_trial_artifacts(recorder: Run, config: dict, layer_table: list[dict], model=None, plot: bool = True) -> None:
+    """The resolved config, the per-layer diagnostics (CSV and plot) and the final weights, in one upload."""
     from pipeline.nn.initializers import save_weights
-    from pipeline.report import plot_signal_by_depth
 
     with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
-        (tmp_path / CONFIG_ARTIFACT).write_text(yaml.safe_dump(config, sort_keys=False))
-        recorder.log_file(tmp_path / CONFIG_ARTIFACT)
+        root = Path(tmp)
+        (root / CONFIG_ARTIFACT).write_text(yaml.safe_dump(config, sort_keys=False))
         if layer_table:
-            _write_csv(tmp_path / "layers.csv", layer_table)
-            plot_signal_by_depth(layer_table, tmp_path / "signal_by_depth.png")
-            recorder.log_file(tmp_path / "layers.csv", "diagnostics")
-            recorder.log_file(tmp_path / "signal_by_depth.png", "diagnostics")
+            (root / "diagnostics").mkdir()
+            _write_csv(root / "diagnostics" / "layers.csv", layer_table)
+            if plot:
+                from pipeline.report import plot_signal_by_depth
+
+                plot_signal_by_depth(layer_table, root / "diagnostics" / "signal_by_depth.png")
         if model is not None:
-            save_weights(model, tmp_path / "model.safetensors")
-            recorder.log_file(tmp_path / "model.safetensors", "weights")
+            save_weights(model, root / WEIGHTS_ARTIFACT)
+        recorder.client.log_artifacts(recorder.run_id, str(root))
 
 
 def _write_csv(path: Path, rows: Iterable[dict]) -> None:
@@ -262,6 +280,10 @@ def _download(run_id: str, artifact: str, tracking_uri: Optional[str]) -> Path:
 
     uri = resolve_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", TrackingConfig().uri))
     _quiet_logs()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        # MLflow would create an empty store just to say the run is not in it.
+        raise ConfigError(f"cannot fetch '{artifact}' of MLflow run {run_id}: there is no MLflow store at "
+                          f"{uri} (check tracking.uri)")
     try:
         dst = tempfile.mkdtemp(prefix="initstudy-")
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=dst, tracking_uri=uri)
@@ -293,7 +315,13 @@ def _record(run) -> RunRecord:
 def study_names(uri: str) -> list[str]:
     """Names of the experiments that hold a study (a run tagged ``initstudy.role=study``)."""
     mlflow_client = client(uri)
-    names = {e.experiment_id: e.name for e in mlflow_client.search_experiments(max_results=None)}
+    names, token = {}, None
+    while True:  # every page of experiments
+        page = mlflow_client.search_experiments(max_results=1000, page_token=token)
+        names.update({e.experiment_id: e.name for e in page})
+        token = page.token
+        if not token:
+            break
     if not names:
         return []
     runs = _search_all(mlflow_client, list(names), "tags.`initstudy.role` = 'study'")
@@ -352,6 +380,7 @@ def download_artifact(uri: str, run_id: str, artifact: str, dst: Path) -> Option
     """A local copy of one artifact of a run under ``dst``, or None if the run has no such artifact."""
     import mlflow.artifacts
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per run swamps the log
     try:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dst),
                                                     tracking_uri=resolve_uri(uri))

@@ -16,9 +16,14 @@
 #   RAY_HEAD_GPUS=0 RAY_WORKER_GPUS=0            GPUs each node offers
 #   RAY_OBJECT_STORE_BYTES=268435456             object store per node (trials pass small dicts)
 #   RAY_CLUSTER_DIR=runs/ray-cluster             pids, logs of `ray start`, node ids, env.sh
-#   RAY_CLUSTER_TMP=/tmp/ray-initstudy-<port>    Ray's temp dir (sockets, session logs), shared by
-#                                                both nodes; not /tmp/ray, so a plain ray.init()
-#                                                elsewhere on this machine never joins this cluster
+#   RAY_CLUSTER_TMP=/tmp/ray-initstudy-<port>    Ray's temp dirs (sockets, session logs, unpacked
+#                                                working dirs): <tmp>/head and <tmp>/worker. One per
+#                                                node, as on two hosts: with a shared one the worker
+#                                                node's runtime-env agent deletes and re-unpacks the
+#                                                job's working dir under the running driver (its cwd
+#                                                vanishes: "[Errno 2] No such file or directory").
+#                                                Not /tmp/ray, so a plain ray.init() elsewhere on
+#                                                this machine never joins this cluster
 #   RAY=<project>/.venv/bin/ray                  the ray CLI (its Python runs drivers and workers)
 #
 # Token authentication: the cluster runs with RAY_AUTH_MODE=token. The token is RAY_AUTH_TOKEN if
@@ -70,7 +75,7 @@ ensure_token() {
 # start_node NAME ARGS...: `ray start --block ARGS` in its own session; wait until it is up.
 start_node() {
   local name=$1; shift
-  setsid "$RAY" start --block --temp-dir="$TMP" --disable-usage-stats \
+  setsid "$RAY" start --block --temp-dir="$TMP/$name" --disable-usage-stats \
     --object-store-memory="$OBJECT_STORE_BYTES" --dashboard-agent-listen-port=0 "$@" \
     >"$DIR/$name.log" 2>&1 </dev/null &
   echo $! >"$DIR/$name.pid"
@@ -119,7 +124,7 @@ open(sys.argv[2], "w").write(workers[0] + "\n")
 client_env() {
   echo "export RAY_AUTH_MODE=token"
   [ -z "${RAY_AUTH_TOKEN_PATH:-}" ] || echo "export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
-  echo "export RAY_ADDRESS=$(cat "$TMP/ray_current_cluster")"  # GCS: drivers, ray status
+  echo "export RAY_ADDRESS=$(cat "$TMP/head/ray_current_cluster")"  # GCS: drivers, ray status
   echo "export RAY_API_SERVER_ADDRESS=$DASHBOARD"              # jobs API: ray job submit/logs/stop
 }
 
@@ -139,7 +144,7 @@ cmd_start() {
   write_node_ids || { stop_node worker; stop_node head; exit 1; }
   client_env >"$DIR/env.sh"
   echo "Ray cluster up in $((SECONDS - t0)) s: head ($HEAD_CPUS CPU, $HEAD_GPUS GPU) + worker ($WORKER_CPUS CPU, $WORKER_GPUS GPU)"
-  echo "  address    $(cat "$TMP/ray_current_cluster")   (Ray binds the host's IP, not the loopback)"
+  echo "  address    $(cat "$TMP/head/ray_current_cluster")   (Ray binds the host's IP, not the loopback)"
   echo "  dashboard  $DASHBOARD"
   echo "  head node  $(cat "$DIR/head.node_id")"
   echo "  worker     $(cat "$DIR/worker.node_id")"
@@ -169,7 +174,7 @@ cmd_status() {
     if alive "$name"; then echo "$name: running (pid $(cat "$DIR/$name.pid"), node $(cat "$DIR/$name.node_id" 2>/dev/null))"
     else echo "$name: not running"; fi
   done
-  if alive head; then RAY_ADDRESS=$(cat "$TMP/ray_current_cluster") "$RAY" status; fi
+  if alive head; then RAY_ADDRESS=$(cat "$TMP/head/ray_current_cluster") "$RAY" status; fi
 }
 
 case "${1:-}" in

@@ -32,8 +32,9 @@ def _runs(store: list[str]) -> list:
     return client.search_runs(experiment_ids) if experiment_ids else []
 
 
-def _trial_error(capsys, store: list[str], *overrides: str) -> str:
+def _trial_error(capsys, store: list[str], *overrides: str, store_exists: bool = False) -> str:
     """Run `trial` with bad overrides; check the contract and return the one error line."""
+    runs_before = [r.info.run_id for r in _runs(store)]
     capsys.readouterr()
     code = main(["trial", *store, *TINY, *overrides])
     captured = capsys.readouterr()
@@ -41,7 +42,10 @@ def _trial_error(capsys, store: list[str], *overrides: str) -> str:
     assert code == 2, captured
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
     assert "final_accuracy" not in captured.out  # nothing trained
-    assert _runs(store) == []  # no run opened, so none left RUNNING or FAILED
+    if store_exists:
+        assert [r.info.run_id for r in _runs(store)] == runs_before  # no run added
+    else:
+        assert not _db(store).exists()  # no run opened (none left RUNNING or FAILED), not even a store
     return lines[0]
 
 
@@ -69,7 +73,7 @@ def other_width_weights(tmp_path) -> Path:
     (["initializer=he_uniform", "initializer.mode=fan_sum"], ["initializer.mode=fan_sum", "fan_in", "fan_out"]),
     (["initializer=pretrained"], ["initializer.path", "initializer.run_id"]),
     (["initializer=pretrained", "initializer.path=/nonexistent/w.safetensors"], ["/nonexistent/w.safetensors"]),
-    (["initializer=pretrained", "initializer.run_id=0123abc"], ["0123abc"]),
+    (["initializer=pretrained", "initializer.run_id=0123abc"], ["0123abc", "no MLflow store"]),
     (["dataset=mnist", "dataset.root=/nonexistent/dir"], ["/nonexistent/dir", "train-images-idx3-ubyte"]),
     (["scale=("], ["scale=("]),
     (["=3"], ["'=3'"]),
@@ -103,6 +107,11 @@ def test_trial_prints_its_result_and_run_id(capsys, store):
     assert [r.info.run_id for r in runs] == [fields["run_id"]]
     assert runs[0].info.status == "FINISHED"
     assert fields["experiment"] == "initstudy-trials"
+    # A bad input against a store that exists adds no run to it either.
+    line = _trial_error(capsys, store, "initializer=pretrained", "initializer.run_id=0123abc", store_exists=True)
+    assert "0123abc" in line and "not found" in line
+    line = _trial_error(capsys, store, "scale=0", store_exists=True)
+    assert "scale=0" in line
 
 
 def test_unknown_command_lists_the_valid_ones(capsys):
@@ -125,7 +134,7 @@ def test_reproduce_bad_input_is_one_line_exit_2(capsys, store, args, names):
     assert len(lines) == 1 and lines[0].startswith("error: ")
     for name in names:
         assert name in lines[0]
-    assert _runs(store) == []
+    assert not _db(store).exists()
 
 
 def test_python_m_pipeline_exits_2_with_one_line(tmp_path):

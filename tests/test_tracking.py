@@ -273,3 +273,12 @@ def test_reproduce_reruns_the_logged_config_with_the_same_curves(tstore, relu_tr
     assert val_history(new_id) == val_history(original.run_id)
     assert new.data.metrics["final_accuracy"] == mlflow_client.get_run(original.run_id).data.metrics["final_accuracy"]
     assert new.data.params == mlflow_client.get_run(original.run_id).data.params
+
+
+def test_a_deleted_key_is_recorded_with_its_default(tstore, mlflow_client, tmp_path):
+    config = _config(tstore, "~scale", "train.epochs=1")
+    assert "scale" not in config  # Hydra deleted it; the typed config falls back to the default
+    done = run_recorded_trial(config)
+    assert mlflow_client.get_run(done.run_id).data.params["scale"] == "1.0"
+    local = mlflow_client.download_artifacts(done.run_id, "config.yaml", str(tmp_path))
+    assert yaml.safe_load(open(local).read())["scale"] == 1.0  # reproduce gets a complete config
