@@ -209,8 +209,8 @@ def _carve(index: np.ndarray, y: np.ndarray, size: int, seed: int) -> tuple[np.n
 
 
 def _check_classes(classes: list[int]) -> None:
-    if not classes or len(set(classes)) != len(classes) or min(classes) < 0:
-        raise ConfigError(f"dataset.classes={classes} is invalid; give distinct labels >= 0 (or null for all)")
+    if len(classes) < 2 or len(set(classes)) != len(classes) or min(classes) < 0:
+        raise ConfigError(f"dataset.classes={classes} is invalid; give at least two distinct labels >= 0 (or null for all)")
 
 
 def _select_classes(parts: dict[str, tuple], classes: list[int], num_classes: int) -> dict[str, tuple]:

@@ -29,6 +29,7 @@ class StudyRecord:
     def open(cls, plan: StudyPlan) -> "StudyRecord":
         """Reuse the study's parent run if it exists (resume), else start one."""
         cfg = plan.cfg
+        _warn_if_store_is_local(cfg)
         found = tracking.find_runs(cfg.tracking, cfg.study.name, {ROLE_TAG: "study", STUDY_TAG: cfg.study.name})
         if found:
             parent = tracking.reopen_run(cfg.tracking.uri, found[0])
@@ -43,6 +44,8 @@ class StudyRecord:
     def payload(self, config: dict, trial, seed_index: int, oracle) -> dict:
         """What a worker needs for one (trial, seed): plain data and the oracle handle."""
         seed = config["seed"]
+        # The driver's absolute path, not one each worker resolves against its own working dir.
+        config = {**config, "tracking": {**config["tracking"], "uri": tracking.resolve_uri(config["tracking"]["uri"])}}
         return {
             "config": config,
             "experiment": self.plan.cfg.study.name,
@@ -113,6 +116,14 @@ class StudyRecord:
     def fail(self, err: BaseException) -> None:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         self.parent.end(status, reason=f"{type(err).__name__}: {err}")
+
+
+def _warn_if_store_is_local(cfg) -> None:
+    """On a cluster every node writes its trials' runs: a sqlite file serves one host only."""
+    if cfg.cluster.address and tracking.local_store(cfg.tracking.uri) is not None:
+        print(f"warning: tracking.uri={cfg.tracking.uri} is a sqlite file and cluster.address={cfg.cluster.address}: "
+              "every Ray node must see this file at the same path (one machine or a shared filesystem); "
+              "nodes on other hosts fail their trials. Use an MLflow server (docs/cluster.md).", file=sys.stderr)
 
 
 def _study_params(plan: StudyPlan) -> dict[str, str]:

@@ -20,7 +20,7 @@ from pipeline import objectives as obj
 from pipeline.plan import StudyPlan, plan_study
 from pipeline.progress import Progress
 from pipeline.record import StudyRecord
-from pipeline.worker import PruneDecider, trial_task
+from pipeline.worker import PruneDecider, trial_task, warm_up
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -46,20 +46,18 @@ def run_study(cli_overrides: list[str]) -> dict:
     """Plan (everything validated before Ray starts), then run the ask-and-tell loop."""
     plan = plan_study(cli_overrides)
     tracking.check_reachable(plan.cfg.tracking.uri)
-    study = _open_optuna_study(plan)
-    record = StudyRecord.open(plan)
-    _recover_interrupted(study, record)
-    resources = cluster.start(plan.cfg.cluster)
-    try:
-        runner = _Loop(plan, study, record, cluster.concurrency(plan.cfg.cluster, resources))
-        runner.run()
-        outcome = record.finish(study, plan)
-    except BaseException as err:
-        record.fail(err)
-        raise
-    finally:
-        cluster.shutdown()
-    return outcome
+    with cluster.session(plan.cfg.cluster) as resources:
+        slots = cluster.concurrency(plan.cfg.cluster, resources)
+        cluster.warm_up(warm_up, slots, plan.cfg.cluster)  # workers import torch while we open the stores
+        study = _open_optuna_study(plan)
+        record = StudyRecord.open(plan)
+        _recover_interrupted(study, record)
+        try:
+            _Loop(plan, study, record, slots).run()
+            return record.finish(study, plan)
+        except BaseException as err:
+            record.fail(err)
+            raise
 
 
 def _open_optuna_study(plan: StudyPlan) -> optuna.Study:

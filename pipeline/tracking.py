@@ -52,6 +52,13 @@ def resolve_uri(uri: str) -> str:
     return uri
 
 
+def local_store(uri: str) -> Optional[Path]:
+    """The file of a sqlite tracking store (None for a server): only its own host can write to it."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):]).resolve()
+
+
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -210,12 +217,29 @@ class Run:
 def start_run(tracking: TrackingConfig, experiment: str, parent_run_id: Optional[str] = None,
               run_name: Optional[str] = None, tags: Optional[dict] = None) -> Run:
     """A new run in ``experiment`` (created if new), tagged with provenance (and its parent)."""
+    if parent_run_id:
+        _check_parent_store(tracking.uri)
     experiment_id = ensure_experiment(tracking, experiment)
     all_tags = {**provenance(), **{k: str(v) for k, v in (tags or {}).items()}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client(tracking.uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
     return Run(tracking.uri, run.info.run_id)
+
+
+def _check_parent_store(uri: str) -> None:
+    """A child run's sqlite store must already exist here: the driver created it with the parent.
+
+    A Ray node on another host would otherwise create a fresh, empty file at the same path and
+    record its trials where the study never looks.
+    """
+    path = local_store(uri)
+    if path is not None and not path.exists():
+        raise ConfigError(
+            f"tracking.uri={uri}: no such file on host {socket.gethostname()}, so this Ray node cannot see the "
+            "study's record (a sqlite store works only where every node shares the driver's filesystem); "
+            "run an MLflow server (scripts/mlflow_server.sh) and set tracking.uri=http://HOST:PORT (docs/cluster.md)"
+        )
 
 
 def reopen_run(uri: str, run_id: str) -> Run:

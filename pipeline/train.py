@@ -96,10 +96,13 @@ def _fetch_pretrained(cfg: Config) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``, checked against what this machine has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but no CUDA device is available; valid here: auto, cpu")
+    count = torch.cuda.device_count()
+    valid = ["auto", "cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(count)] if count else [])
+    if name not in valid:
+        raise ConfigError(f"train.device={name} is invalid here; valid: {', '.join(valid)}")
     return torch.device(name)
 
 

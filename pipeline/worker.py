@@ -33,6 +33,15 @@ def trial_task(payload: dict) -> dict:
     }
 
 
+def warm_up() -> None:
+    """Import what a trial needs, so the first trial of a fresh worker process starts at once."""
+    import mlflow.tracking  # noqa: F401
+    import sklearn.datasets  # noqa: F401
+    import torch  # noqa: F401
+
+    from pipeline import data  # noqa: F401
+
+
 def _placed(config: dict, where: dict, cpus: float) -> dict:
     """The trial uses the GPU Ray gave it (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
     train = dict(config["train"])

@@ -81,9 +81,8 @@ def other_width_weights(tmp_path) -> Path:
     (["model.depth=deep"], ["model.depth", "deep"]),
     pytest.param(["train.device=cuda"], ["train.device=cuda", "cpu"],
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
-    # pipeline/train.py resolve_device passes unknown names to torch.device: a RuntimeError traceback.
-    pytest.param(["train.device=tpu"], ["train.device=tpu", "cpu"],
-                 marks=pytest.mark.xfail(raises=RuntimeError, reason="train.device is not validated (train.py)")),
+    (["train.device=tpu"], ["train.device=tpu", "cpu"]),
+    (["dataset.classes=[1]"], ["dataset.classes=[1]", "at least two"]),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_run(capsys, store, overrides, names):
     line = _trial_error(capsys, store, *overrides)

@@ -20,7 +20,7 @@ from pipeline.config import AXES, config_from_dict
 from pipeline.errors import ConfigError
 from pipeline.nn.initializers import load_weights_file
 from pipeline.runner import run_recorded_trial
-from pipeline.train import prepare_trial
+from pipeline.train import evaluate, prepare_trial
 from tests.conftest import TINY
 
 EPOCHS = 2  # TINY's train.epochs
@@ -213,9 +213,13 @@ def test_logged_weights_are_the_final_weights(tanh_trial, mlflow_client, tmp_pat
     config, done = tanh_trial
     local = mlflow_client.download_artifacts(done.run_id, "weights/model.safetensors", str(tmp_path))
     state = load_weights_file(local)
-    fresh = prepare_trial(config).model.state_dict()  # the same seed, untrained
+    prepared = prepare_trial(config)  # the same seed, untrained
+    fresh = prepared.model.state_dict()
     assert set(state) == set(fresh)
     assert any(not torch.equal(state[k], fresh[k].cpu()) for k in state)  # training moved them
+    prepared.model.load_state_dict(state)
+    _, test_accuracy = evaluate(prepared.model, prepared.splits.x_test, prepared.splits.y_test)
+    assert test_accuracy == pytest.approx(done.result.final_accuracy)  # exactly what was scored
 
 
 # --- pretrained starts from a run ---------------------------------------------------------------------
