@@ -40,6 +40,7 @@ class InitializerConfig:
     path: Optional[str] = None  # pretrained: a .safetensors file or a torch state dict
     run_id: Optional[str] = None  # pretrained: an MLflow run whose final weights to start from
     exclude: list[str] = field(default_factory=list)  # pretrained: parameter prefixes left as built
+    recurrent: Optional[str] = None  # rnn/gru hidden-to-hidden weights (per gate); null: same as `name`
     bias: str = "zeros"  # zeros | constant | normal | uniform | torch_default
     bias_value: float = 0.0  # constant: the value; normal: the std; uniform: the bound
 
@@ -48,6 +49,7 @@ class InitializerConfig:
 class ActivationConfig:
     name: str = "relu"
     slope: float = 0.01  # leaky_relu's negative slope
+    pieces: int = 2  # maxout: units per output (the layer before it is this many times wider)
 
 
 @dataclass
@@ -58,10 +60,11 @@ class NormalizationConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"  # mlp | cnn
-    depth: int = 4  # hidden layers (mlp) or conv blocks (cnn)
-    width: int = 128  # hidden units (mlp)
+    name: str = "mlp"  # mlp | cnn | rnn | gru
+    depth: int = 4  # hidden layers (mlp), conv blocks (cnn) or stacked recurrent layers (rnn/gru)
+    width: int = 128  # hidden units (mlp, rnn/gru)
     residual: bool = False  # mlp: h <- h + block(h) on width->width layers
+    features_per_step: Optional[int] = None  # rnn/gru: input features read per time step (default: one column/row)
     channels: int = 32  # cnn
     kernel_size: int = 3  # cnn
 
@@ -84,10 +87,11 @@ class DatasetConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "sgd"  # sgd | adam
+    name: str = "sgd"  # sgd | adam | lars
     lr: float = 0.05
-    momentum: float = 0.9  # sgd momentum; adam's beta1
+    momentum: float = 0.9  # sgd/lars momentum; adam's beta1
     weight_decay: float = 0.0
+    trust_coefficient: float = 0.001  # lars: eta in local_lr = eta * ||w|| / (||g|| + wd * ||w||)
 
 
 @dataclass
@@ -210,7 +214,7 @@ def axis_values(cfg: Config) -> dict[str, Any]:
 
 def validate(cfg: Config) -> None:
     """Raise ``ConfigError`` naming the first bad value, before any work starts."""
-    from pipeline import data
+    from pipeline import data, optim
     from pipeline.nn import activations, initializers, models, norms
 
     cfg.initializer.name = initializers.INITIALIZERS.canonical(cfg.initializer.name)
@@ -221,7 +225,7 @@ def validate(cfg: Config) -> None:
     models.MODELS.canonical(cfg.model.name)
     data.DATASETS.canonical(cfg.dataset.name)
     data.validate_config(cfg.dataset)
-    _check_choice("optimizer", cfg.optimizer.name, ("sgd", "adam"))
+    optim.OPTIMIZERS.canonical(cfg.optimizer.name)
 
 
 def _check_numbers(cfg: Config) -> None:
@@ -239,8 +243,3 @@ def _check_numbers(cfg: Config) -> None:
 def _positive(key: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{key}={value} is invalid; it must be > 0")
-
-
-def _check_choice(key: str, value: str, valid) -> None:
-    if value not in valid:
-        raise ConfigError(f"{key}={value} is invalid; valid: {', '.join(valid)}")

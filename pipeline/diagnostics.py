@@ -38,6 +38,8 @@ class Probe:
 
 def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, saturated: Saturation = None) -> Probe:
     """Run one hooked forward/backward pass of ``model`` on ``(x, y)`` and measure every hidden layer."""
+    if getattr(model, "recurrent", False):
+        return probe_recurrent(model, x, y, saturated)
     with _preserved_buffers(model), _captured(model.blocks) as captures:
         logits = model(x)
         loss = F.cross_entropy(logits, y)
@@ -47,6 +49,38 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, saturated: Saturat
     n = len(pre_acts)
     layers = [_layer_row(i, captures[i], grads[i], grads[n + i], saturated) for i in range(n)]
     return Probe(layers, _summarize(layers, loss, logits))
+
+
+def probe_recurrent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, saturated: Saturation = None) -> Probe:
+    """For a recurrent net the signal's path is time: one row per step of the top layer.
+
+    ``grad_norm`` is ||dL/dh_t||, the gradient with respect to the hidden state at step t: how far
+    back a gradient reaches. ``grad_norm_ratio`` is first step over last (<< 1: it vanishes on its
+    way back), ``act_std_ratio`` last step over first; ``spectral_radius`` is the recurrent
+    matrix's largest |eigenvalue| (the candidate block of a GRU).
+    """
+    top = model.layers[-1]
+    with _preserved_buffers(model):
+        top.capture = True
+        try:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            grads = torch.autograd.grad(loss, top.states, allow_unused=True)
+        finally:
+            top.capture = False
+    layers = [_step_row(t, h.detach(), g, saturated) for t, (h, g) in enumerate(zip(top.states, grads))]
+    top.states = []
+    summary = _summarize(layers, loss, logits)
+    summary["spectral_radius"] = model.spectral_radius()
+    return Probe(layers, summary)
+
+
+def _step_row(index: int, h: torch.Tensor, grad, saturated: Saturation) -> dict:
+    row = {"layer": index + 1, "time_step": index + 1, "act_std": float(h.std()), "grad_norm": _norm(grad),
+           "dead_fraction": _dead_fraction(h)}
+    if saturated is not None:
+        row["saturated_fraction"] = float(saturated(h).float().mean())
+    return row
 
 
 def _layer_row(index: int, capture: dict, pre_grad, weight_grad, saturated: Saturation) -> dict:
@@ -121,10 +155,16 @@ def _keep(capture: dict, key: str, output: bool, detach: bool = True):
 
 @contextlib.contextmanager
 def _preserved_buffers(model: nn.Module) -> Iterator[None]:
+    # Train mode for the probe (batch norm on batch statistics, as in training): the trainer calls
+    # it right after evaluate(), which left the model in eval mode, where an untrained batch norm is
+    # the identity and the probe would report the unnormalized net's signal. Mode restored after.
     saved = {name: buf.clone() for name, buf in model.named_buffers()}
+    was_training = model.training
+    model.train()
     try:
         yield
     finally:
+        model.train(was_training)
         with torch.no_grad():
             for name, buf in model.named_buffers():
                 buf.copy_(saved[name])
@@ -132,7 +172,7 @@ def _preserved_buffers(model: nn.Module) -> Iterator[None]:
 
 def weight_snapshot(model: nn.Module) -> list[torch.Tensor]:
     """Copies of the hidden layers' weights, to measure how far an epoch moved them."""
-    return [block.layer.weight.detach().clone() for block in model.blocks]
+    return [w.detach().clone() for w in model.hidden_weights()]
 
 
 def update_ratios(model: nn.Module, before: list[torch.Tensor], steps: int) -> list[float]:
@@ -141,7 +181,7 @@ def update_ratios(model: nn.Module, before: list[torch.Tensor], steps: int) -> l
     About 1e-3 is healthy; 1e-8 and below means nothing moves (SCIENCE.md section 2).
     """
     ratios = []
-    for block, old in zip(model.blocks, before):
-        delta = float((block.layer.weight.detach() - old).norm())
+    for weight, old in zip(model.hidden_weights(), before):
+        delta = float((weight.detach() - old).norm())
         ratios.append(_ratio(delta, float(old.norm())) / max(steps, 1))
     return ratios

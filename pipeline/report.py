@@ -46,6 +46,7 @@ class TrialRun:
     final_accuracy: Optional[float] = None  # held-out test accuracy after the last epoch
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(epoch, value)]
     layers: list[dict] = field(default_factory=list)  # rows of diagnostics/layers.csv
+    reason: str = ""  # why the run failed (its failure_reason tag), if it did
 
     @property
     def outcome(self) -> str:
@@ -125,7 +126,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """An axis value as a label: floats to 3 significant digits."""
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
@@ -146,7 +148,7 @@ def plot_convergence(runs: list[TrialRun], key: str) -> Figure:
     colors = palette(runs, key)
     fig, axes = _new(2, size=(5.2, 4.2))
     for value, group in group_runs(usable, key).items():
-        label = f"{_fmt(value)} (n={len(group)})"
+        label = f"{fmt(value)} (n={len(group)})"
         _band(axes[0, 0], [r.curves.get("val_accuracy", []) for r in group], colors[value], label, log=False)
         _band(axes[0, 1], [r.curves.get("val_loss", []) for r in group], colors[value], label, log=True)
     _label(axes[0, 0], "Validation accuracy (mean ± 1 std)", "epoch (0 = at initialization)", "accuracy (fraction correct)")
@@ -206,8 +208,8 @@ def plot_accuracy_heatmap(runs: list[TrialRun], rows: str = "initializer", cols:
         for j, c in enumerate(col_values):
             ax.text(j, i, _cell_text(cells[r, c]), ha="center", va="center", fontsize=8.5,
                     color="black" if cells[r, c] and grid[i][j] > 0.55 else "white" if cells[r, c] else "#555555")
-    ax.set_xticks(range(len(col_values)), [_fmt(c) for c in col_values])
-    ax.set_yticks(range(len(row_values)), [_fmt(r) for r in row_values])
+    ax.set_xticks(range(len(col_values)), [fmt(c) for c in col_values])
+    ax.set_yticks(range(len(row_values)), [fmt(r) for r in row_values])
     ax.set_xlabel(cols)
     ax.set_ylabel(rows)
     fig.colorbar(image, ax=ax, label="mean final test accuracy (fraction)")
@@ -231,7 +233,7 @@ def plot_accuracy_by_category(runs: list[TrialRun], keys: tuple[str, ...] = ("no
     for ax, key in zip(axes[0], keys):
         groups = group_runs(done, key)
         data = [[r.final_accuracy for r in g] for g in groups.values()]
-        ax.boxplot(data, tick_labels=[f"{_fmt(v)}\nn={len(g)}" for v, g in groups.items()], widths=0.5,
+        ax.boxplot(data, tick_labels=[f"{fmt(v)}\nn={len(g)}" for v, g in groups.items()], widths=0.5,
                    medianprops={"color": "black"}, showfliers=False)
         for i, values in enumerate(data, start=1):
             jitter = [i + 0.18 * ((k % 5) - 2) / 2 for k in range(len(values))]
@@ -257,7 +259,7 @@ def plot_accuracy_vs_scale(runs: list[TrialRun], key: str = "initializer") -> Fi
         ok = [r for r in group if not r.diverged]
         bad = [r for r in group if r.diverged]
         ax.scatter([r.axes["scale"] for r in ok], [r.final_accuracy for r in ok], color=colors[value], s=28,
-                   label=f"{_fmt(value)} (n={len(group)})", zorder=3)
+                   label=f"{fmt(value)} (n={len(group)})", zorder=3)
         ax.scatter([r.axes["scale"] for r in bad], [r.final_accuracy for r in bad], color=colors[value], s=50,
                    marker="x", zorder=3)
     _log_scale_axis(ax, [r.axes["scale"] for r in done])
@@ -296,7 +298,7 @@ def plot_signal_at_init(runs: list[TrialRun]) -> Figure:
     for row_axes, key in zip(axes, keys):
         colors = palette(runs, key)
         for value, group in group_runs(diagnosed, key).items():
-            label = f"{_fmt(value)} (n={len(group)})"
+            label = f"{fmt(value)} (n={len(group)})"
             for ax, column in zip(row_axes, ("act_std", "grad_norm")):
                 layers, means = _geo_mean_by_layer(group, column, epoch=0)
                 ax.plot(layers, means, color=colors[value], marker="o", markersize=3, label=label)
@@ -348,8 +350,9 @@ def _health_bars(ax, runs: list[TrialRun], key: str, column: str) -> None:
         stats = [_mean_std([v for r in g if (v := _layer_mean(r, column, when)) is not None]) for g in groups.values()]
         ax.bar([i + offset for i in range(len(groups))], [m for m, _ in stats], width=0.4, yerr=[s for _, s in stats],
                color=color, capsize=3, label="at initialization" if when == "first" else "after the last epoch")
-    ax.set_xticks(range(len(groups)), [f"{_fmt(v)}\nn={len(g)}" for v, g in groups.items()], fontsize=8)
-    ax.set_xlim(-0.7, max(len(groups), 2) - 0.3)  # one group must not fill the panel with two slabs
+    ax.set_xticks(range(len(groups)), [f"{fmt(v)}\nn={len(g)}" for v, g in groups.items()], fontsize=8)
+    center, half = (len(groups) - 1) / 2, max(len(groups), 2) / 2  # one group must not fill the panel
+    ax.set_xlim(center - half - 0.2, center + half + 0.2)
     ax.set_ylim(0, 1.05)
     _label(ax, f"{column.replace('_', ' ')} by {key}", key, "fraction of hidden units", integer_x=False)
 
@@ -393,7 +396,7 @@ def plot_trial_outcomes(runs: list[TrialRun]) -> Figure:
         heights = [sum(o == name and i == init for o, i in outcomes.values()) for init in inits]
         axes[0, 1].bar(range(len(inits)), heights, bottom=bottom, color=OUTCOME_COLORS[name], label=name)
         bottom = [b + h for b, h in zip(bottom, heights)]
-    axes[0, 1].set_xticks(range(len(inits)), [_fmt(i) for i in inits], rotation=30, ha="right")
+    axes[0, 1].set_xticks(range(len(inits)), [fmt(i) for i in inits], rotation=30, ha="right")
     _label(axes[0, 1], "Trials by initializer", "initializer", "trials", integer_x=False)
     axes[0, 1].yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))

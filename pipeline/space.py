@@ -38,6 +38,10 @@ CONDITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "model.width": ("model", ("mlp",)),
     "model.residual": ("model", ("mlp", "cnn")),
     "model.channels": ("model", ("cnn",)),
+    "model.features_per_step": ("model", ("rnn", "gru")),
+    "initializer.recurrent": ("model", ("rnn", "gru")),
+    "activation.pieces": ("activation", ("maxout",)),
+    "optimizer.trust_coefficient": ("optimizer", ("lars",)),
 }
 
 
@@ -75,10 +79,16 @@ def parse_space(space: dict, config: dict, group_options: dict[str, list[str]]) 
 
 
 def _valid_keys(config: dict) -> set[str]:
-    from pipeline.tracking import flatten
-
     trial_part = {k: v for k, v in config.items() if k not in ("study", "cluster", "space", "tracking")}
-    return set(flatten(trial_part)) | set(GROUP_AXES)
+    return set(_leaf_keys(trial_part)) | set(GROUP_AXES)
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
+    """Every leaf key, null-valued ones included (``initializer.recurrent`` is null by default)."""
+    keys = []
+    for key, value in tree.items():
+        keys += _leaf_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return keys
 
 
 def _parse_axis(key: str, expr: str, valid_keys: set[str], group_options: dict) -> Axis:

@@ -104,6 +104,7 @@ def _trial_run(uri: str, record: tracking.RunRecord, tmp: Path) -> plots.TrialRu
         diverged=record.tags.get("diverged") == "true",
         axes=_axes(record.params),
         final_accuracy=record.metrics.get("final_accuracy"),
+        reason=record.tags.get("failure_reason", ""),
     )
     if record.metrics:  # a run that failed before training logged nothing: no curves, no table
         run.curves = tracking.metric_histories(uri, record.run_id, CURVES)
@@ -342,12 +343,15 @@ def _trials_table(runs: list[plots.TrialRun]) -> str:
     by_trial: dict[int, list[plots.TrialRun]] = defaultdict(list)
     for run in runs:
         by_trial[run.trial].append(run)
-    head = "".join(f"<th>{h}</th>" for h in ("trial", "outcome", *AXES, "seeds", "final test accuracy (mean ± std)"))
+    head = "".join(f"<th>{h}</th>" for h in ("trial", "outcome", *AXES, "seeds", "final test accuracy (mean ± std)",
+                                             "failure reason"))
     rows = []
     for number, trial_runs in sorted(by_trial.items()):
         axes = trial_runs[0].axes
         finals = [r.final_accuracy for r in trial_runs if r.final_accuracy is not None and r.state == "COMPLETE"]
         accuracy = f"{statistics.fmean(finals):.4f} ± {statistics.stdev(finals) if len(finals) > 1 else 0.0:.4f}" if finals else "–"
-        cells = [number, outcomes[number][0], *(plots._fmt(axes.get(k, "–")) for k in AXES), len(trial_runs), accuracy]
+        reason = next((r.reason for r in trial_runs if r.reason), "")
+        cells = [number, outcomes[number][0], *(plots.fmt(axes.get(k, "–")) for k in AXES), len(trial_runs), accuracy,
+                 reason[:200]]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return f"<h2 id='trials'>Trials</h2><table><tr>{head}</tr>{''.join(rows)}</table>"

@@ -25,6 +25,8 @@ from pipeline.errors import ConfigError
 from pipeline.nn.activations import ACTIVATIONS, activation_gain
 from pipeline.nn.initializers import apply_init
 from pipeline.nn.models import build_model
+from pipeline.nn.recurrent import init_recurrent
+from pipeline.optim import build_optimizer
 
 Report = Callable[[int, dict], Optional[bool]]
 
@@ -82,7 +84,11 @@ def prepare_trial(config: dict | Config, device: Optional[str] = None) -> Prepar
     model = build_model(cfg.model, cfg.activation, cfg.normalization, splits.input_shape, splits.num_classes)
     _fetch_pretrained(cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
-    apply_init(model, cfg.initializer, cfg.scale, activation_gain(cfg.activation), generator)
+    gain = activation_gain(cfg.activation)
+    # Data-dependent schemes (lsuv) read a probe batch of training inputs; init runs on the CPU.
+    probe = splits.x_train[: cfg.train.probe_size].cpu()
+    apply_init(model, cfg.initializer, cfg.scale, gain, generator, probe=probe)
+    init_recurrent(model, cfg.initializer, cfg.scale, gain, generator)
     return PreparedTrial(cfg, splits, model.to(dev), dev)
 
 
@@ -120,7 +126,7 @@ def train_trial(prep: PreparedTrial, report: Optional[Report] = None) -> TrialRe
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     shuffle = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model.parameters(), cfg.optimizer)
     probe_batch = _probe_batch(splits, cfg.train.probe_size)
     state = _TrainState()
 
@@ -159,13 +165,6 @@ class _TrainState:
     epochs_run: int = 0
     history: list[dict] = field(default_factory=list)
     layer_table: list[dict] = field(default_factory=list)
-
-
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    opt = cfg.optimizer
-    if opt.name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=opt.lr, betas=(opt.momentum, 0.999), weight_decay=opt.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
 
 
 def _probe_batch(splits: data.Splits, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,8 +243,9 @@ def _diagnose(model, probe_batch, cfg: Config, state: _TrainState, epoch: int, r
         return {}
     saturated = ACTIVATIONS.get(cfg.activation.name).saturated
     result = diagnostics.probe(model, *probe_batch, saturated=saturated)
+    per_row = ratios if ratios and len(ratios) == len(result.layers) else None  # rows are time steps in an RNN
     for i, row in enumerate(result.layers):
-        extra = {"update_ratio": ratios[i]} if ratios else {}
+        extra = {"update_ratio": per_row[i]} if per_row else {}
         state.layer_table.append({"epoch": epoch, **row, **extra})
     return result.summary
 

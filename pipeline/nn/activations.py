@@ -7,7 +7,8 @@ Gain: where ``torch.nn.init.calculate_gain`` defines one (identity, sigmoid, tan
 leaky_relu, selu) we use it unchanged, so ``kaiming_normal`` equals PyTorch's. For the others
 (elu, relu6, gelu, silu, softplus: PyTorch raises ``ValueError``) the gain is the one that keeps
 the second moment through the layer, g = 1/sqrt(E[phi(z)^2]) for z ~ N(0, 1), computed by
-Gauss-Hermite quadrature (shared/SCIENCE.md section 1 lists the values).
+Gauss-Hermite quadrature (shared/SCIENCE.md section 1 lists the values). Maxout's gain follows the
+same rule for the max of ``pieces`` Gaussians (``maxout_gain``: 1.0 for 2 pieces, 0.80 for 4).
 """
 from __future__ import annotations
 
@@ -28,6 +29,36 @@ class Activation:
     build: Callable[[ActivationConfig], nn.Module]
     gain: Callable[[ActivationConfig], float]
     saturated: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # bool mask of outputs
+    widen: Callable[[ActivationConfig], int] = lambda cfg: 1  # features in per feature out
+
+
+class Maxout(nn.Module):
+    """Goodfellow et al. 2013: the max over ``pieces`` consecutive features (channels).
+
+    (B, C * pieces, *positions) -> (B, C, *positions); the layer before it is ``pieces`` times wider.
+    """
+
+    def __init__(self, pieces: int) -> None:
+        super().__init__()
+        self.pieces = pieces
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grouped = x.unflatten(1, (x.shape[1] // self.pieces, self.pieces))
+        return grouped.max(dim=2).values
+
+
+def maxout_gain(pieces: int) -> float:
+    """1/sqrt(E[max(z_1..z_k)^2]) for iid z ~ N(0, 1): the max's density is k phi(x) Phi(x)^(k-1).
+
+    k=1 gives 1 (linear), k=2 gives exactly 1 as well (E[max^2] = 1), larger k slightly less than 1:
+    the max of more Gaussians has a larger second moment, so the weights must shrink a little.
+    """
+    x = torch.linspace(-12, 12, 48001, dtype=torch.float64)
+    phi = torch.exp(-x**2 / 2) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+    density = pieces * phi * cdf ** (pieces - 1)
+    moment = float(torch.trapezoid(x**2 * density, x))
+    return 1.0 / math.sqrt(moment)
 
 
 ACTIVATIONS: Registry[Activation] = Registry("activation")
@@ -69,10 +100,20 @@ ACTIVATIONS.add("relu6", Activation(lambda c: nn.ReLU6(), _moment_gain(nn.ReLU6(
 ACTIVATIONS.add("gelu", Activation(lambda c: nn.GELU(), _moment_gain(nn.GELU())))
 ACTIVATIONS.add("silu", Activation(lambda c: nn.SiLU(), _moment_gain(nn.SiLU())), "swish")
 ACTIVATIONS.add("softplus", Activation(lambda c: nn.Softplus(), _moment_gain(nn.Softplus())))
+ACTIVATIONS.add("maxout", Activation(lambda c: Maxout(c.pieces), lambda c: maxout_gain(c.pieces), widen=lambda c: c.pieces))
 
 
 def build_activation(cfg: ActivationConfig) -> nn.Module:
     return ACTIVATIONS.get(cfg.name).build(cfg)
+
+
+def activation_widening(cfg: ActivationConfig) -> int:
+    """How many times wider the layer feeding this activation must be (maxout: ``pieces``)."""
+    if cfg.name == "maxout" and cfg.pieces < 1:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"activation.pieces={cfg.pieces} is invalid; it must be >= 1")
+    return ACTIVATIONS.get(cfg.name).widen(cfg)
 
 
 def activation_gain(cfg: ActivationConfig) -> float:

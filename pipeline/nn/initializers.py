@@ -7,13 +7,17 @@ options of ``args.cfg`` its scheme names (``mode``, ``std``, ``bound``, ``value`
 so ``kaiming_normal`` with ``gain: auto`` and a ReLU equals ``torch.nn.init.kaiming_normal_``.
 Fans use PyTorch's layout ``(out, in, *kernel)``: fan_in = in * prod(kernel), fan_out = out *
 prod(kernel). ``pretrained`` is registered so that it validates and lists like the others, but it
-sets a whole model at once (``load_pretrained``), not one tensor.
+sets a whole model at once (``load_pretrained``), not one tensor. ``lsuv`` is data-dependent: its
+entry is LSUV's first step (an orthonormal matrix), and ``apply_init`` then rescales the model's
+layers on a probe batch of training inputs (``lsuv_normalize``, listed in ``DATA_DEPENDENT``).
 
 The one meaning of scale: ``scale`` multiplies the standard deviation (or bound) the scheme would
 otherwise give; ``gain`` likewise multiplies the std, as in PyTorch; Keras's variance factor
 (``initializer.factor``) multiplies the variance. So ``scale=2`` doubles every weight's std whatever
 the scheme (``constant``: the value; ``zeros`` stays zero), and ``variance_scaling`` with
 ``factor=2`` equals Keras's ``VarianceScaling(scale=2)``. Biases are never multiplied by scale.
+For ``lsuv`` scale multiplies the weights LSUV found (each normalized to output variance 1 in
+turn), so the first layer's output variance is scale^2 (the target variance), as for any scheme.
 
 Which weights: ``apply_init`` sets every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` /
 ``nn.Conv3d`` weight with ``init_weight`` and its bias with ``init_bias``; normalization layers
@@ -21,8 +25,9 @@ keep their defaults (weight 1, bias 0).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -37,7 +42,10 @@ from pipeline.registry import Registry
 
 __all__ = [
     "BIAS_INITIALIZERS",
+    "DATA_DEPENDENT",
     "INITIALIZERS",
+    "LSUV_MAX_ITER",
+    "LSUV_TOL",
     "TRUNC_NORMAL_STD_CORRECTION",
     "InitArgs",
     "WeightInit",
@@ -46,6 +54,7 @@ __all__ = [
     "init_weight",
     "load_pretrained",
     "load_weights_file",
+    "lsuv_normalize",
     "save_weights",
     "validate_config",
 ]
@@ -59,6 +68,9 @@ INIT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 KAIMING_MODES = ("fan_in", "fan_out")
 VARIANCE_MODES = ("fan_in", "fan_out", "fan_avg")
 DISTRIBUTIONS = ("normal", "truncated_normal", "uniform")
+#: LSUV (Mishkin & Matas 2015): stop once |Var(layer output) - 1| < tol, after at most max_iter rescalings.
+LSUV_TOL = 0.02
+LSUV_MAX_ITER = 20
 
 
 @dataclass(frozen=True)
@@ -198,6 +210,44 @@ def _orthogonal(tensor: Tensor, args: InitArgs) -> None:
     nn.init.orthogonal_(tensor, gain=args.gain * args.scale, generator=args.generator)
 
 
+@INITIALIZERS.register("delta_orthogonal")
+def _delta_orthogonal(tensor: Tensor, args: InitArgs) -> None:
+    """Xiao et al. 2018: a conv kernel that is zero except an orthogonal centre tap, times gain * scale.
+
+    At init each conv then maps every position's channel vector by one orthogonal (out, in) matrix
+    (norm-preserving: needs in <= out). A 2-D weight (a Linear layer, e.g. the head) has no taps:
+    it gets a plain orthogonal matrix. For an even kernel the tap is index k // 2, the one that
+    reads the same position under the models' padding k // 2.
+    """
+    _require_2d(tensor, "delta_orthogonal")
+    gain = args.gain * args.scale
+    if tensor.dim() == 2:
+        nn.init.orthogonal_(tensor, gain=gain, generator=args.generator)
+        return
+    out_channels, in_channels = tensor.shape[:2]
+    if in_channels > out_channels:
+        raise ConfigError(
+            f"delta_orthogonal needs in_channels <= out_channels (an orthogonal centre tap that preserves norms); "
+            f"got a conv kernel of shape {tuple(tensor.shape)} with {in_channels} > {out_channels}; "
+            f"use model.channels >= {in_channels}, or initializer=orthogonal"
+        )
+    tap = torch.empty(out_channels, in_channels, dtype=tensor.dtype)
+    nn.init.orthogonal_(tap, gain=gain, generator=args.generator)
+    nn.init.zeros_(tensor)
+    centre = tuple(k // 2 for k in tensor.shape[2:])
+    tensor[(slice(None), slice(None), *centre)] = tap.to(tensor.device)
+
+
+@INITIALIZERS.register("lsuv")
+def _lsuv(tensor: Tensor, args: InitArgs) -> None:
+    """LSUV's first step, orthonormal (gain 1: the data step sets the size) times scale.
+
+    Alone this is ``orthogonal`` with gain 1; ``apply_init`` follows it with ``lsuv_normalize``.
+    """
+    _require_2d(tensor, "lsuv")
+    nn.init.orthogonal_(tensor, gain=args.scale, generator=args.generator)
+
+
 @INITIALIZERS.register("variance_scaling")
 def _variance_scaling(tensor: Tensor, args: InitArgs) -> None:
     """Keras 3's VarianceScaling: Var = factor / n (n by mode), then our scale on the std."""
@@ -205,6 +255,16 @@ def _variance_scaling(tensor: Tensor, args: InitArgs) -> None:
     _check_choice("initializer.distribution", cfg.distribution, DISTRIBUTIONS, "variance_scaling")
     n = _fan(tensor, cfg.mode, "variance_scaling", VARIANCE_MODES)
     _FILLS[cfg.distribution](tensor, math.sqrt(cfg.factor / n) * args.scale, args.generator)
+
+
+@INITIALIZERS.register("identity")
+def _identity(tensor: Tensor, args: InitArgs) -> None:
+    """scale * I: IRNN's recurrent weights (Le et al. 2015). Not variance-based, so no gain."""
+    _require_2d(tensor, "identity")
+    if tensor.dim() != 2:
+        raise ConfigError(f"identity needs a 2-D weight, got shape {tuple(tensor.shape)}")
+    nn.init.eye_(tensor)
+    tensor.mul_(args.scale)
 
 
 @INITIALIZERS.register("pretrained")
@@ -274,6 +334,7 @@ def apply_init(
     scale: float,
     activation_gain: float,
     generator: Optional[torch.Generator] = None,
+    probe: Optional[Tensor] = None,
 ) -> None:
     """Initialize every Linear/Conv layer of ``model`` in place (or load pretrained weights).
 
@@ -285,16 +346,114 @@ def apply_init(
         scale: Multiplies every weight's std (or bound); biases are not scaled.
         activation_gain: What ``cfg.gain == "auto"`` means.
         generator: Source of the random numbers.
+        probe: A batch of training inputs on the model's device, (B, *input_shape); only the
+            data-dependent schemes (``DATA_DEPENDENT``: ``lsuv``) read it, and they require it.
+
+    Raises:
+        ConfigError: A data-dependent scheme without a probe batch, or a weight the scheme refuses.
     """
-    if INITIALIZERS.canonical(cfg.name) == "pretrained":
+    name = INITIALIZERS.canonical(cfg.name)
+    if name == "pretrained":
         load_pretrained(model, cfg, scale)
         return
+    data_step = DATA_DEPENDENT.get(name)
+    if data_step is not None and probe is None:
+        raise ConfigError(f"initializer={name} is data-dependent: apply_init needs a probe batch of training inputs")
     for module in model.modules():
         if isinstance(module, INIT_LAYERS):
             init_weight(module.weight, cfg, scale, activation_gain, generator)
             if module.bias is not None:
                 fan_in = nn.init._calculate_fan_in_and_fan_out(module.weight)[0]
                 init_bias(module.bias, cfg, fan_in, generator)
+    if data_step is not None:
+        data_step(model, probe, scale)
+
+
+# --- data-dependent schemes ------------------------------------------------------------------------
+
+
+class _Reached(Exception):
+    """Raised by a forward hook to stop the forward pass once the measured layer has run."""
+
+
+@torch.no_grad()
+def lsuv_normalize(
+    model: nn.Module, probe: Tensor, scale: float = 1.0, tol: float = LSUV_TOL, max_iter: int = LSUV_MAX_ITER
+) -> list[float]:
+    """LSUV's second step (Mishkin & Matas 2015): unit output variance per layer, first to last.
+
+    For each Linear/Conv layer in ``model.modules()`` order (the head included) the weight is
+    divided by the std of the layer's output on ``probe`` until ``|Var - 1| < tol`` or ``max_iter``
+    rescalings (with zero biases one rescaling is exact). Then every such weight is multiplied by
+    ``scale``. The forward passes run in train mode (batch norm uses batch statistics, as in
+    training); normalization buffers and the module's mode are restored. A layer whose output is
+    constant (variance 0, or not finite) is left as it is.
+
+    Args:
+        model: The model, its weights already orthonormal (the ``lsuv`` entry).
+        probe: Training inputs, (B, *input_shape).
+        scale: Multiplies every weight after the normalization.
+        tol: Tolerance on the output variance.
+        max_iter: Most rescalings per layer.
+
+    Returns:
+        Each layer's output variance on ``probe`` after its normalization, before ``scale``.
+    """
+    layers = [m for m in model.modules() if isinstance(m, INIT_LAYERS)]
+    variances = []
+    with _measuring(model):
+        for layer in layers:
+            var = _output_variance(model, layer, probe)
+            for _ in range(max_iter):
+                if abs(var - 1.0) < tol or not math.isfinite(var) or var <= 0.0:
+                    break
+                layer.weight.div_(math.sqrt(var))
+                var = _output_variance(model, layer, probe)
+            variances.append(var)
+    if scale != 1:
+        for layer in layers:
+            layer.weight.mul_(scale)
+    return variances
+
+
+def _output_variance(model: nn.Module, layer: nn.Module, probe: Tensor) -> float:
+    """Var of ``layer``'s output over the whole (B, C, *positions) output; the forward stops there."""
+    seen: list[Tensor] = []
+
+    def hook(module, inputs, output):
+        seen.append(output)
+        raise _Reached
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        model(probe)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise ConfigError(f"initializer=lsuv: the layer {layer} is not reached by the model's forward pass")
+    return float(seen[0].double().var())
+
+
+@contextlib.contextmanager
+def _measuring(model: nn.Module) -> Iterator[None]:
+    """Train mode (batch norm on batch statistics) for the block; the mode and buffers restored after."""
+    was_training = model.training
+    saved = {name: buf.clone() for name, buf in model.named_buffers()}
+    model.train()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(saved[name])
+
+
+#: canonical name -> the model-level step that follows the per-tensor entries: (model, probe, scale).
+#: These schemes need a probe batch (``apply_init(..., probe=x)``).
+DATA_DEPENDENT: dict[str, Callable[[nn.Module, Tensor, float], object]] = {"lsuv": lsuv_normalize}
 
 
 # --- weight files and pretrained starts ------------------------------------------------------------
@@ -433,8 +592,17 @@ def validate_config(cfg: Config) -> None:
         check(init, name)
     _check_gain(init.gain)
     _check_bias(init.bias)
+    _check_recurrent(init.recurrent)
     if init.bias in ("normal", "uniform"):
         _positive(f"initializer.bias_value (bias={init.bias})", init.bias_value)
+
+
+def _check_recurrent(name: Optional[str]) -> None:
+    if name is None:
+        return
+    valid = [n for n in INITIALIZERS.names() if n != "pretrained"]
+    if name not in INITIALIZERS or INITIALIZERS.canonical(name) == "pretrained":
+        raise ConfigError(f"initializer.recurrent={name} is invalid; valid: {', '.join(valid)} (or null: same as initializer)")
 
 
 def _check_choice(key: str, value: str, valid: tuple[str, ...], name: str) -> None:

@@ -5,6 +5,8 @@ linear head. Diagnostics rely on that shape: ``model.blocks`` are the hidden lay
 ``.layer`` (its pre-activation is the layer's output), ``.norm`` and ``.act``.
 
 ``MODELS`` maps a name to ``factory(model_cfg, activation_cfg, norm_cfg, input_shape, num_classes)``.
+The recurrent models (``rnn``, ``gru``) live in ``recurrent.py``: their signal runs through time
+steps rather than blocks, and they expose ``layers`` and ``recurrent = True`` instead.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from torch import nn
 
 from pipeline.config import ActivationConfig, ModelConfig, NormalizationConfig
 from pipeline.errors import ConfigError
-from pipeline.nn.activations import build_activation
+from pipeline.nn.activations import activation_widening, build_activation
 from pipeline.nn.norms import build_norm
 from pipeline.registry import Registry
 
@@ -52,18 +54,21 @@ class Network(nn.Module):
             h = block(h)
         return self.head(self.pool(h))
 
+    def hidden_weights(self) -> list[torch.Tensor]:
+        return [block.layer.weight for block in self.blocks]
+
 
 @MODELS.register("mlp")
 def build_mlp(
     cfg: ModelConfig, act: ActivationConfig, norm: NormalizationConfig, input_shape: tuple, num_classes: int
 ) -> Network:
     """``depth`` hidden layers of ``width`` units; residual links skip the width->width layers."""
-    in_features = math.prod(input_shape)
+    in_features, wide = math.prod(input_shape), cfg.width * activation_widening(act)
     blocks = []
     for i in range(cfg.depth):
         fan_in = in_features if i == 0 else cfg.width
-        linear = nn.Linear(fan_in, cfg.width)  # (B, fan_in) -> (B, width)
-        blocks.append(Block(linear, build_norm(norm, cfg.width), build_activation(act), cfg.residual and i > 0))
+        linear = nn.Linear(fan_in, wide)  # (B, fan_in) -> (B, width * maxout pieces)
+        blocks.append(Block(linear, build_norm(norm, wide), build_activation(act), cfg.residual and i > 0))
     return Network(nn.Flatten(), blocks, nn.Identity(), nn.Linear(cfg.width, num_classes))
 
 
@@ -80,17 +85,24 @@ def build_cnn(
     spatial_dims = len(input_shape) - 1
     conv = nn.Conv1d if spatial_dims == 1 else nn.Conv2d
     channels, size, blocks = input_shape[0], min(input_shape[1:]), []
+    wide = cfg.channels * activation_widening(act)
     for i in range(cfg.depth):
         stride = 2 if i % 2 == 1 and size >= 8 else 1
-        layer = conv(channels, cfg.channels, cfg.kernel_size, stride=stride, padding=cfg.kernel_size // 2)
+        layer = conv(channels, wide, cfg.kernel_size, stride=stride, padding=cfg.kernel_size // 2)
         residual = cfg.residual and stride == 1 and channels == cfg.channels
-        blocks.append(Block(layer, build_norm(norm, cfg.channels, spatial_dims), build_activation(act), residual))
+        blocks.append(Block(layer, build_norm(norm, wide, spatial_dims), build_activation(act), residual))
         channels, size = cfg.channels, math.ceil(size / stride)
     pool = nn.Sequential(nn.AdaptiveAvgPool1d(1) if spatial_dims == 1 else nn.AdaptiveAvgPool2d(1), nn.Flatten())
     return Network(nn.Identity(), blocks, pool, nn.Linear(cfg.channels, num_classes))
 
 
+from pipeline.nn.recurrent import build_recurrent  # noqa: E402  (registered beside the others)
+
+MODELS.add("rnn", build_recurrent("rnn"))
+MODELS.add("gru", build_recurrent("gru"))
+
+
 def build_model(
     cfg: ModelConfig, act: ActivationConfig, norm: NormalizationConfig, input_shape: tuple, num_classes: int
-) -> Network:
+) -> nn.Module:
     return MODELS.get(cfg.name)(cfg, act, norm, tuple(input_shape), num_classes)
