@@ -43,8 +43,9 @@ class Maxout(nn.Module):
         self.pieces = pieces
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grouped = x.unflatten(1, (x.shape[1] // self.pieces, self.pieces))
-        return grouped.max(dim=2).values
+        dim = 1 if x.dim() > 1 else 0  # features: dim 1 of a batch, dim 0 of a single vector
+        grouped = x.unflatten(dim, (x.shape[dim] // self.pieces, self.pieces))
+        return grouped.max(dim=dim + 1).values
 
 
 def maxout_gain(pieces: int) -> float:

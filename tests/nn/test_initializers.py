@@ -33,7 +33,8 @@ from tests.nn.conftest import group_options
 
 SHAPES = [(512, 1024), (64, 32, 3, 3)]
 RELU_GAIN = math.sqrt(2.0)  # what gain="auto" resolves to in these tests
-PER_TENSOR = [name for name in INITIALIZERS.names() if name != "pretrained"]
+DETERMINISTIC = ("identity",)  # not a distribution: tested exactly, below
+PER_TENSOR = [name for name in INITIALIZERS.names() if name != "pretrained" and name not in DETERMINISTIC]
 RANDOM = [name for name in PER_TENSOR if name not in ("zeros", "constant")]
 FAN_BASED = [name for name in PER_TENSOR if name not in BIAS_INITIALIZERS]  # need >= 2 dims
 TRUNCATION = 2.0 / 0.87962566103423978  # max |w| / std of a normal truncated at +-2 std'
@@ -184,6 +185,13 @@ def test_same_seed_same_tensor(name):
 def test_fan_based_entries_refuse_1d(name):
     with pytest.raises(ConfigError, match=f"^{name} needs a tensor of at least 2 dimensions, got shape \\(5,\\)$"):
         initialized(name, (5,), **OPTIONS[name])
+
+
+def test_identity_is_scale_times_eye_and_needs_a_matrix():
+    assert torch.equal(initialized("identity", (3, 4), 2.0), 2.0 * torch.eye(3, 4))
+    for shape in ((5,), (4, 4, 3)):
+        with pytest.raises(ConfigError, match="identity needs"):
+            initialized("identity", shape)
 
 
 def test_zeros_and_constant_are_exact():
