@@ -135,7 +135,7 @@ cmd_start() {
   done
   ensure_token
   mkdir -p "$DIR"
-  rm -rf "$TMP"  # the previous run's session logs (no node of ours runs)
+  rm -rf "$TMP/head" "$TMP/worker"  # the previous run's sessions (no node of ours runs)
   local t0=$SECONDS
   start_node head --head --node-ip-address=127.0.0.1 --port="$HEAD_PORT" --ray-client-server-port="$((HEAD_PORT + 1))" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --num-cpus="$HEAD_CPUS" --num-gpus="$HEAD_GPUS"
