@@ -294,6 +294,7 @@ def plot_signal_at_init(runs: list[TrialRun]) -> Figure:
         raise NoFigure("no run has per-layer diagnostics at initialization (train.diagnostics=false, or every trial "
                        "failed before training)")
     keys = ["initializer"] + (["activation"] if len(values_of(diagnosed, "activation")) > 1 else [])
+    depth, grad = _depth_labels(diagnosed)
     fig, axes = _new(2, nrows=len(keys), size=(5.4, 3.9))
     for row_axes, key in zip(axes, keys):
         colors = palette(runs, key)
@@ -302,9 +303,8 @@ def plot_signal_at_init(runs: list[TrialRun]) -> Figure:
             for ax, column in zip(row_axes, ("act_std", "grad_norm")):
                 layers, means = _geo_mean_by_layer(group, column, epoch=0)
                 ax.plot(layers, means, color=colors[value], marker="o", markersize=3, label=label)
-        _label(row_axes[0], f"Activation std by depth, by {key}", "hidden layer (1 = first)", "std of layer output (log scale)")
-        _label(row_axes[1], f"Backprop gradient by depth, by {key}", "hidden layer (1 = first)",
-               "‖∂L/∂h‖, pre-activation (log scale)")
+        _label(row_axes[0], f"Activation std by depth, by {key}", depth, "std of layer output (log scale)")
+        _label(row_axes[1], f"Backprop gradient by depth, by {key}", depth, grad)
         for ax in row_axes:
             ax.set_yscale("log")
         row_axes[1].legend(title=key, fontsize=8, loc="best")
@@ -313,12 +313,22 @@ def plot_signal_at_init(runs: list[TrialRun]) -> Figure:
     return fig
 
 
+def _depth_labels(runs: list[TrialRun]) -> tuple[str, str]:
+    """Axis labels: recurrent nets' tables have a row per time step of the top layer, not per layer."""
+    recurrent = [any("time_step" in row for row in r.layers) for r in runs]
+    if all(recurrent):
+        return "time step (top recurrent layer; 1 = first)", "‖∂L/∂h_t‖, hidden state (log scale)"
+    if not any(recurrent):
+        return "hidden layer (1 = first)", "‖∂L/∂h‖, pre-activation (log scale)"
+    return "hidden layer, or time step for recurrent nets", "‖∂L/∂h‖ (log scale)"
+
+
 def _geo_mean_by_layer(runs: list[TrialRun], column: str, epoch: int) -> tuple[list[int], list[float]]:
     by_layer: dict[int, list[float]] = defaultdict(list)
     for run in runs:
         for row in run.layers:
             value = row.get(column)
-            if row.get("epoch") == epoch and value is not None and math.isfinite(value):
+            if row.get("epoch") == epoch and isinstance(value, float) and math.isfinite(value):
                 by_layer[int(row["layer"])].append(math.log10(max(value, FLOOR)))
     layers = sorted(by_layer)
     return layers, [10 ** statistics.fmean(by_layer[layer]) for layer in layers]
@@ -358,11 +368,12 @@ def _health_bars(ax, runs: list[TrialRun], key: str, column: str) -> None:
 
 
 def _layer_mean(run: TrialRun, column: str, when: str) -> Optional[float]:
-    epochs = sorted({row["epoch"] for row in run.layers if row.get(column) is not None})
-    if not epochs:
+    rows = [row for row in run.layers if isinstance(row.get(column), float) and row.get("epoch") is not None]
+    if not rows:
         return None
+    epochs = sorted({row["epoch"] for row in rows})
     epoch = epochs[0] if when == "first" else epochs[-1]
-    return statistics.fmean(row[column] for row in run.layers if row["epoch"] == epoch and row.get(column) is not None)
+    return statistics.fmean(row[column] for row in rows if row["epoch"] == epoch)
 
 
 # ---- outcomes and the Optuna view ----------------------------------------------------------------

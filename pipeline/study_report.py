@@ -128,9 +128,18 @@ def _read_layers(path: Optional[Path]) -> list[dict]:
     if path is None or not path.exists():
         return []
     with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return [{k: (int(v) if k in ("epoch", "layer") else float(v)) if v not in ("", None) else None for k, v in row.items()}
-            for row in rows]
+        return [{key: _cell(key, value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+
+def _cell(key: str, value: Optional[str]):
+    """A layers.csv cell: epoch/layer/time_step as ints, numbers as floats, empty as None, else text."""
+    if value in ("", None):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return value  # a column we do not know: keep it, the figures ignore it
+    return int(number) if key in ("epoch", "layer", "time_step") else number
 
 
 def load_optuna(study: str, storage: Optional[str], output_dir: str):

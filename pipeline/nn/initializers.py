@@ -382,12 +382,13 @@ def lsuv_normalize(
 ) -> list[float]:
     """LSUV's second step (Mishkin & Matas 2015): unit output variance per layer, first to last.
 
-    For each Linear/Conv layer in ``model.modules()`` order (the head included) the weight is
-    divided by the std of the layer's output on ``probe`` until ``|Var - 1| < tol`` or ``max_iter``
-    rescalings (with zero biases one rescaling is exact). Then every such weight is multiplied by
-    ``scale``. The forward passes run in train mode (batch norm uses batch statistics, as in
-    training); normalization buffers and the module's mode are restored. A layer whose output is
-    constant (variance 0, or not finite) is left as it is.
+    For each Linear/Conv layer in the order the forward pass calls them (not ``model.modules()``
+    order, which may list the head first), the head included, the weight is divided by the std of
+    the layer's output on ``probe`` until ``|Var - 1| < tol`` or ``max_iter`` rescalings (with zero
+    biases one rescaling is exact). Then every such weight is multiplied by ``scale``. The forward
+    passes run in train mode (batch norm uses batch statistics, as in training); normalization
+    buffers and the module's mode are restored. A layer whose output is constant (variance 0, or
+    not finite) is left as it is, and so is a layer the forward pass never calls.
 
     Args:
         model: The model, its weights already orthonormal (the ``lsuv`` entry).
@@ -399,9 +400,9 @@ def lsuv_normalize(
     Returns:
         Each layer's output variance on ``probe`` after its normalization, before ``scale``.
     """
-    layers = [m for m in model.modules() if isinstance(m, INIT_LAYERS)]
     variances = []
     with _measuring(model):
+        layers = _forward_order(model, probe)
         for layer in layers:
             var = _output_variance(model, layer, probe)
             for _ in range(max_iter):
@@ -414,6 +415,21 @@ def lsuv_normalize(
         for layer in layers:
             layer.weight.mul_(scale)
     return variances
+
+
+def _forward_order(model: nn.Module, probe: Tensor) -> list[nn.Module]:
+    """The Linear/Conv layers of ``model`` in the order one forward pass on ``probe`` calls them."""
+    called: list[nn.Module] = []
+    handles = [
+        m.register_forward_hook(lambda module, inputs, output: called.append(module))
+        for m in model.modules() if isinstance(m, INIT_LAYERS)
+    ]
+    try:
+        model(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(called))  # first call of each, in order
 
 
 def _output_variance(model: nn.Module, layer: nn.Module, probe: Tensor) -> float:
@@ -431,8 +447,6 @@ def _output_variance(model: nn.Module, layer: nn.Module, probe: Tensor) -> float
         pass
     finally:
         handle.remove()
-    if not seen:
-        raise ConfigError(f"initializer=lsuv: the layer {layer} is not reached by the model's forward pass")
     return float(seen[0].double().var())
 
 
