@@ -25,7 +25,7 @@ def study_args(tmp_path):
         return [
             f"study.name={name}", f"study.output_dir={tmp_path}/studies", "study.progress=false",
             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
-            "cluster.num_cpus=2", "model.depth=2", "model.width=32", "train.epochs=2", "train.probe_size=64",
+            "cluster.num_cpus=2", "model.depth=2", "model.width=32", "train.epochs=2", "train.probe_size=64", "study.report=false",
             "tracking.log_weights=false", *extra,
         ]
 
@@ -139,3 +139,35 @@ def test_bad_space_fails_before_any_record(study_args, capsys):
     code = main(["run", *study_args("bad", "space.scale=interval(4, 1)")])
     assert code == 2 and "low > high" in capsys.readouterr().err
     assert not (study_args.tmp_path / "mlflow.db").exists()  # nothing recorded, nothing to clean up
+
+
+def test_a_diverging_trial_is_a_result_and_the_study_goes_on(study_args):
+    run_study(study_args("diverge", "study.sampler=grid", "study.n_trials=null", "space=empty",
+                         "space.optimizer.lr=choice(0.05, 100000000.0)", "scale=20"))
+    trials = optuna_study(study_args, "diverge").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    by_lr = {t.params["optimizer.lr"]: t for t in trials}
+    assert by_lr[1e8].value < 0.2 and by_lr[1e8].user_attrs["diverged_seeds"] == 1
+    _, _, children = mlflow_runs(study_args, "diverge")
+    tags = {c.data.params["optimizer.lr"]: c.data.tags for c in children}
+    assert tags["100000000.0"]["diverged"] == "true" and tags["100000000.0"]["diverged_epoch"] == "1"
+    assert tags["0.05"]["diverged"] == "false"
+
+
+def test_multi_objective_study_keeps_both_values_and_a_pareto_front(study_args):
+    summary = run_study(study_args("multi", "study.n_trials=3", "study.sampler=nsga2",
+                                   "study.objectives=[val_accuracy,epochs_to_target]", "train.target_accuracy=0.5"))
+    study = optuna_study(study_args, "multi")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert all(len(t.values) == 2 for t in study.trials)
+    assert "epochs_to_target (mean ± std, n)" in summary["text"]
+
+
+@pytest.mark.parametrize("pruner", ["successive_halving", "hyperband"])
+def test_other_pruners_run_and_end_every_trial(study_args, pruner):
+    run_study(study_args(f"p_{pruner}", f"study.pruner={pruner}", "study.n_trials=4", "train.epochs=3",
+                         "study.sampler=random"))
+    states = {t.state for t in optuna_study(study_args, f"p_{pruner}").trials}
+    assert states <= {TrialState.COMPLETE, TrialState.PRUNED}
+    _, _, children = mlflow_runs(study_args, f"p_{pruner}")
+    assert len(children) == 4 and not [c for c in children if c.info.status == "RUNNING"]

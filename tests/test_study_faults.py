@@ -24,7 +24,7 @@ def study_args(tmp_path, name, *extra):
     return [
         f"study.name={name}", f"study.output_dir={tmp_path}/studies", "study.progress=false",
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
-        "cluster.num_cpus=2", "model.depth=2", "model.width=32", "train.probe_size=64", "tracking.log_weights=false",
+        "cluster.num_cpus=2", "model.depth=2", "model.width=32", "train.probe_size=64", "tracking.log_weights=false", "study.report=false",
         "study.sampler=random", *extra,
     ]
 
