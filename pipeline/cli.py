@@ -39,8 +39,7 @@ def _trial_summary(done) -> str:
 
 
 def reproduce_command(args: list[str]) -> int:
-    from pipeline import tracking
-    from pipeline.runner import run_recorded_trial
+    from pipeline.reproduce import reproduce
 
     if not args:
         raise ConfigError("reproduce needs a RUN_ID; e.g. python -m pipeline reproduce 3f2a... [tracking.uri=...]")
@@ -50,11 +49,9 @@ def reproduce_command(args: list[str]) -> int:
     if others:
         raise ConfigError(f"reproduce re-runs the logged config as it was; it takes only tracking.uri=... "
                           f"(or tracking=<name>), got: {' '.join(others)}")
-    uri = compose(overrides)["tracking"]["uri"]
-    config = tracking.download_config(run_id, uri)
-    config["tracking"]["uri"] = uri
-    done = run_recorded_trial(config, tags={"reproduced_from": run_id})
+    done, comparison = reproduce(run_id, compose(overrides)["tracking"]["uri"])
     print(_trial_summary(done))
+    print(comparison)
     return 0
 
 

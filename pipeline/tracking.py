@@ -413,6 +413,12 @@ def download_artifact(uri: str, run_id: str, artifact: str, dst: Path) -> Option
     return Path(local)
 
 
+def run_experiment(uri: str, run_id: str) -> str:
+    """The name of the experiment a run belongs to."""
+    mlflow_client = client(uri)
+    return mlflow_client.get_experiment(mlflow_client.get_run(run_id).info.experiment_id).name
+
+
 def run_status(run_id: str, tracking_uri: str) -> str:
     return client(tracking_uri).get_run(run_id).info.status
 

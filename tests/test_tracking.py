@@ -277,6 +277,10 @@ def test_reproduce_reruns_the_logged_config_with_the_same_curves(tstore, relu_tr
     assert val_history(new_id) == val_history(original.run_id)
     assert new.data.metrics["final_accuracy"] == mlflow_client.get_run(original.run_id).data.metrics["final_accuracy"]
     assert new.data.params == mlflow_client.get_run(original.run_id).data.params
+    assert new.info.experiment_id == mlflow_client.get_run(original.run_id).info.experiment_id
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "max abs diff" not in line]
+    assert {row.split("|")[1].split()[0] for row in rows} >= {"val_accuracy", "train_loss", "final_accuracy"}
+    assert all(row.split("|")[4].strip() == "0" for row in rows)  # CPU: identical, every curve and final
 
 
 def test_a_deleted_key_is_recorded_with_its_default(tstore, mlflow_client, tmp_path):
