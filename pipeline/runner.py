@@ -53,8 +53,8 @@ def run_recorded_trial(
         raise
     resolved = dict(complete, initializer={**complete["initializer"], "name": cfg.initializer.name})
     with tracking.start_run(cfg.tracking, name, parent_run_id, run_name, tags) as recorder:
-        recorder.log_params(tracking.trial_params(resolved))
-        recorder.set_tags({"device": str(prepared.device), "reproduce": f"python -m pipeline reproduce {recorder.run_id}"})
+        recorder.log_params(tracking.trial_params(resolved), tags={
+            "device": str(prepared.device), "reproduce": f"python -m pipeline reproduce {recorder.run_id}"})
 
         def report(step: int, metrics: dict) -> Optional[bool]:
             recorder.log_metrics(step, metrics, buffered=True)
@@ -75,11 +75,12 @@ def _record_unstarted(config: dict, experiment: str, parent_run_id, run_name, ta
 
 
 def _record_outcome(recorder, result: TrialResult, config: dict, model, tracking_cfg) -> None:
-    recorder.log_metrics(result.epochs_run, result.summary())
+    # Buffered: the final metrics and tags reach the store in one write, when the run ends.
+    recorder.log_metrics(result.epochs_run, result.summary(), buffered=True)
     recorder.set_tags({
         "diverged": str(result.diverged).lower(),
         "diverged_epoch": result.diverged_epoch if result.diverged else "",
         "pruned": str(result.pruned).lower(),
-    })
+    }, buffered=True)
     model = model if tracking_cfg.log_weights else None
     tracking.log_trial_artifacts(recorder, config, result.layer_table, model, plot=tracking_cfg.layer_plot)

@@ -151,6 +151,7 @@ class Run:
         self.run_id = run_id
         self.ended = False
         self._pending: list = []  # buffered metrics
+        self._pending_tags: list = []
         self._flushed_at = time.monotonic()
 
     def __enter__(self) -> "Run":
@@ -165,12 +166,14 @@ class Run:
             self.end("FAILED", reason=f"{exc_type.__name__}: {exc}")
         return False
 
-    def log_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
+    def log_params(self, params: dict[str, str], tags: Optional[dict[str, Any]] = None) -> None:
+        """Params (and, in the same store write, ``tags``)."""
+        from mlflow.entities import Param, RunTag
 
         items = [Param(k, v[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), PARAM_BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + PARAM_BATCH])
+        tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(items), 1), PARAM_BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + PARAM_BATCH], tags=tag_items if i == 0 else [])
 
     def log_metrics(self, step: int, metrics: dict[str, float], buffered: bool = False) -> None:
         """Log now, or (``buffered``) at most every FLUSH_EVERY_S: one store write per few epochs.
@@ -185,14 +188,19 @@ class Run:
             self.flush()
 
     def flush(self) -> None:
-        for i in range(0, len(self._pending), METRIC_BATCH):
-            self.client.log_batch(self.run_id, metrics=self._pending[i : i + METRIC_BATCH])
-        self._pending, self._flushed_at = [], time.monotonic()
+        step = METRIC_BATCH - PARAM_BATCH  # room for the tags in the first write
+        for i in range(0, max(len(self._pending), 1 if self._pending_tags else 0), step):
+            tags = self._pending_tags if i == 0 else []
+            self.client.log_batch(self.run_id, metrics=self._pending[i : i + step], tags=tags)
+        self._pending, self._pending_tags, self._flushed_at = [], [], time.monotonic()
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
+    def set_tags(self, tags: dict[str, Any], buffered: bool = False) -> None:
+        """Set now, or (``buffered``) with the next metric write."""
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._pending_tags += [RunTag(k, str(v)) for k, v in tags.items()]
+        if not buffered:
+            self.flush()
 
     def log_file(self, path: Path, artifact_dir: Optional[str] = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_dir)
@@ -207,9 +215,9 @@ class Run:
     def end(self, status: str, reason: Optional[str] = None) -> None:
         if self.ended:
             return
-        self.flush()
         if reason:
-            self.set_tags({"failure_reason": reason[:5000]})
+            self.set_tags({"failure_reason": reason[:5000]}, buffered=True)
+        self.flush()
         self.client.set_terminated(self.run_id, status=status)
         self.ended = True
 
