@@ -18,7 +18,9 @@ from pipeline.config import Config, InitializerConfig
 from pipeline.errors import ConfigError
 from pipeline.nn.initializers import (
     BIAS_INITIALIZERS,
+    DATA_DEPENDENT,
     INITIALIZERS,
+    LSUV_TOL,
     TRUNC_NORMAL_STD_CORRECTION,
     InitArgs,
     apply_init,
@@ -53,6 +55,8 @@ OPTIONS = {
     "lecun_normal": {"gain": 5.0},
     "orthogonal": {"gain": 1.3},
     "variance_scaling": {"factor": 2.0, "mode": "fan_avg", "distribution": "truncated_normal"},
+    "delta_orthogonal": {"gain": 1.3},
+    "lsuv": {"gain": 5.0},  # LSUV's data step sets the size: a gain must not leak in
 }
 # How the values are spread: "uniform" (max = sqrt(3) std), "truncated", "normal" (untruncated).
 SUPPORT = {
@@ -100,6 +104,9 @@ def expected_std(name: str, cfg: InitializerConfig, shape: tuple[int, ...]) -> f
         "lecun_normal": lambda: 1 / math.sqrt(fan_in),
         "orthogonal": lambda: gain / math.sqrt(max(shape[0], math.prod(shape[1:]))),
         "variance_scaling": lambda: math.sqrt(cfg.factor / fan),
+        # One orthogonal (out, in) tap among prod(kernel): min(out, in) unit vectors times gain.
+        "delta_orthogonal": lambda: gain / math.sqrt(max(shape[0], shape[1]) * math.prod(shape[2:])),
+        "lsuv": lambda: 1 / math.sqrt(max(shape[0], math.prod(shape[1:]))),  # orthonormal, before the data step
     }
     return table[name]()
 
@@ -476,7 +483,7 @@ def test_valid_configs_pass(options):
 
 
 BAD = [
-    ({"name": "he_gaussian"}, "unknown initializer 'he_gaussian'; valid: constant, glorot_normal"),
+    ({"name": "he_gaussian"}, "unknown initializer 'he_gaussian'; valid: constant, delta_orthogonal, glorot_normal"),
     ({"mode": "fan_avg"}, "initializer.mode=fan_avg is invalid for kaiming_normal; valid: fan_in, fan_out"),
     ({"name": "variance_scaling", "mode": "fan_sum"}, "valid: fan_in, fan_out, fan_avg"),
     (
@@ -532,3 +539,94 @@ def test_yaml_gain_defaults_follow_torch(compose_group):
     assert compose_group("initializer", "glorot_uniform").gain == 1.0
     assert compose_group("initializer", "orthogonal").gain == 1.0
     assert compose_group("initializer", "he_normal").gain == "auto"
+
+
+# --- delta-orthogonal and LSUV (Xiao et al. 2018; Mishkin & Matas 2015) -------------------------
+
+
+@pytest.mark.parametrize("shape", [(32, 16, 3), (32, 32, 3, 3), (16, 8, 5, 5), (8, 8, 3, 3, 3)], ids=str)
+def test_delta_orthogonal_is_an_orthogonal_centre_tap_and_zeros(shape):
+    w = initialized("delta_orthogonal", shape, 1.5, gain=2.0).double()
+    centre = tuple(k // 2 for k in shape[2:])
+    tap = w[(slice(None), slice(None), *centre)]
+    assert torch.allclose(tap.T @ tap, (2.0 * 1.5) ** 2 * torch.eye(shape[1], dtype=torch.float64), atol=1e-5)
+    rest = w.clone()
+    rest[(slice(None), slice(None), *centre)] = 0
+    assert torch.count_nonzero(rest) == 0
+
+
+def test_delta_orthogonal_conv_preserves_every_position_norm():
+    conv = nn.Conv1d(16, 32, 3, padding=1, bias=False)
+    apply(conv, name="delta_orthogonal", gain=1.0)
+    x = torch.randn(4, 16, 10)
+    assert torch.allclose(conv(x).norm(dim=1), x.norm(dim=1), rtol=1e-4)  # (B, L): an isometry per position
+
+
+def test_delta_orthogonal_on_a_linear_weight_is_orthogonal():
+    ours = initialized("delta_orthogonal", (10, 32), 0.5, gain=1.0)
+    assert torch.equal(ours, torch_init(nn.init.orthogonal_, (10, 32), gain=0.5))
+
+
+def test_delta_orthogonal_refuses_more_inputs_than_outputs():
+    expected = ("delta_orthogonal needs in_channels <= out_channels (an orthogonal centre tap that preserves "
+                "norms); got a conv kernel of shape (8, 16, 3) with 16 > 8; use model.channels >= 16, or "
+                "initializer=orthogonal")
+    with pytest.raises(ConfigError) as err:
+        initialized("delta_orthogonal", (8, 16, 3))
+    assert str(err.value) == expected
+
+
+def layer_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every Linear/Conv layer's output on ``x``, in the order the forward pass calls them."""
+    outputs = []
+    handles = [m.register_forward_hook(lambda mod, inp, out: outputs.append(out.detach()))
+               for m in init_layers(model)]
+    with torch.no_grad():
+        model.train()(x)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+def deep_network(model: str = "mlp", act: str = "relu", norm: str = "none", depth: int = 12) -> nn.Module:
+    from pipeline.config import ActivationConfig, ModelConfig, NormalizationConfig
+    from pipeline.nn.models import build_model
+
+    shape = (1, 8, 8) if model == "cnn" else (64,)
+    cfg = ModelConfig(name=model, depth=depth, width=64, channels=16)
+    return build_model(cfg, ActivationConfig(name=act), NormalizationConfig(name=norm), shape, 10)
+
+
+@pytest.mark.parametrize("model, act, norm", [("mlp", "relu", "none"), ("mlp", "tanh", "batch"), ("cnn", "relu", "none")])
+def test_lsuv_gives_every_layer_unit_output_variance_on_the_probe(model, act, norm):
+    torch.manual_seed(0)
+    net, probe = deep_network(model, act, norm), 3 * torch.randn(128, 1, 8, 8) + 1
+    apply_init(net, InitializerConfig(name="lsuv"), 1.0, RELU_GAIN, torch.Generator().manual_seed(0), probe=probe)
+    variances = [float(out.double().var()) for out in layer_outputs(net, probe)]
+    assert len(variances) == 13  # 12 hidden layers and the head, which Network registers first
+    assert all(abs(v - 1) < LSUV_TOL for v in variances), variances
+
+
+def test_lsuv_scale_multiplies_the_normalized_weights():
+    probe = torch.randn(64, 64)
+    one, two = deep_network(depth=4), deep_network(depth=4)
+    for net, scale in ((one, 1.0), (two, 2.0)):
+        apply_init(net, InitializerConfig(name="lsuv"), scale, RELU_GAIN, torch.Generator().manual_seed(1), probe=probe)
+    for a, b in zip(init_layers(one), init_layers(two)):
+        assert torch.allclose(b.weight, 2.0 * a.weight, rtol=1e-4)
+    assert float(layer_outputs(two, probe)[0].var()) == pytest.approx(4.0, rel=0.05)  # target variance scale^2
+
+
+def test_lsuv_leaves_batch_norm_statistics_and_the_mode_alone():
+    net = deep_network(norm="batch", depth=3).eval()
+    apply_init(net, InitializerConfig(name="lsuv"), 1.0, RELU_GAIN, probe=torch.randn(32, 64) + 5)
+    assert not net.training
+    for norm in net.modules():
+        if isinstance(norm, nn.BatchNorm1d):
+            assert torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean)) and int(norm.num_batches_tracked) == 0
+
+
+def test_lsuv_needs_a_probe_batch():
+    with pytest.raises(ConfigError, match="initializer=lsuv is data-dependent: apply_init needs a probe batch"):
+        apply_init(deep_network(depth=2), InitializerConfig(name="lsuv"), 1.0, RELU_GAIN)
+    assert set(DATA_DEPENDENT) == {"lsuv"}

@@ -1,0 +1,256 @@
+"""The named experiments (conf/experiment/) plan, and small versions of them show the field's results.
+
+Each test composes its experiment through ``plan_study`` (the YAML itself is exercised, as the
+``run`` command would use it), takes trial configs of the experiment's own grid points, shrinks
+them (fewer epochs, sometimes a smaller model) and runs the trial engine directly; one test runs a
+whole tiny study on Ray. The thresholds come from shared/SCIENCE.md and the measured tables in
+docs/results.md, with room for seed-to-seed spread but none for the opposite outcome.
+"""
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from pipeline import diagnostics, space
+from pipeline.compose import CONF_DIR
+from pipeline.nn.initializers import INIT_LAYERS, LSUV_TOL, save_weights
+from pipeline.plan import plan_study
+from pipeline.study import run_study
+from pipeline.train import prepare_trial, run_trial, train_trial
+
+pytestmark = pytest.mark.timeout(300)
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+LN10 = math.log(10)
+
+
+@pytest.fixture
+def plan(tmp_path):
+    """``plan(name, *overrides)`` -> the experiment's StudyPlan, its stores under tmp_path."""
+
+    def make(name: str, *overrides: str):
+        return plan_study([f"experiment={name}", f"study.output_dir={tmp_path}/studies", *overrides])
+
+    return make
+
+
+def trial(plan, seed: int = 0, **params):
+    """Run one grid point of ``plan`` (keys with dots passed as ``model__depth``) and return its result."""
+    return run_trial(plan.trial_config(_params(params), seed))
+
+
+def prepared(plan, seed: int = 0, **params):
+    return prepare_trial(plan.trial_config(_params(params), seed))
+
+
+def _params(params: dict) -> dict:
+    return {key.replace("__", "."): value for key, value in params.items()}
+
+
+def init(result, key: str) -> float:
+    return result.history[0][f"init_{key}"]
+
+
+# --- every experiment file -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_plans_and_states_its_outcome(name, plan):
+    text = (CONF_DIR / "experiment" / f"{name}.yaml").read_text()
+    assert text.startswith("# @package _global_") and "# Expected" in text
+    study_plan = plan(name)
+    study = study_plan.cfg.study
+    assert study.name == name and study.seeds >= 3
+    assert study.sampler == "grid" and study.n_trials is None
+    assert study_plan.n_trials == space.grid_size(study_plan.axes) >= 2
+    declared = yaml.safe_load(text)["space"]
+    assert [axis.key for axis in study_plan.axes] == list(declared)
+    first = {key: values[0] for key, values in space.grid(study_plan.axes).items()}
+    if first.get("initializer") != "pretrained":  # needs step 1's weights (test_pretrained_* below)
+        study_plan.trial_config(first, seed=0)  # composes and validates
+
+
+# --- depth_vanishing_exploding ---------------------------------------------------------------------
+
+
+def test_depth_20_tiny_scale_vanishes_large_explodes_moderate_keeps_the_signal(plan):
+    p = plan("depth_vanishing_exploding", "train.epochs=1", "train.probe_size=128")
+    tiny, moderate, large = (trial(p, model__depth=20, scale=s) for s in (0.1, 1.0, 4.0))
+    assert init(tiny, "act_std_ratio") < 1e-4 and init(tiny, "grad_norm_ratio") < 1e-4
+    assert tiny.history[1]["train_loss"] == pytest.approx(LN10, abs=0.01)  # flat at ln C: nothing learns
+    assert 0.1 < init(moderate, "act_std_ratio") < 10 and 0.1 < init(moderate, "grad_norm_ratio") < 10
+    assert init(large, "act_std_ratio") > 1e4  # ~4^19 at init, before any step
+    assert large.diverged and large.diverged_epoch == 1  # NaN loss: a result, not an error
+
+
+# --- activation_matching ---------------------------------------------------------------------------
+
+
+def test_deep_relu_needs_he_xavier_vanishes_in_backprop(plan):
+    p = plan("activation_matching", "train.epochs=4", "train.probe_size=128")
+    he, xavier = (trial(p, activation="relu", initializer=i) for i in ("kaiming_normal", "xavier_normal"))
+    assert init(xavier, "grad_norm_ratio") < 1e-3 < 0.3 < init(he, "grad_norm_ratio") < 3  # SCIENCE: 4e-5 vs ~1
+    assert init(xavier, "act_std_ratio") < 1e-3
+    assert xavier.final_val_accuracy < 0.2  # stalls at chance under SGD
+    assert he.final_val_accuracy > xavier.final_val_accuracy + 0.15
+
+
+def test_deep_tanh_trains_with_xavier_deep_sigmoid_does_not(plan):
+    p = plan("activation_matching", "train.epochs=3", "train.probe_size=128")
+    tanh = trial(p, activation="tanh", initializer="xavier_normal")
+    sigmoid = trial(p, activation="sigmoid", initializer="xavier_normal")
+    assert tanh.final_val_accuracy > 0.6
+    assert init(sigmoid, "grad_norm_ratio") < 1e-6  # sigmoid' <= 1/4 per layer, 30 layers
+    assert sigmoid.final_val_accuracy < 0.2
+
+
+# --- edge_of_chaos ---------------------------------------------------------------------------------
+
+
+def test_tanh_at_the_critical_scale_beats_ordered_and_chaotic(plan):
+    p = plan("edge_of_chaos", "train.epochs=3", "train.probe_size=128")
+    acc = {s: trial(p, activation="tanh", scale=s).final_val_accuracy for s in (0.25, 1.0, 4.0)}
+    assert acc[1.0] > 0.8
+    assert acc[1.0] > acc[0.25] + 0.4 and acc[1.0] > acc[4.0] + 0.4
+
+
+def test_relu_signal_is_critical_at_sqrt2(plan):
+    p = plan("edge_of_chaos", "train.probe_size=128")
+    ratio = {}
+    for s in (1.0, 1.414, 2.0):
+        prep = prepared(p, activation="relu", scale=s)
+        x, y = prep.splits.x_train[:128], prep.splits.y_train[:128]
+        ratio[s] = diagnostics.probe(prep.model, x, y).summary["grad_norm_ratio"]
+    assert ratio[1.0] < 1e-2 and 0.3 < ratio[1.414] < 3 and ratio[2.0] > 1e2
+
+
+# --- orthogonal_deep_linear ------------------------------------------------------------------------
+
+
+def end_to_end_singular_values(model: nn.Module) -> torch.Tensor:
+    """Singular values of W_L ... W_1, the hidden stack of a linear (identity-activation) MLP."""
+    product = None
+    for block in model.blocks:
+        weight = block.layer.weight.detach().double()
+        product = weight if product is None else weight @ product
+    return torch.linalg.svdvals(product)
+
+
+def test_orthogonal_deep_linear_map_is_an_isometry_gaussian_spreads(plan):
+    p = plan("orthogonal_deep_linear")
+    orthogonal = end_to_end_singular_values(prepared(p, initializer="orthogonal", model__depth=16).model)
+    gaussian = end_to_end_singular_values(prepared(p, initializer="lecun_normal", model__depth=16).model)
+    assert torch.allclose(orthogonal, torch.ones_like(orthogonal), atol=1e-6)
+    assert gaussian.max() / gaussian.min() > 10  # measured ~1e2 at depth 16, width 128
+
+
+# --- normalization_softens -------------------------------------------------------------------------
+
+
+def test_batch_norm_shrinks_the_spread_of_accuracy_across_scales(plan):
+    p = plan("normalization_softens", "train.epochs=3", "train.probe_size=128")
+    runs = {(norm, residual): [trial(p, normalization=norm, model__residual=residual, scale=s) for s in (0.25, 1.0, 4.0)]
+            for norm, residual in (("none", False), ("batch", False), ("batch", True))}
+    acc = {key: [r.final_val_accuracy for r in rs] for key, rs in runs.items()}
+    spread = {key: torch.tensor(values).std().item() for key, values in acc.items()}
+    plain = ("none", False)
+    assert acc[plain][0] < 0.15 and runs[plain][2].diverged  # scale 0.25 vanishes, scale 4 diverges
+    assert min(acc["batch", False]) > 0.2 and not any(r.diverged for r in runs["batch", False])
+    assert spread["batch", False] < spread[plain]  # at scale 4 BN still learns slowly: lr_eff ~ lr / scale^2
+    assert spread["batch", True] < 0.1 and spread["batch", True] < spread[plain] / 3
+
+
+# --- batch_size_lr ---------------------------------------------------------------------------------
+
+
+def test_large_lr_needs_a_large_batch_unless_batch_norm(plan):
+    p = plan("batch_size_lr", "train.epochs=2", "train.probe_size=128")
+    small_batch = trial(p, normalization="none", optimizer__lr=0.05, batch_size=16)
+    large_batch = trial(p, normalization="none", optimizer__lr=0.05, batch_size=256)
+    with_norm = trial(p, normalization="batch", optimizer__lr=0.05, batch_size=16)
+    assert small_batch.diverged or small_batch.final_val_accuracy < 0.3
+    assert not large_batch.diverged and large_batch.final_val_accuracy > 0.6
+    assert not with_norm.diverged and with_norm.final_val_accuracy > 0.6
+
+
+# --- pretrained ------------------------------------------------------------------------------------
+
+
+def test_pretrained_init_beats_random_on_few_examples(plan, tmp_path):
+    source_plan = plan("pretrained", "dataset.classes=[0,1,2,3,4]", "dataset.max_train=null", "train.epochs=8",
+                       "batch_size=64", "optimizer.lr=0.02")
+    source = prepared(source_plan, initializer="kaiming_normal")
+    assert train_trial(source).final_val_accuracy > 0.6
+    save_weights(source.model, tmp_path / "source.safetensors")
+    p = plan("pretrained", f"initializer.path={tmp_path / 'source.safetensors'}", "train.probe_size=64")
+    pretrained = [trial(p, seed, initializer="pretrained", dataset__max_train=100) for seed in (0, 1)]
+    scratch = [trial(p, seed, initializer="kaiming_normal", dataset__max_train=100) for seed in (0, 1)]
+    mean = lambda runs: sum(r.final_val_accuracy for r in runs) / len(runs)  # noqa: E731
+    assert mean(pretrained) > mean(scratch) + 0.1
+
+
+# --- beyond_textbook: LSUV and delta-orthogonal ----------------------------------------------------
+
+
+def layer_variances(model: nn.Module, x: torch.Tensor) -> list[float]:
+    """Var of every Linear/Conv layer's output on ``x`` (train mode, as LSUV measured it)."""
+    outputs = []
+    handles = [m.register_forward_hook(lambda mod, inp, out: outputs.append(float(out.double().var())))
+               for m in model.modules() if isinstance(m, INIT_LAYERS)]
+    with torch.no_grad():
+        model.train()(x)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+def test_lsuv_trial_has_unit_output_variance_per_layer_and_rescues_relu(plan):
+    p = plan("beyond_textbook", "train.epochs=1", "train.probe_size=256")
+    prep = prepared(p, model="mlp", activation="relu", initializer="lsuv")
+    probe = prep.splits.x_train[: prep.cfg.train.probe_size]  # the batch prepare_trial gave LSUV
+    variances = layer_variances(prep.model, probe)
+    assert len(variances) == 33 and all(abs(v - 1) < LSUV_TOL for v in variances)
+    lsuv = train_trial(prep)
+    orthogonal = trial(p, model="mlp", activation="relu", initializer="orthogonal")  # LSUV's own start
+    assert init(orthogonal, "grad_norm_ratio") < 1e-3
+    assert 0.3 < init(lsuv, "grad_norm_ratio") < 3 and 0.3 < init(lsuv, "act_std_ratio") < 3
+
+
+def test_delta_orthogonal_cnn_keeps_its_signal_through_32_blocks(plan):
+    p = plan("beyond_textbook", "train.probe_size=128")
+    summary = {}
+    for name in ("delta_orthogonal", "orthogonal"):
+        prep = prepared(p, model="cnn", activation="tanh", initializer=name)
+        x, y = prep.splits.x_train[:128], prep.splits.y_train[:128]
+        summary[name] = diagnostics.probe(prep.model, x, y).summary
+        if name == "delta_orthogonal":
+            for block in prep.model.blocks:
+                weight = block.layer.weight.detach().double()  # (out, in, 3, 3)
+                tap = weight[:, :, 1, 1]
+                assert torch.allclose(tap.T @ tap, torch.eye(weight.shape[1], dtype=torch.float64), atol=1e-5)
+                assert torch.count_nonzero(weight) == torch.count_nonzero(tap)
+    assert 0.2 < summary["delta_orthogonal"]["act_std_ratio"] < 5
+    assert 0.3 < summary["delta_orthogonal"]["grad_norm_ratio"] < 3
+    assert summary["orthogonal"]["act_std_ratio"] < 0.1  # the full orthogonal kernel loses it on 4x4 maps
+
+
+# --- symmetry: one whole (tiny) study on a local Ray, last: an idle Ray slows the tests after it ---
+
+
+def test_symmetry_study_zero_init_stays_at_chance_random_init_learns(local_ray, tmp_path):
+    run_study([
+        "experiment=symmetry", f"study.output_dir={tmp_path}/studies", "study.seeds=2", "study.progress=false",
+        "study.report=false", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/a",
+        "tracking.log_weights=false", "cluster.num_cpus=2", "model.width=32", "train.epochs=4", "train.probe_size=64",
+    ])
+    study = optuna.load_study(study_name="symmetry", storage=f"sqlite:///{tmp_path}/studies/symmetry/optuna.db")
+    accuracy = {t.params["initializer"]: t.value for t in study.trials}
+    assert set(accuracy) == {"zeros", "constant", "normal"}
+    assert all(t.user_attrs["n_seeds"] == 2 for t in study.trials)
+    assert accuracy["zeros"] < 0.2 and accuracy["constant"] < 0.35
+    assert accuracy["normal"] > 0.8
