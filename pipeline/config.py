@@ -132,6 +132,9 @@ class StudyConfig:
     retries: int = 1  # re-runs of a trial whose worker process died
     report: bool = True  # build the study report at the end
     trial_plots: bool = False  # each trial's own depth plot (the report plots depth per initializer)
+    # Predicted critical scale per activation (e.g. {tanh: 1.0, relu: 1.414}, the edge of chaos): the
+    # report's accuracy-against-scale figure then groups by activation and marks each beside the best.
+    reference_scales: dict[str, float] = field(default_factory=dict)
     progress: bool = True
 
 

@@ -6,6 +6,7 @@ the seed and the Ray node. Every MLflow call goes through ``pipeline.tracking``.
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -37,7 +38,8 @@ class StudyRecord:
             parent = tracking.start_run(cfg.tracking, cfg.study.name, run_name=f"study-{cfg.study.name}",
                                         tags={ROLE_TAG: "study", STUDY_TAG: cfg.study.name})
             parent.log_params(_study_params(plan))
-        parent.set_tags({"n_trials_target": plan.n_trials, "command": tracking.command_line()})
+        parent.set_tags({"n_trials_target": plan.n_trials, "command": tracking.command_line(),
+                         "reference_scales": json.dumps(dict(cfg.study.reference_scales), sort_keys=True)})
         parent.log_text(yaml.safe_dump(plan.base_config, sort_keys=False), "study_config.yaml")
         return cls(plan, parent)
 

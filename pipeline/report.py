@@ -244,24 +244,24 @@ def plot_accuracy_by_category(runs: list[TrialRun], keys: tuple[str, ...] = ("no
     return fig
 
 
-def plot_accuracy_vs_scale(runs: list[TrialRun], key: str = "initializer") -> Figure:
-    """Final test accuracy against ``scale`` (log x), one colour per initializer; x = diverged runs."""
+def plot_accuracy_vs_scale(runs: list[TrialRun], key: str = "initializer",
+                           references: Optional[dict[str, float]] = None) -> Figure:
+    """Final test accuracy against ``scale`` (log x), one colour per initializer; x = diverged runs.
+
+    With ``references`` (predicted critical scale per activation, e.g. the edge of chaos) the
+    colours are activations, and each prediction is a dashed line beside a star on the measured best.
+    """
     done = [r for r in _finished(runs) if isinstance(r.axes.get("scale"), (int, float)) and r.axes["scale"] > 0]
     if not done:
         raise NoFigure("no complete trial has a final accuracy and a positive scale")
+    key = "activation" if references else key
     colors = palette(runs, key)
     fig, axes = _new(1, size=(7.5, 4.4))
     ax = axes[0, 0]
     for value, group in group_runs(done, key).items():
-        by_scale = group_runs(group, "scale")
-        ax.plot(list(by_scale), [statistics.fmean(r.final_accuracy for r in g) for g in by_scale.values()],
-                color=colors[value], alpha=0.5, linewidth=1)
-        ok = [r for r in group if not r.diverged]
-        bad = [r for r in group if r.diverged]
-        ax.scatter([r.axes["scale"] for r in ok], [r.final_accuracy for r in ok], color=colors[value], s=28,
-                   label=f"{fmt(value)} (n={len(group)})", zorder=3)
-        ax.scatter([r.axes["scale"] for r in bad], [r.final_accuracy for r in bad], color=colors[value], s=50,
-                   marker="x", zorder=3)
+        _scale_series(ax, group, colors[value], fmt(value))
+        if references and value in references:
+            _mark_reference(ax, group, colors[value], fmt(value), references[value])
     _log_scale_axis(ax, [r.axes["scale"] for r in done])
     ax.set_ylim(-0.02, 1.02)
     _label(ax, "Final test accuracy against initialization scale", "scale (multiplies the initializer's std; log axis)",
@@ -271,6 +271,28 @@ def plot_accuracy_vs_scale(runs: list[TrialRun], key: str = "initializer") -> Fi
     labels.append("diverged run")
     fig.legend(handles, labels, loc="outside right upper", title=f"{key} (runs)")
     return fig
+
+
+def _scale_series(ax, group: list[TrialRun], color, label: str) -> None:
+    by_scale = group_runs(group, "scale")
+    ax.plot(list(by_scale), [statistics.fmean(r.final_accuracy for r in g) for g in by_scale.values()],
+            color=color, alpha=0.5, linewidth=1)
+    ok = [r for r in group if not r.diverged]
+    bad = [r for r in group if r.diverged]
+    ax.scatter([r.axes["scale"] for r in ok], [r.final_accuracy for r in ok], color=color, s=28,
+               label=f"{label} (n={len(group)})", zorder=3)
+    ax.scatter([r.axes["scale"] for r in bad], [r.final_accuracy for r in bad], color=color, s=50, marker="x", zorder=3)
+
+
+def _mark_reference(ax, group: list[TrialRun], color, label: str, predicted: float) -> None:
+    """A dashed line at the predicted critical scale, a star on the best mean accuracy measured."""
+    by_scale = group_runs(group, "scale")
+    means = {s: statistics.fmean(r.final_accuracy for r in g) for s, g in by_scale.items()}
+    best = max(means, key=means.get)
+    ax.axvline(predicted, color=color, linestyle="--", linewidth=1.2,
+               label=f"{label}: predicted critical {predicted:g}")
+    ax.scatter([best], [means[best]], color=color, marker="*", s=220, edgecolors="black", zorder=4,
+               label=f"{label}: measured best {best:g}")
 
 
 def _log_scale_axis(ax, values: list[float]) -> None:

@@ -8,6 +8,7 @@ config, sends one Ray task per seed, and tells Optuna the outcome when all seeds
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,10 +47,12 @@ def run_study(cli_overrides: list[str]) -> dict:
     """Plan (everything validated before Ray starts), then run the ask-and-tell loop."""
     plan = plan_study(cli_overrides)
     tracking.check_reachable(plan.cfg.tracking.uri)
+    # Creating fresh stores (sqlite schemas) takes seconds, and so does starting Ray: overlap them.
+    stores = ThreadPoolExecutor(max_workers=1).submit(_open_stores, plan)
     with cluster.session(plan.cfg.cluster) as resources:
         slots = cluster.concurrency(plan.cfg.cluster, resources)
-        cluster.warm_up(warm_up, slots, plan.cfg.cluster)  # workers import torch while we open the stores
-        study = _open_optuna_study(plan)
+        cluster.warm_up(warm_up, slots, plan.cfg.cluster)  # workers import torch meanwhile
+        study = stores.result()
         record = StudyRecord.open(plan)
         _recover_interrupted(study, record)
         try:
@@ -58,6 +61,12 @@ def run_study(cli_overrides: list[str]) -> dict:
         except BaseException as err:
             record.fail(err)
             raise
+
+
+def _open_stores(plan: StudyPlan) -> optuna.Study:
+    """The Optuna study, and the MLflow store and experiment made ready (nothing is recorded yet)."""
+    tracking.ensure_experiment(plan.cfg.tracking, plan.cfg.study.name)
+    return _open_optuna_study(plan)
 
 
 def _open_optuna_study(plan: StudyPlan) -> optuna.Study:

@@ -10,6 +10,8 @@ All MLflow access goes through ``pipeline.tracking``; the figures live in ``pipe
 """
 from __future__ import annotations
 
+import json
+
 import base64
 import csv
 import datetime
@@ -76,7 +78,8 @@ def build_report(study: str, uri: str, output_dir: str, storage: Optional[str] =
     optuna_study, optuna_note = load_optuna(study, storage or parent.params.get("storage"), output_dir)
     objective = (parent.params.get("study.objectives") or "val_accuracy").split(",")[0]
     out = _fresh_dir(Path(output_dir, study, REPORT_DIR))
-    drawn = [_draw(spec, out) for spec in figure_specs(runs, optuna_study, optuna_note, objective)]
+    references = json.loads(parent.tags.get("reference_scales") or "{}")
+    drawn = [_draw(spec, out) for spec in figure_specs(runs, optuna_study, optuna_note, objective, references)]
     page = _html(study, uri, parent, runs, optuna_study, objective, drawn)
     (out / HTML_FILE).write_text(page, encoding="utf-8")
     if log_to_run:
@@ -162,7 +165,8 @@ def load_optuna(study: str, storage: Optional[str], output_dir: str):
 # ---- the figures ----------------------------------------------------------------------------------
 
 
-def figure_specs(runs: list[plots.TrialRun], optuna_study, optuna_note: str, objective: str) -> list[FigureSpec]:
+def figure_specs(runs: list[plots.TrialRun], optuna_study, optuna_note: str, objective: str,
+                 references: Optional[dict[str, float]] = None) -> list[FigureSpec]:
     """Every figure of the report, in page order."""
     return [
         FigureSpec("trial_outcomes", "Outcomes", "Trial outcomes",
@@ -190,7 +194,7 @@ def figure_specs(runs: list[plots.TrialRun], optuna_study, optuna_note: str, obj
                    "Final test accuracy against the initialization scale (which multiplies the standard deviation "
                    "the scheme would give; log axis), one colour per initializer; the thin line joins the mean per "
                    "distinct scale, x marks a diverged run.",
-                   lambda: plots.plot_accuracy_vs_scale(runs)),
+                   lambda: plots.plot_accuracy_vs_scale(runs, references=references)),
         FigureSpec("signal_at_init", "Signal propagation at initialization", "Signal propagation at initialization",
                    "Per hidden layer, at initialization (epoch 0 of diagnostics/layers.csv): the std of the layer's "
                    "output and the norm of the backprop gradient with respect to its pre-activation, geometric mean "

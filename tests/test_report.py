@@ -190,3 +190,15 @@ def test_optuna_figures_handle_too_few_trials(tmp_path):
         _importances(None, "storage gone", "val_accuracy")
     fig = _history(study, "", "val_accuracy")
     plots.plt.close(fig)
+
+
+def test_scale_figure_marks_predicted_critical_scales_beside_the_measured_best():
+    runs = [_run(i, act=act, axes={"initializer": "lecun_normal", "scale": scale, "activation": act,
+                                   "normalization": "none", "batch_size": 64}, final_accuracy=acc)
+            for i, (act, scale, acc) in enumerate([("tanh", 0.5, 0.1), ("tanh", 1.0, 0.9), ("tanh", 2.0, 0.6),
+                                                    ("relu", 1.0, 0.2), ("relu", 1.414, 0.8), ("relu", 2.0, 0.3)])]
+    fig = plots.plot_accuracy_vs_scale(runs, references={"tanh": 1.0, "relu": 1.414})
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    plots.plt.close(fig)
+    assert "tanh: predicted critical 1" in labels and "relu: predicted critical 1.414" in labels
+    assert "tanh: measured best 1" in labels and "relu: measured best 1.414" in labels
