@@ -40,7 +40,7 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, saturated: Saturat
     """Run one hooked forward/backward pass of ``model`` on ``(x, y)`` and measure every hidden layer."""
     if getattr(model, "recurrent", False):
         return probe_recurrent(model, x, y, saturated)
-    with _preserved_buffers(model), _captured(model.blocks) as captures:
+    with probing(model), _captured(model.blocks) as captures:
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         pre_acts = [c["pre_act"] for c in captures]
@@ -60,7 +60,7 @@ def probe_recurrent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, saturate
     matrix's largest |eigenvalue| (the candidate block of a GRU).
     """
     top = model.layers[-1]
-    with _preserved_buffers(model):
+    with probing(model):
         top.capture = True
         try:
             logits = model(x)
@@ -154,7 +154,8 @@ def _keep(capture: dict, key: str, output: bool, detach: bool = True):
 
 
 @contextlib.contextmanager
-def _preserved_buffers(model: nn.Module) -> Iterator[None]:
+def probing(model: nn.Module) -> Iterator[None]:
+    """Train mode for a measurement that must leave no trace: mode and buffers restored after."""
     # Train mode for the probe (batch norm on batch statistics, as in training): the trainer calls
     # it right after evaluate(), which left the model in eval mode, where an untrained batch norm is
     # the identity and the probe would report the unnormalized net's signal. Mode restored after.

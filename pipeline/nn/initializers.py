@@ -25,9 +25,8 @@ keep their defaults (weight 1, bias 0).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -37,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pipeline.config import Config, InitializerConfig
+from pipeline.diagnostics import probing
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
 
@@ -401,7 +401,7 @@ def lsuv_normalize(
         Each layer's output variance on ``probe`` after its normalization, before ``scale``.
     """
     variances = []
-    with _measuring(model):
+    with probing(model):
         layers = _forward_order(model, probe)
         for layer in layers:
             var = _output_variance(model, layer, probe)
@@ -450,19 +450,6 @@ def _output_variance(model: nn.Module, layer: nn.Module, probe: Tensor) -> float
     return float(seen[0].double().var())
 
 
-@contextlib.contextmanager
-def _measuring(model: nn.Module) -> Iterator[None]:
-    """Train mode (batch norm on batch statistics) for the block; the mode and buffers restored after."""
-    was_training = model.training
-    saved = {name: buf.clone() for name, buf in model.named_buffers()}
-    model.train()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                buf.copy_(saved[name])
 
 
 #: canonical name -> the model-level step that follows the per-tensor entries: (model, probe, scale).
