@@ -48,7 +48,7 @@ def kill_first_running_worker(tmp_path, name, killed: list, deadline_s: float = 
     while time.time() < end and not killed:
         for run in children(tmp_path, name):
             if run.info.status == "RUNNING" and run.data.tags.get("pid"):
-                time.sleep(0.5)  # let it train a little
+                time.sleep(0.2)  # let it train a little (a trial here lasts several seconds)
                 os.kill(int(run.data.tags["pid"]), signal.SIGKILL)
                 killed.append(run.info.run_id)
                 return
@@ -59,7 +59,7 @@ def test_killed_worker_is_retried_and_no_run_is_left_running(tmp_path, local_ray
     killed: list[str] = []
     killer = threading.Thread(target=kill_first_running_worker, args=(tmp_path, "wk", killed), daemon=True)
     killer.start()
-    run_study(study_args(tmp_path, "wk", "study.n_trials=3", "train.epochs=40", "study.retries=1"))
+    run_study(study_args(tmp_path, "wk", "study.n_trials=3", "train.epochs=150", "study.retries=1"))
     killer.join()
     assert killed, "no worker was killed: the test did not test anything"
     states = [t.state for t in trials(tmp_path, "wk")]
@@ -75,10 +75,12 @@ def test_killed_worker_without_retries_is_a_failed_trial(tmp_path, local_ray):
     killed: list[str] = []
     killer = threading.Thread(target=kill_first_running_worker, args=(tmp_path, "wk0", killed), daemon=True)
     killer.start()
-    run_study(study_args(tmp_path, "wk0", "study.n_trials=3", "train.epochs=40", "study.retries=0",
+    run_study(study_args(tmp_path, "wk0", "study.n_trials=3", "train.epochs=150", "study.retries=0",
                          "study.max_failure_rate=1.0"))
     killer.join()
     assert killed
+    killed_run = next(r for r in children(tmp_path, "wk0") if r.info.run_id == killed[0])
+    assert killed_run.info.status == "FAILED", "the worker was killed after its trial had finished"
     found = trials(tmp_path, "wk0")
     assert len(found) == 3 and sum(t.state == TrialState.FAIL for t in found) == 1
     assert "worker died" in next(t for t in found if t.state == TrialState.FAIL).user_attrs["failure_reason"]
@@ -87,7 +89,7 @@ def test_killed_worker_without_retries_is_a_failed_trial(tmp_path, local_ray):
 
 @pytest.mark.slow
 def test_killed_driver_then_same_command_resumes_without_loss(tmp_path):
-    command = [sys.executable, "-m", "pipeline", "run", *study_args(tmp_path, "dk", "study.n_trials=5", "train.epochs=40")]
+    command = [sys.executable, "-m", "pipeline", "run", *study_args(tmp_path, "dk", "study.n_trials=5", "train.epochs=100")]
     driver = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(lambda: sum(t.state == TrialState.COMPLETE for t in trials(tmp_path, "dk")) >= 1, 180)
