@@ -204,17 +204,6 @@ def config_to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
-def axis_values(cfg: Config) -> dict[str, Any]:
-    """The five axes as flat values: the group axes by their (canonical) name."""
-    return {
-        "initializer": cfg.initializer.name,
-        "scale": cfg.scale,
-        "activation": cfg.activation.name,
-        "normalization": cfg.normalization.name,
-        "batch_size": cfg.batch_size,
-    }
-
-
 def validate(cfg: Config) -> None:
     """Raise ``ConfigError`` naming the first bad value, before any work starts."""
     from pipeline import data, optim

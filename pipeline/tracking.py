@@ -427,9 +427,5 @@ def run_experiment(uri: str, run_id: str) -> str:
     return mlflow_client.get_experiment(mlflow_client.get_run(run_id).info.experiment_id).name
 
 
-def run_status(run_id: str, tracking_uri: str) -> str:
-    return client(tracking_uri).get_run(run_id).info.status
-
-
 def command_line() -> str:
     return " ".join(["python -m pipeline", *sys.argv[1:]])

@@ -7,7 +7,7 @@ from torch import nn
 
 from pipeline.config import ActivationConfig
 from pipeline.nn.activations import ACTIVATIONS, activation_gain, build_activation
-from tests.nn.conftest import group_options
+from pipeline.compose import compose
 
 # Where torch.nn.init.calculate_gain defines the gain, ours must equal it: (our name, slope, torch's).
 TORCH_GAINS = [
@@ -73,16 +73,5 @@ def test_saturation_masks_flag_the_flat_ends(name):
     assert ACTIVATIONS.get(name).saturated(h).tolist() == [True, False, True]
 
 
-def test_every_activation_has_a_yaml_file():
-    assert set(ACTIVATIONS.names()) <= set(group_options("activation"))
-
-
-@pytest.mark.parametrize("option", group_options("activation"))
-def test_activation_yaml_composes_to_its_canonical_name(compose_group, option):
-    node = compose_group("activation", option)
-    assert node.name == ACTIVATIONS.canonical(option)
-    assert node.name in ACTIVATIONS.names()
-
-
-def test_leaky_relu_yaml_sets_the_slope(compose_group):
-    assert compose_group("activation", "leaky_relu").slope == 0.01
+def test_leaky_relu_yaml_sets_the_slope():
+    assert compose(["activation=leaky_relu"])["activation"]["slope"] == 0.01

@@ -8,7 +8,7 @@ from torch import nn
 from pipeline.config import NormalizationConfig
 from pipeline.errors import ConfigError
 from pipeline.nn.norms import NORMALIZATIONS, build_norm
-from tests.nn.conftest import group_options
+from pipeline.compose import compose
 
 BATCH, FEATURES, GROUPS = 8, 16, 8
 SHAPES = {0: (BATCH, FEATURES), 1: (BATCH, FEATURES, 10), 2: (BATCH, FEATURES, 6, 6)}  # by spatial_dims
@@ -68,14 +68,5 @@ def test_group_norm_refuses_groups_that_do_not_divide_the_features():
         norm("group", 0, groups=5)
 
 
-def test_every_norm_has_a_yaml_file():
-    assert set(NORMALIZATIONS.names()) <= set(group_options("normalization"))
-
-
-@pytest.mark.parametrize("option", group_options("normalization"))
-def test_normalization_yaml_composes_to_its_name(compose_group, option):
-    assert compose_group("normalization", option).name == NORMALIZATIONS.canonical(option) == option
-
-
-def test_group_yaml_sets_eight_groups(compose_group):
-    assert compose_group("normalization", "group").groups == 8
+def test_group_yaml_sets_eight_groups():
+    assert compose(["normalization=group"])["normalization"]["groups"] == 8
