@@ -127,11 +127,11 @@ def train_trial(prep: PreparedTrial, report: Optional[Report] = None) -> TrialRe
     torch.manual_seed(cfg.seed)
     shuffle = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
     optimizer = build_optimizer(model.parameters(), cfg.optimizer)
-    probe_batch = _probe_batch(splits, cfg.train.probe_size)
-    state = _TrainState()
+    probe_batch = probe_samples(splits, cfg.train.probe_size)
+    state = TrainState()
 
     # Epoch 0: the network as initialized, before any update.
-    init_metrics = _epoch_zero(model, splits, probe_batch, cfg, state)
+    init_metrics = epoch_zero(model, splits, probe_batch, cfg, state)
     pruned = bool(report(0, init_metrics))
 
     for epoch in range(1, cfg.train.epochs + 1):
@@ -140,6 +140,11 @@ def train_trial(prep: PreparedTrial, report: Optional[Report] = None) -> TrialRe
         metrics = _train_epoch(model, optimizer, splits, cfg, shuffle, epoch, probe_batch, state)
         pruned = bool(report(epoch, metrics))
 
+    return finish_trial(model, splits, state, pruned, start)
+
+
+def finish_trial(model, splits: data.Splits, state: TrainState, pruned: bool, start: float) -> TrialResult:
+    """The trial's result once it stops: final test/validation accuracy of ``model`` as it is now."""
     _, test_acc = evaluate(model, splits.x_test, splits.y_test)
     _, val_acc = evaluate(model, splits.x_val, splits.y_val)
     return TrialResult(
@@ -158,7 +163,7 @@ def train_trial(prep: PreparedTrial, report: Optional[Report] = None) -> TrialRe
 
 
 @dataclass
-class _TrainState:
+class TrainState:
     best_val: float = 0.0
     epochs_to_target: Optional[int] = None
     diverged_epoch: Optional[int] = None
@@ -167,12 +172,12 @@ class _TrainState:
     layer_table: list[dict] = field(default_factory=list)
 
 
-def _probe_batch(splits: data.Splits, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_samples(splits: data.Splits, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     # The first `size` training samples: fixed across epochs and trials (the split is seeded).
     return splits.x_train[:size], splits.y_train[:size]
 
 
-def _epoch_zero(model, splits, probe_batch, cfg: Config, state: _TrainState) -> dict:
+def epoch_zero(model, splits, probe_batch, cfg: Config, state: TrainState) -> dict:
     val_loss, val_acc = evaluate(model, splits.x_val, splits.y_val)
     metrics = {"val_loss": val_loss, "val_accuracy": val_acc}
     diag = _diagnose(model, probe_batch, cfg, state, epoch=0)
@@ -184,10 +189,17 @@ def _epoch_zero(model, splits, probe_batch, cfg: Config, state: _TrainState) -> 
     return metrics
 
 
-def _train_epoch(model, optimizer, splits, cfg: Config, shuffle, epoch: int, probe_batch, state: _TrainState) -> dict:
+def _train_epoch(model, optimizer, splits, cfg: Config, shuffle, epoch: int, probe_batch, state: TrainState) -> dict:
     before = diagnostics.weight_snapshot(model)
     batches = data.batch_indices(len(splits.y_train), cfg.batch_size, shuffle, splits.y_train.device)
     train_loss, train_acc = _fit_batches(model, optimizer, splits, batches, cfg.train.grad_clip)
+    return close_epoch(model, splits, cfg, epoch, probe_batch, state, (train_loss, train_acc), before, len(batches))
+
+
+def close_epoch(model, splits, cfg: Config, epoch: int, probe_batch, state: TrainState, fit: tuple[float, float],
+                before: list[torch.Tensor], steps: int) -> dict:
+    """After an epoch's updates: divergence check, validation, update ratios, diagnostics, history."""
+    train_loss, train_acc = fit
     state.epochs_run = epoch
     metrics = {"train_loss": train_loss, "train_accuracy": train_acc}
     if not math.isfinite(train_loss):
@@ -196,7 +208,7 @@ def _train_epoch(model, optimizer, splits, cfg: Config, shuffle, epoch: int, pro
         return metrics
     val_loss, val_acc = evaluate(model, splits.x_val, splits.y_val)
     metrics.update(val_loss=val_loss, val_accuracy=val_acc)
-    ratios = diagnostics.update_ratios(model, before, len(batches))
+    ratios = diagnostics.update_ratios(model, before, steps)
     metrics["update_ratio"] = sum(ratios) / len(ratios)
     metrics.update(_diagnose(model, probe_batch, cfg, state, epoch, ratios))
     _track_progress(state, epoch, val_acc, cfg.train.target_accuracy)
@@ -238,7 +250,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 40
     return loss_sum / len(y), correct / len(y)
 
 
-def _diagnose(model, probe_batch, cfg: Config, state: _TrainState, epoch: int, ratios=None) -> dict:
+def _diagnose(model, probe_batch, cfg: Config, state: TrainState, epoch: int, ratios=None) -> dict:
     if not cfg.train.diagnostics:
         return {}
     saturated = ACTIVATIONS.get(cfg.activation.name).saturated
@@ -250,7 +262,7 @@ def _diagnose(model, probe_batch, cfg: Config, state: _TrainState, epoch: int, r
     return result.summary
 
 
-def _track_progress(state: _TrainState, epoch: int, val_acc: float, target: float) -> None:
+def _track_progress(state: TrainState, epoch: int, val_acc: float, target: float) -> None:
     state.best_val = max(state.best_val, val_acc)
     if state.epochs_to_target is None and val_acc >= target:
         state.epochs_to_target = epoch

@@ -1,0 +1,161 @@
+"""K MLPs of one shape trained as one vectorized model (trial batching).
+
+Initialization trials are small networks: one of them leaves most of a CPU core (or a GPU) idle
+between tiny kernels. ``StackedMLP`` takes K built and initialized ``Network``s of the same
+architecture and holds each layer's K weight matrices as one (K, out, in) tensor, so a forward
+pass is one batched matmul per layer for all K trials. Member k only ever touches slice k: its
+loss, its gradients, its normalization statistics. With an element-wise optimizer (SGD, Adam)
+the sum of the members' losses therefore trains each exactly as it would train alone.
+
+``stackable(model)`` says whether a model has the supported shape (an MLP: ``Linear`` layers,
+any activation, normalization none/batch/layer/group); ``write_back`` copies each member's slice
+into its own ``Network``, where diagnostics, evaluation and weight logging run unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.nn.models import Network
+
+_NORMS = (nn.Identity, nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm)
+
+
+def stackable(model: nn.Module) -> bool:
+    """An MLP ``Network`` (flatten stem, Linear blocks, no pooling) with a supported norm."""
+    if not isinstance(model, Network) or not isinstance(model.stem, nn.Flatten) or not isinstance(model.pool, nn.Identity):
+        return False
+    return all(isinstance(b.layer, nn.Linear) and type(b.norm) in _NORMS for b in model.blocks)
+
+
+def _stack(tensors: list[Optional[Tensor]]) -> Optional[Tensor]:
+    if tensors[0] is None:
+        return None
+    return torch.stack([t.detach() for t in tensors]).clone()
+
+
+@dataclass
+class _Norm:
+    """One layer's normalization for all K members: per-member affine and running statistics."""
+
+    kind: type
+    weight: Optional[Tensor] = None  # (K, W)
+    bias: Optional[Tensor] = None
+    running_mean: Optional[Tensor] = None
+    running_var: Optional[Tensor] = None
+    eps: float = 1e-5
+    momentum: float = 0.1
+    groups: int = 1
+    steps: int = 0  # training batches seen (BatchNorm's num_batches_tracked)
+
+    @classmethod
+    def of(cls, norms: list[nn.Module]) -> "_Norm":
+        first = norms[0]
+        if isinstance(first, nn.Identity):
+            return cls(nn.Identity)
+        params = {name: _stack([getattr(n, name, None) for n in norms]) for name in ("weight", "bias")}
+        buffers = {name: _stack([getattr(n, name, None) for n in norms]) for name in ("running_mean", "running_var")}
+        steps = int(first.num_batches_tracked) if isinstance(first, nn.BatchNorm1d) else 0
+        return cls(type(first), **params, **buffers, eps=first.eps, momentum=getattr(first, "momentum", 0.1) or 0.1,
+                   groups=getattr(first, "num_groups", 1), steps=steps)
+
+    def __call__(self, h: Tensor, training: bool) -> Tensor:  # h: (K, B, W)
+        if self.kind is nn.Identity:
+            return h
+        if self.kind is nn.BatchNorm1d:
+            h = self._batch_norm(h, training)
+        elif self.kind is nn.LayerNorm:
+            h = F.layer_norm(h, h.shape[-1:], eps=self.eps)
+        else:
+            k, b, w = h.shape
+            h = F.group_norm(h.reshape(k * b, w), self.groups, eps=self.eps).view(k, b, w)
+        return h if self.weight is None else torch.addcmul(self.bias.unsqueeze(1), h, self.weight.unsqueeze(1))
+
+    def _batch_norm(self, h: Tensor, training: bool) -> Tensor:
+        """BatchNorm1d's rule, per member: batch statistics in training (and the running averages
+        updated with the unbiased variance), running statistics in evaluation."""
+        if training:
+            var, mean = torch.var_mean(h, dim=1, correction=0)
+            with torch.no_grad():
+                n = h.shape[1]
+                self.steps += 1
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return (h - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps)
+
+    def parameters(self) -> list[Tensor]:
+        return [t for t in (self.weight, self.bias) if t is not None]
+
+    def write_back(self, norm: nn.Module, k: int) -> None:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            source = getattr(self, name)
+            if source is not None:
+                getattr(norm, name).copy_(source[k])
+        if self.kind is nn.BatchNorm1d:
+            norm.num_batches_tracked.fill_(self.steps)
+
+
+class StackedMLP:
+    """K same-shaped MLP ``Network``s as one vectorized model; input (K, B, ...) -> logits (K, B, C)."""
+
+    def __init__(self, models: list[Network]) -> None:
+        if not all(stackable(m) for m in models):
+            raise ValueError("StackedMLP needs MLP Networks (see stackable)")
+        self.size = len(models)
+        blocks = list(zip(*(m.blocks for m in models)))
+        self.weights = [_stack([b.layer.weight for b in layer]) for layer in blocks]
+        self.biases = [_stack([b.layer.bias for b in layer]) for layer in blocks]
+        self.norms = [_Norm.of([b.norm for b in layer]) for layer in blocks]
+        self.acts = [layer[0].act for layer in blocks]  # stateless modules, shared by all members
+        self.residual = [layer[0].residual for layer in blocks]
+        self.head_weight = _stack([m.head.weight for m in models])
+        self.head_bias = _stack([m.head.bias for m in models])
+        self.training = True
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def parameters(self) -> list[Tensor]:
+        params = [t for t in self.weights + self.biases if t is not None]
+        params += [p for norm in self.norms for p in norm.parameters()]
+        return params + [t for t in (self.head_weight, self.head_bias) if t is not None]
+
+    def train(self, mode: bool = True) -> "StackedMLP":
+        self.training = mode
+        return self
+
+    def __call__(self, x: Tensor) -> Tensor:
+        h = x.flatten(2)
+        for weight, bias, norm, act, residual in zip(self.weights, self.biases, self.norms, self.acts, self.residual):
+            out = _linear(h, weight, bias)
+            out = norm(out, self.training)
+            k, b, w = out.shape
+            out = act(out.reshape(k * b, w)).view(k, b, -1)  # maxout narrows the feature dim
+            h = h + out if residual else out
+        return _linear(h, self.head_weight, self.head_bias)
+
+    @torch.no_grad()
+    def write_back(self, models: list[Network], members: Optional[list[int]] = None) -> None:
+        """Copy slice k into ``models[k]`` (for every k in ``members``, default all)."""
+        for k in range(self.size) if members is None else members:
+            model = models[k]
+            for i, block in enumerate(model.blocks):
+                block.layer.weight.copy_(self.weights[i][k])
+                if self.biases[i] is not None:
+                    block.layer.bias.copy_(self.biases[i][k])
+                self.norms[i].write_back(block.norm, k)
+            model.head.weight.copy_(self.head_weight[k])
+            if self.head_bias is not None:
+                model.head.bias.copy_(self.head_bias[k])
+
+
+def _linear(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """(K, B, in) @ (K, out, in)^T + (K, out): one batched matmul for all members."""
+    if bias is None:
+        return torch.bmm(h, weight.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
