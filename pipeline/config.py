@@ -10,6 +10,7 @@ Workers never see Hydra: a trial travels as the plain dict of its resolved confi
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -136,6 +137,10 @@ class StudyConfig:
     # report's accuracy-against-scale figure then groups by activation and marks each beside the best.
     reference_scales: dict[str, float] = field(default_factory=dict)
     progress: bool = True
+    # Trials that share an architecture and batch size (pipeline/batched.py) train together as one
+    # vectorized model, up to trial_batch_max per Ray task; each keeps its own run and Optuna trial.
+    trial_batching: bool = True
+    trial_batch_max: int = 32
 
 
 @dataclass
@@ -194,10 +199,16 @@ def register_schemas() -> None:
 def config_from_dict(data: dict) -> Config:
     """A typed ``Config`` from a resolved plain dict (a trial as it travels to a worker)."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), data)
+        merged = OmegaConf.merge(_schema(), data)  # merge copies the schema; it stays pristine
         return OmegaConf.to_object(merged)
     except Exception as err:  # omegaconf's errors carry the key path; keep them on one line
         raise ConfigError(" ".join(str(err).split())) from err
+
+
+@functools.lru_cache(maxsize=1)
+def _schema():
+    # Building the structured config from the dataclasses costs more than copying it.
+    return OmegaConf.structured(Config)
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -228,6 +239,7 @@ def _check_numbers(cfg: Config) -> None:
     _positive("model.depth", cfg.model.depth)
     _positive("model.width", cfg.model.width)
     _positive("train.probe_size", cfg.train.probe_size)
+    _positive("study.trial_batch_max", cfg.study.trial_batch_max)
     if cfg.train.grad_clip is not None:
         _positive("train.grad_clip", cfg.train.grad_clip)
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import optuna
 
 from pipeline import objectives, space
-from pipeline.compose import compose, group_options
+from pipeline.compose import compose, compose_tree, group_options, is_value_override, with_values
 from pipeline.config import Config, config_from_dict, validate
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
@@ -51,11 +51,20 @@ class StudyPlan:
 
     @functools.lru_cache(maxsize=256)
     def _composed(self, trial_overrides: tuple[str, ...]) -> dict:
-        sampled = {o.split("=")[0] for o in trial_overrides}
-        base = [o for o in self.hydra_overrides if o.split("=")[0].lstrip("+~") not in sampled]
-        config = compose(base + list(trial_overrides))
+        # Group choices go through Hydra (once per combination); sampled numbers are applied to
+        # that tree, as Hydra applies them: a full compose per trial cost ~0.2 s of the driver.
+        groups = tuple(o for o in trial_overrides if not is_value_override(o))
+        values = [o for o in trial_overrides if is_value_override(o)]
+        sampled = frozenset(o.split("=")[0] for o in trial_overrides)
+        config = with_values(self._group_tree(groups, sampled), values)
         validate(config_from_dict(config))
         return config
+
+    @functools.lru_cache(maxsize=64)
+    def _group_tree(self, groups: tuple[str, ...], sampled: frozenset[str]):
+        """The composed tree for these group choices; base overrides of sampled keys are dropped."""
+        base = [o for o in self.hydra_overrides if o.split("=")[0].lstrip("+~") not in sampled]
+        return compose_tree(base + list(groups))
 
     def __hash__(self) -> int:  # lru_cache on a method needs a hashable self
         return id(self)
