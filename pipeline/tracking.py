@@ -18,6 +18,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -63,7 +64,57 @@ def client(uri: str):
     from mlflow.tracking import MlflowClient
 
     _quiet_logs()
-    return MlflowClient(tracking_uri=resolve_uri(uri))
+    uri = resolve_uri(uri)
+    _seed_store(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _seed_store(uri: str) -> None:
+    """A new sqlite store starts as a copy of an empty one that this MLflow version built before.
+
+    MLflow makes a fresh sqlite store by creating its first schema and replaying every alembic
+    migration since (~2 s, before a study's first record). The copy holds the same tables at the
+    same revision (MLflow's own ``_initialize_tables`` built it, and MLflow verifies the revision
+    when it opens the store) and no rows: MLflow adds the Default experiment, with this
+    process's artifact root, as it does for any new store.
+    """
+    path = local_store(uri)
+    if path is None or path.exists():
+        return
+    template = _store_template()
+    if template is None:
+        return  # MLflow creates the store itself
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        shutil.copyfile(template, partial)
+        os.link(partial, path)  # never replaces a store that another process created meanwhile
+    except OSError:
+        pass  # it exists now, or no hard links here: MLflow opens or creates it as usual
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _store_template() -> Optional[Path]:
+    """An empty sqlite store at MLflow's latest schema, cached per MLflow version (None if it cannot be made)."""
+    import mlflow
+    from mlflow.store.db import utils as db_utils
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "initstudy")
+    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    if template.exists():
+        return template
+    partial = cache / f".{template.name}.{os.getpid()}.partial"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        engine = db_utils.create_sqlalchemy_engine(f"sqlite:///{partial}")
+        db_utils._initialize_tables(engine)
+        engine.dispose()
+        os.replace(partial, template)
+        return template
+    except Exception:  # an MLflow without these helpers, a read-only home: no template
+        partial.unlink(missing_ok=True)
+        return None
 
 
 def _quiet_logs() -> None:
