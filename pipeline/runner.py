@@ -1,18 +1,22 @@
 """One trial trained and recorded: the glue between the trial engine and the MLflow record.
 
-Used by ``trial``, ``reproduce`` and the study's workers alike. The order matters: everything that
-can fail on bad input happens in ``prepare_trial`` BEFORE the MLflow run is opened, and once it is
-open the recorder's context guarantees it ends (FINISHED, FAILED with a reason, or KILLED).
+Used by ``trial``, ``reproduce`` and the study's workers alike (the workers through
+``run_recorded_batch``, which trains same-shaped trials together: pipeline/batched.py). The order
+matters: everything that can fail on bad input happens in ``prepare_trial`` BEFORE the MLflow run
+is opened, and once it is open the recorder's context guarantees it ends (FINISHED, FAILED with a
+reason, or KILLED).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from pipeline import tracking
-from pipeline.config import config_from_dict, config_to_dict
+from pipeline.batched import train_batch
+from pipeline.config import Config, config_from_dict, config_to_dict
 from pipeline.errors import ConfigError
-from pipeline.train import TrialResult, prepare_trial, train_trial
+from pipeline.train import PreparedTrial, TrialResult, prepare_trial, train_trial
 
 EpochHook = Callable[[int, dict], Optional[bool]]
 
@@ -39,7 +43,64 @@ def run_recorded_trial(
     With ``record_failures`` (a study's trials: every trial must appear) bad input still raises,
     but only after a FAILED run with the reason is recorded.
     """
-    name = experiment or config["tracking"]["experiment"]
+    request = TrialRequest(config, experiment, parent_run_id, tags, on_epoch, run_name)
+    ready = _prepare(request, record_failures)
+    with _recording(ready) as report:
+        result = train_trial(ready.prepared, report)
+        _record_outcome(ready, result)
+    return RecordedTrial(ready.recorder.run_id, result, ready.experiment)
+
+
+@dataclass
+class TrialRequest:
+    """One trial to train and record: ``run_recorded_trial``'s arguments, for a batch of them."""
+
+    config: dict
+    experiment: Optional[str] = None
+    parent_run_id: Optional[str] = None
+    tags: Optional[dict] = None
+    on_epoch: Optional[EpochHook] = None
+    run_name: Optional[str] = None
+
+
+def run_recorded_batch(requests: list[TrialRequest]) -> list[RecordedTrial | ConfigError]:
+    """Trials with one ``batched.batch_key``, trained together and each recorded in its own run.
+
+    A member whose config is bad gets a FAILED run and its ``ConfigError`` in the returned list;
+    the others train on. An error during training fails every member's run and propagates.
+    """
+    outcomes: list[RecordedTrial | ConfigError] = []
+    ready: list[_Ready] = []
+    for request in requests:
+        try:
+            ready.append(_prepare(request, record_failures=True))
+            outcomes.append(None)
+        except ConfigError as err:
+            outcomes.append(err)
+    with contextlib.ExitStack() as stack:
+        reports = [stack.enter_context(_recording(r, batch_size=len(ready))) for r in ready]
+        preps = [r.prepared for r in ready]
+        results = train_batch(preps, reports) if len(ready) > 1 else [train_trial(p, rep) for p, rep in zip(preps, reports)]
+        for r, result in zip(ready, results):
+            _record_outcome(r, result)
+    done = iter(RecordedTrial(r.recorder.run_id, result, r.experiment) for r, result in zip(ready, results))
+    return [outcome if outcome is not None else next(done) for outcome in outcomes]
+
+
+@dataclass
+class _Ready:
+    """A prepared trial and what its run needs; ``recorder`` is set once the run is open."""
+
+    request: TrialRequest
+    experiment: str
+    cfg: Config
+    resolved: dict
+    prepared: PreparedTrial
+    recorder: Optional[tracking.Run] = None
+
+
+def _prepare(request: TrialRequest, record_failures: bool) -> _Ready:
+    config, name = request.config, request.experiment or request.config["tracking"]["experiment"]
     try:
         cfg = config_from_dict(config)
         # The complete config (keys deleted with ~key come back with their defaults), taken before
@@ -49,20 +110,27 @@ def run_recorded_trial(
         prepared = prepare_trial(cfg)
     except ConfigError as err:
         if record_failures:
-            _record_unstarted(config, name, parent_run_id, run_name, tags, err)
+            _record_unstarted(config, name, request.parent_run_id, request.run_name, request.tags, err)
         raise
     resolved = dict(complete, initializer={**complete["initializer"], "name": cfg.initializer.name})
-    with tracking.start_run(cfg.tracking, name, parent_run_id, run_name, tags) as recorder:
-        recorder.log_params(tracking.trial_params(resolved), tags={
-            "device": str(prepared.device), "reproduce": f"python -m pipeline reproduce {recorder.run_id}"})
+    return _Ready(request, name, cfg, resolved, prepared)
+
+
+@contextlib.contextmanager
+def _recording(ready: _Ready, batch_size: int = 1) -> Iterator[Callable[[int, dict], Optional[bool]]]:
+    """The trial's open run (ended whatever happens) and the per-epoch ``report`` that logs to it."""
+    request = ready.request
+    tags = {**(request.tags or {}), **({"trial_batch": batch_size} if batch_size > 1 else {})}
+    with tracking.start_run(ready.cfg.tracking, ready.experiment, request.parent_run_id, request.run_name, tags) as recorder:
+        ready.recorder = recorder
+        recorder.log_params(tracking.trial_params(ready.resolved), tags={
+            "device": str(ready.prepared.device), "reproduce": f"python -m pipeline reproduce {recorder.run_id}"})
 
         def report(step: int, metrics: dict) -> Optional[bool]:
             recorder.log_metrics(step, metrics, buffered=True)
-            return on_epoch(step, metrics) if on_epoch else None
+            return request.on_epoch(step, metrics) if request.on_epoch else None
 
-        result = train_trial(prepared, report)
-        _record_outcome(recorder, result, resolved, prepared.model, cfg.tracking)
-    return RecordedTrial(recorder.run_id, result, name)
+        yield report
 
 
 def _record_unstarted(config: dict, experiment: str, parent_run_id, run_name, tags, err: Exception) -> None:
@@ -74,7 +142,8 @@ def _record_unstarted(config: dict, experiment: str, parent_run_id, run_name, ta
         run.end("FAILED", reason=f"ConfigError: {err}")
 
 
-def _record_outcome(recorder, result: TrialResult, config: dict, model, tracking_cfg) -> None:
+def _record_outcome(ready: _Ready, result: TrialResult) -> None:
+    recorder, tracking_cfg = ready.recorder, ready.cfg.tracking
     # Buffered: the final metrics and tags reach the store in one write, when the run ends.
     recorder.log_metrics(result.epochs_run, result.summary(), buffered=True)
     recorder.set_tags({
@@ -82,5 +151,5 @@ def _record_outcome(recorder, result: TrialResult, config: dict, model, tracking
         "diverged_epoch": result.diverged_epoch if result.diverged else "",
         "pruned": str(result.pruned).lower(),
     }, buffered=True)
-    model = model if tracking_cfg.log_weights else None
-    tracking.log_trial_artifacts(recorder, config, result.layer_table, model, plot=tracking_cfg.layer_plot)
+    model = ready.prepared.model if tracking_cfg.log_weights else None
+    tracking.log_trial_artifacts(recorder, ready.resolved, result.layer_table, model, plot=tracking_cfg.layer_plot)

@@ -8,6 +8,7 @@ config, sends one Ray task per seed, and tells Optuna the outcome when all seeds
 """
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from pipeline import objectives as obj
 from pipeline.plan import StudyPlan, plan_study
 from pipeline.progress import Progress
 from pipeline.record import StudyRecord
+from pipeline.batched import batch_key
 from pipeline.worker import PruneDecider, trial_task, warm_up
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -100,20 +102,29 @@ def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 class _Loop:
-    """The dispatch loop: keeps ``slots`` Ray tasks busy until ``n_trials`` trials have ended."""
+    """The dispatch loop: keeps ``slots`` Ray tasks busy until ``n_trials`` trials have ended.
+
+    Each Ray task trains one or more (trial, seed) members: with ``study.trial_batching``, members
+    whose configs share a ``batch_key`` go together (pipeline/batched.py). A sampler that does not
+    learn from results (random, qmc, grid) is asked for up to ``trial_batch_max`` trials per free
+    slot, so there is something to batch; an adaptive one (tpe, nsga2), or any study with a pruner,
+    is asked for one trial per free slot, as without batching, and only its seeds train together.
+    """
 
     def __init__(self, plan: StudyPlan, study: optuna.Study, record: StudyRecord, slots: int) -> None:
         self.plan, self.study, self.record, self.slots = plan, study, record, slots
-        self.pending: dict[Any, tuple[_Pending, int]] = {}  # Ray ref -> (trial, seed index)
+        self.pending: dict[Any, list[tuple[_Pending, int]]] = {}  # Ray ref -> its (trial, seed index) members
         self.in_flight: dict[int, _Pending] = {}  # Optuna trial number -> trial
         self.done = len(counted_trials(study))
         self.oracle = cluster.start_oracle(PruneDecider(plan.storage, plan.cfg.study.name, plan.pruner)) if plan.prunes else None
         self.progress = Progress(self.done, plan.n_trials, enabled=plan.cfg.study.progress)
+        self.batch_max = plan.cfg.study.trial_batch_max if plan.cfg.study.trial_batching else 1
 
     def run(self) -> None:
         while self._wanted() > 0 or self.pending:
-            while self._wanted() > 0 and len(self.pending) < self.slots:
-                self._launch()
+            free = self.slots - len(self.pending)
+            if self._wanted() > 0 and free > 0:
+                self._launch(free)
             if self.pending:
                 self._collect(cluster.wait(list(self.pending), POLL_S)[0])
         self.progress.close()
@@ -121,7 +132,19 @@ class _Loop:
     def _wanted(self) -> int:
         return self.plan.n_trials - self.done - len(self.in_flight)
 
-    def _launch(self) -> None:
+    def _launch(self, free: int) -> None:
+        # Pruning compares a trial with trials that finished before it: asking ahead would starve it.
+        ahead = free * self.batch_max if _samples_blind(self.plan.sampler) and not self.plan.prunes else free
+        members = []
+        for _ in range(min(self._wanted(), ahead)):
+            members += self._ask()
+        for group in _task_groups(members, self.batch_max, free):
+            payloads = [self.record.payload(config, pending.trial, index, self.oracle) for pending, index, config in group]
+            ref = cluster.submit(trial_task, payloads, self.plan.cfg.cluster, self.plan.cfg.study.retries)
+            self.pending[ref] = [(pending, index) for pending, index, _ in group]
+
+    def _ask(self) -> list[tuple[_Pending, int, dict]]:
+        """A new trial's (trial, seed index, config) members; none if its configuration is invalid."""
         trial = self.study.ask()
         params = space.suggest(trial, self.plan.axes)
         pending = _Pending(trial, params, self.plan.seeds())
@@ -130,10 +153,8 @@ class _Loop:
             configs = [self.plan.trial_config(params, seed) for seed in pending.seeds]
         except ConfigError as err:  # this combination is invalid (e.g. groups vs width): a FAIL
             self._fail_unlaunched(pending, str(err))
-            return
-        for index, config in enumerate(configs):
-            payload = self.record.payload(config, trial, index, self.oracle)
-            self.pending[cluster.submit(trial_task, payload, self.plan.cfg.cluster, self.plan.cfg.study.retries)] = (pending, index)
+            return []
+        return [(pending, index, config) for index, config in enumerate(configs)]
 
     def _fail_unlaunched(self, pending: _Pending, reason: str) -> None:
         for index, seed in enumerate(pending.seeds):
@@ -143,17 +164,22 @@ class _Loop:
 
     def _collect(self, ready: list) -> None:
         for ref in ready:
-            pending, index = self.pending.pop(ref)
-            value, reason = cluster.result(ref)
-            if value is None:
-                pending.failures[index] = reason
-                self.record.close_stale_runs(trial_number=pending.trial.number, seed_index=index, reason=reason)
-            else:
-                pending.results[index] = value
-                self.record.close_stale_runs(trial_number=pending.trial.number, seed_index=index,
-                                             reason="worker died; the trial was retried", keep=value["run_id"])
-            if len(pending.results) + len(pending.failures) == len(pending.seeds):
-                self._tell(pending)
+            members = self.pending.pop(ref)
+            values, reason = cluster.result(ref)
+            for position, (pending, index) in enumerate(members):
+                self._member_done(pending, index, values[position] if values is not None else {"error": reason})
+
+    def _member_done(self, pending: _Pending, index: int, value: dict) -> None:
+        number = pending.trial.number
+        if "error" in value:
+            pending.failures[index] = value["error"]
+            self.record.close_stale_runs(trial_number=number, seed_index=index, reason=value["error"])
+        else:
+            pending.results[index] = value
+            self.record.close_stale_runs(trial_number=number, seed_index=index,
+                                         reason="worker died; the trial was retried", keep=value["run_id"])
+        if len(pending.results) + len(pending.failures) == len(pending.seeds):
+            self._tell(pending)
 
     def _tell(self, pending: _Pending) -> None:
         del self.in_flight[pending.trial.number]
@@ -176,3 +202,24 @@ class _Loop:
                 f"{failed} of {len(trials)} trials failed (> study.max_failure_rate={study_cfg.max_failure_rate}); "
                 f"last reason: {trials[-1].user_attrs.get('failure_reason', '?') if failed else '?'}"
             )
+
+
+def _samples_blind(sampler) -> bool:
+    """Samplers whose next trial does not depend on finished ones: asking ahead changes nothing."""
+    blind = (optuna.samplers.RandomSampler, optuna.samplers.QMCSampler, optuna.samplers.GridSampler)
+    return isinstance(sampler, blind)
+
+
+def _task_groups(members: list[tuple], batch_max: int, free: int) -> list[list[tuple]]:
+    """Members that share a ``batch_key`` in groups of at most ``batch_max``, split further so
+    that, where there are enough members, every free slot gets a task."""
+    by_key: dict[Any, list[tuple]] = {}
+    for position, member in enumerate(members):
+        key = batch_key(member[2]) if batch_max > 1 else None
+        by_key.setdefault(key if key is not None else ("alone", position), []).append(member)
+    groups = []
+    for same in by_key.values():
+        share = math.ceil(free * len(same) / len(members))
+        parts = min(len(same), max(math.ceil(len(same) / batch_max), share))
+        groups += [same[i::parts] for i in range(parts)]
+    return groups

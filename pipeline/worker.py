@@ -1,8 +1,9 @@
 """What runs on a Ray worker for one (trial, seed), and the pruning oracle's decision rule.
 
-Ray calls ``trial_task(payload)``; it trains and records the trial through the same
-``run_recorded_trial`` the ``trial`` command uses, asking the oracle after each epoch whether to
-stop. It returns a small dict (no tensors) for the driver to tell Optuna.
+Ray calls ``trial_task(payloads)``; it trains and records the trials through the runner the
+``trial`` command uses (several same-shaped trials train together: pipeline/batched.py), asking
+the oracle after each epoch whether to stop. It returns small dicts (no tensors) for the driver
+to tell Optuna.
 """
 from __future__ import annotations
 
@@ -10,36 +11,47 @@ import os
 from typing import Optional
 
 from pipeline import cluster
-from pipeline.runner import run_recorded_trial
+from pipeline.errors import ConfigError
+from pipeline.runner import TrialRequest, run_recorded_batch
 
 
-def trial_task(payload: dict) -> dict:
-    """Train and record one seed of one Optuna trial on this worker."""
+def trial_task(payloads: list[dict]) -> list[dict]:
+    """Train and record (trial, seed) pairs on this worker: together if there are several.
+
+    The driver sends several payloads only when their configs share a ``batched.batch_key``. One
+    dict per payload comes back, in order: the run's outcome, or ``{"error": reason}`` for a
+    member whose config was refused (its FAILED run is recorded).
+    """
     where = cluster.worker_context()
-    config = _placed(payload["config"], where, payload["cpus"])
-    tags = {**payload["tags"], "ray_node": where["node_id"], "ray_node_ip": where["node_ip"], "pid": os.getpid()}
-    on_epoch = _pruning_hook(payload) if payload.get("oracle") is not None else None
-    done = run_recorded_trial(
-        config, payload["experiment"], payload["parent_run_id"], tags, on_epoch, payload["run_name"], record_failures=True
-    )
+    configs = [_placed(p["config"], where, p["cpus"]) for p in payloads]
+    requests = [TrialRequest(config, p["experiment"], p["parent_run_id"], _tags(p, where), _pruning_hook(p), p["run_name"])
+                for config, p in zip(configs, payloads)]
+    outcomes = run_recorded_batch(requests)
+    return [_outcome(done, config, where) for done, config in zip(outcomes, configs)]
+
+
+def _tags(payload: dict, where: dict) -> dict:
+    return {**payload["tags"], "ray_node": where["node_id"], "ray_node_ip": where["node_ip"], "pid": os.getpid()}
+
+
+def _outcome(done, config: dict, where: dict) -> dict:
+    if isinstance(done, ConfigError):
+        return {"error": f"ConfigError: {done}"}
     r = done.result
-    return {
-        "run_id": done.run_id,
-        "summary": r.summary(),
-        "diverged": r.diverged,
-        "pruned": r.pruned,
-        "epochs": config["train"]["epochs"],
-        "node_id": where["node_id"],
-    }
+    return {"run_id": done.run_id, "summary": r.summary(), "diverged": r.diverged, "pruned": r.pruned,
+            "epochs": config["train"]["epochs"], "node_id": where["node_id"]}
 
 
 def warm_up() -> None:
     """Import what a trial needs, so the first trial of a fresh worker process starts at once."""
     import mlflow.tracking  # noqa: F401
     import sklearn.datasets  # noqa: F401
-    import torch  # noqa: F401
+    import torch
 
     from pipeline import data  # noqa: F401
+
+    # A first optimizer imports torch._dynamo (about 2 s): pay it here, not in the first trial.
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
 def _placed(config: dict, where: dict, cpus: float) -> dict:
@@ -52,6 +64,8 @@ def _placed(config: dict, where: dict, cpus: float) -> dict:
 
 
 def _pruning_hook(payload: dict):
+    if payload.get("oracle") is None:
+        return None
     oracle, trial_id, seed_index = payload["oracle"], payload["trial_id"], payload["seed_index"]
 
     def on_epoch(step: int, metrics: dict) -> Optional[bool]:

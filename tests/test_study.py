@@ -171,3 +171,27 @@ def test_other_pruners_run_and_end_every_trial(study_args, pruner):
     assert states <= {TrialState.COMPLETE, TrialState.PRUNED}
     _, _, children = mlflow_runs(study_args, f"p_{pruner}")
     assert len(children) == 4 and not [c for c in children if c.info.status == "RUNNING"]
+
+
+def _by_member(children) -> dict:
+    return {(c.data.params["initializer.name"], c.data.params["scale"], c.data.tags["seed"]): c for c in children}
+
+
+def test_trial_batching_trains_members_together_with_the_results_they_get_alone(study_args):
+    grid = ["space=axes_grid", "study.sampler=grid", "study.n_trials=null", "study.seeds=2"]
+    run_study(study_args("batched", *grid))
+    run_study(study_args("alone", *grid, "study.trial_batching=false"))
+    _, _, batched = mlflow_runs(study_args, "batched")
+    _, _, alone = mlflow_runs(study_args, "alone")
+    assert len(batched) == len(alone) == 12 and {c.info.status for c in batched + alone} == {"FINISHED"}
+    # 12 members of one shape, 2 slots: two Ray tasks of 6, each member in its own run.
+    assert [c.data.tags.get("trial_batch") for c in batched] == ["6"] * 12
+    assert all("trial_batch" not in c.data.tags for c in alone)
+    together, apart = _by_member(batched), _by_member(alone)
+    assert together.keys() == apart.keys()
+    for member, run in together.items():
+        for metric in ("final_val_accuracy", "final_accuracy", "val_loss", "init_act_std_ratio"):
+            assert run.data.metrics[metric] == pytest.approx(apart[member].data.metrics[metric], rel=1e-4, abs=1e-5), (member, metric)
+    values = {t.params["initializer"] + str(t.params["scale"]): t.value for t in optuna_study(study_args, "batched").trials}
+    assert values == pytest.approx({t.params["initializer"] + str(t.params["scale"]): t.value
+                                    for t in optuna_study(study_args, "alone").trials}, abs=1e-5)

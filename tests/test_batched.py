@@ -1,0 +1,98 @@
+"""Trial batching: members trained together must get the curves they get alone."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline.batched import batch_key, train_batch
+from pipeline.compose import compose
+from pipeline.study import _task_groups
+from pipeline.train import prepare_trial, train_trial
+
+SMALL = ["model.depth=3", "model.width=32", "train.epochs=3", "train.probe_size=64", "train.threads=1"]
+# Members differ in what each keeps for itself: initializer, scale, seed.
+MEMBERS = [("xavier_normal", 1.0, 0), ("kaiming_uniform", 2.0, 1), ("orthogonal", 0.5, 2), ("normal", 1.0, 3)]
+SHAPES = {
+    "relu-none-sgd": [],
+    "tanh-batch-sgd": ["activation=tanh", "normalization=batch"],
+    "maxout-layer-adam": ["activation=maxout", "normalization=layer", "optimizer=adam", "optimizer.lr=0.003"],
+    "gelu-group-residual": ["activation=gelu", "normalization=group", "normalization.groups=4", "model.residual=true"],
+}
+
+
+def _configs(shape: list[str], members=MEMBERS) -> list[dict]:
+    return [compose([*SMALL, *shape, f"initializer={i}", f"scale={s}", f"seed={seed}"]) for i, s, seed in members]
+
+
+def _assert_same_curves(alone, together) -> None:
+    assert len(alone.history) == len(together.history)
+    for solo_epoch, batch_epoch in zip(alone.history, together.history):
+        assert solo_epoch.keys() == batch_epoch.keys()
+        for key, value in solo_epoch.items():
+            other = batch_epoch[key]
+            assert (math.isnan(value) and math.isnan(other)) or other == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    assert len(alone.layer_table) == len(together.layer_table)
+    assert (alone.final_accuracy, alone.diverged, alone.pruned, alone.epochs_run) == \
+        (together.final_accuracy, together.diverged, together.pruned, together.epochs_run)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_batched_members_train_exactly_as_alone(shape):
+    configs = _configs(shape)
+    alone = [train_trial(prepare_trial(c)) for c in configs]
+    together = train_batch([prepare_trial(c) for c in configs])
+    for a, b in zip(alone, together):
+        _assert_same_curves(a, b)
+    assert len({round(r.final_accuracy, 6) for r in together}) > 1  # the members did differ
+
+
+def test_a_diverging_member_stops_alone_and_the_others_train_on():
+    configs = _configs(["optimizer.lr=0.1"], [("kaiming_normal", 8.0, 0), ("xavier_normal", 1.0, 1)])
+    diverging, healthy = train_batch([prepare_trial(c) for c in configs])
+    assert diverging.diverged and diverging.epochs_run < 3
+    assert not healthy.diverged and healthy.epochs_run == 3 and healthy.final_accuracy > 0.5
+    _assert_same_curves(train_trial(prepare_trial(configs[1])), healthy)
+
+
+def test_a_pruned_member_stops_where_its_report_said():
+    configs = _configs([])[:3]
+    stop_second_at_epoch_1 = [None, lambda step, metrics: step == 1, None]
+    results = train_batch([prepare_trial(c) for c in configs], stop_second_at_epoch_1)
+    assert [r.pruned for r in results] == [False, True, False]
+    assert [r.epochs_run for r in results] == [3, 1, 3]
+    _assert_same_curves(train_trial(prepare_trial(configs[1]), lambda step, metrics: step == 1), results[1])
+
+
+def test_batch_key_groups_trials_that_differ_only_in_init_scale_and_seed():
+    a, b = _configs([], MEMBERS[:2])
+    assert batch_key(a) is not None and batch_key(a) == batch_key(b)
+    for shared in (["batch_size=32"], ["activation=tanh"], ["optimizer.lr=0.01"], ["model.width=64"]):
+        assert batch_key(compose([*SMALL, *shared])) != batch_key(a), shared
+
+
+@pytest.mark.parametrize("alone", [["optimizer=lars"], ["model=cnn", "dataset=mnist1d"], ["train.grad_clip=1.0"], ["model=rnn", "dataset=mnist1d"]])
+def test_trials_that_cannot_be_vectorized_have_no_batch_key(alone):
+    assert batch_key(compose([*SMALL, *alone])) is None
+
+
+def _members(configs):
+    return [(f"trial{i}", 0, config) for i, config in enumerate(configs)]
+
+
+def test_task_groups_fill_free_slots_and_respect_the_maximum():
+    same = _members(_configs([], MEMBERS * 16))  # 64 members, one shape
+    groups = _task_groups(same, batch_max=32, free=2)
+    assert sorted(len(g) for g in groups) == [32, 32]
+    sizes = [len(g) for g in _task_groups(same, batch_max=10, free=2)]
+    assert len(sizes) == 7 and max(sizes) == 10 and sum(sizes) == 64
+    assert len(_task_groups(same[:3], batch_max=32, free=8)) == 3  # every member its own slot
+    assert all(len(g) == 1 for g in _task_groups(same, batch_max=1, free=2))  # batching off
+
+
+def test_task_groups_never_mix_shapes():
+    mixed = _members(_configs([]) + _configs(["activation=tanh"]) + _configs(["optimizer=lars"]))
+    groups = _task_groups(mixed, batch_max=32, free=2)
+    for group in groups:
+        assert len({batch_key(config) for _, _, config in group}) == 1
+    assert sum(len(g) for g in groups) == 12 and len([g for g in groups if batch_key(g[0][2]) is None]) == 4
