@@ -14,6 +14,8 @@ class Progress:
                         disable=not enabled, dynamic_ncols=True)
 
     def update(self, study, running: int) -> None:
+        if self.bar.disable:  # no bar, no need to read every trial back from the store
+            return
         trials = study.get_trials(deepcopy=False)
         failed = sum(t.state == TrialState.FAIL for t in trials)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
@@ -25,6 +25,7 @@ ROLE_TAG = "initstudy.role"
 class StudyRecord:
     plan: StudyPlan
     parent: tracking.Run
+    _closed: dict[int, list[str]] = field(default_factory=dict)  # trial number -> stale runs ended
 
     @classmethod
     def open(cls, plan: StudyPlan) -> "StudyRecord":
@@ -74,9 +75,21 @@ class StudyRecord:
 
     def trial_ended(self, frozen, results: dict[int, dict]) -> None:
         """Tag every run of the trial with Optuna's final state."""
-        tags = {STUDY_TAG: self.plan.cfg.study.name, "optuna_trial": frozen.number}
-        for run_id in tracking.find_runs(self.plan.cfg.tracking, self.plan.cfg.study.name, tags):
+        for run_id in self._runs_of(frozen.number, results):
             tracking.Run(self.plan.cfg.tracking.uri, run_id).set_tags({"optuna_state": frozen.state.name})
+
+    def _runs_of(self, number: int, results: dict[int, dict]) -> list[str]:
+        """The trial's runs: those its workers returned and those ``close_stale_runs`` ended.
+
+        A seed without a result (its worker failed, or the trial never launched) recorded a run
+        whose id the driver never saw: then, and only then, the store is searched (a search per
+        trial cost the driver more than the tags it sets).
+        """
+        closed = self._closed.pop(number, [])
+        if len(results) == len(self.plan.seeds()) and all(r.get("run_id") for r in results.values()):
+            return [r["run_id"] for r in results.values()] + closed
+        tags = {STUDY_TAG: self.plan.cfg.study.name, "optuna_trial": number}
+        return tracking.find_runs(self.plan.cfg.tracking, self.plan.cfg.study.name, tags)
 
     def close_stale_runs(self, reason: str, trial_number: Optional[int] = None, seed_index: Optional[int] = None,
                          keep: Optional[str] = None) -> None:
@@ -87,6 +100,8 @@ class StudyRecord:
         for run_id in tracking.find_runs(self.plan.cfg.tracking, self.plan.cfg.study.name, tags, status="RUNNING"):
             if run_id != keep:
                 tracking.Run(self.plan.cfg.tracking.uri, run_id).end("FAILED", reason=reason)
+                if trial_number is not None:  # trial_ended tags it with the trial's state too
+                    self._closed.setdefault(trial_number, []).append(run_id)
 
     def finish(self, study, plan: StudyPlan) -> dict:
         """Print and log the summary table, tag the best trial, end the parent run."""
