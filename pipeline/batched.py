@@ -4,10 +4,11 @@
 member keeps for itself (initializer, scale, seed; its run name and tags), so they can train as one
 ``StackedMLP`` (pipeline/nn/stacked.py). ``train_batch`` then trains the members in lockstep: one
 vectorized forward/backward/step per batch for all of them, each member drawing its own shuffled
-batches from its own seed, exactly as ``train.train_trial`` would. After each epoch every member's
-slice is copied back into its own model, where validation, diagnostics and the epoch's report run
-through the same code as an unbatched trial; a member that diverges or is pruned stops there
-(its slice keeps computing, unread, until the batch ends).
+batches from its own seed, exactly as ``train.train_trial`` would. Validation, update ratios and
+the diagnostics probe are vectorized too; each member's numbers then go through the same epoch
+bookkeeping and report as an unbatched trial's. A member that diverges or is pruned stops there:
+its slice is copied back into its own model (for its final accuracy and weights) and keeps
+computing, unread, until the batch ends.
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import data, diagnostics
+from pipeline.nn.activations import ACTIVATIONS
 from pipeline.nn.stacked import StackedMLP
 from pipeline.optim import build_optimizer
-from pipeline.train import PreparedTrial, Report, TrainState, TrialResult, close_epoch, epoch_zero, finish_trial, probe_samples
+from pipeline.train import (EpochMeasures, PreparedTrial, Report, TrainState, TrialResult, close_epoch, epoch_zero,
+                            finish_trial, probe_samples)
 
 #: Optimizers whose update of each element depends only on that element's own history, so a sum
 #: of the members' losses gives each member its own update (LARS's per-tensor norms would mix them).
@@ -50,7 +53,7 @@ def _batchable(config: dict) -> bool:
 
 @dataclass
 class _Member:
-    """One trial of the batch: its own model (synced each epoch), shuffle, state and report."""
+    """One trial of the batch: its own model (written back when it stops), shuffle, state, report."""
 
     prep: PreparedTrial
     report: Report
@@ -63,19 +66,17 @@ class _Member:
     def running(self) -> bool:
         return self.result is None
 
-    def begin(self, probe_batch) -> None:
-        metrics = epoch_zero(self.prep.model, self.prep.splits, probe_batch, self.prep.cfg, self.state)
-        self.pruned = bool(self.report(0, metrics))
+    def begin(self, measures: EpochMeasures) -> None:
+        self.pruned = bool(self.report(0, epoch_zero(self.prep.cfg, self.state, lambda: measures)))
 
-    def close(self, epoch: int, fit: tuple[float, float], before: list, steps: int, probe_batch) -> None:
-        p = self.prep
-        metrics = close_epoch(p.model, p.splits, p.cfg, epoch, probe_batch, self.state, fit, before, steps)
-        self.pruned = bool(self.report(epoch, metrics))
+    def close(self, epoch: int, fit: tuple[float, float], measures: EpochMeasures) -> None:
+        self.pruned = bool(self.report(epoch, close_epoch(self.prep.cfg, epoch, self.state, fit, lambda: measures)))
 
-    def finish_if_stopped(self, epochs: int, start: float) -> None:
-        stopped = self.pruned or self.state.diverged_epoch is not None or self.state.epochs_run >= epochs
-        if self.running and stopped:
-            self.result = finish_trial(self.prep.model, self.prep.splits, self.state, self.pruned, start)
+    def stopped(self, epochs: int) -> bool:
+        return self.pruned or self.state.diverged_epoch is not None or self.state.epochs_run >= epochs
+
+    def finish(self, start: float) -> None:
+        self.result = finish_trial(self.prep.model, self.prep.splits, self.state, self.pruned, start)
 
 
 def train_batch(preps: list[PreparedTrial], reports: Optional[list[Optional[Report]]] = None) -> list[TrialResult]:
@@ -85,25 +86,69 @@ def train_batch(preps: list[PreparedTrial], reports: Optional[list[Optional[Repo
     reports = reports or [None] * len(preps)
     members = [_Member(p, r or (lambda step, metrics: None), torch.Generator().manual_seed(p.cfg.seed + 1))
                for p, r in zip(preps, reports)]
-    models = [p.model for p in preps]
-    stacked = StackedMLP(models)
+    stacked = StackedMLP([p.model for p in preps])
     optimizer = build_optimizer(stacked.parameters(), cfg.optimizer)
-    probe_batch = probe_samples(splits, cfg.train.probe_size)
-    for member in members:
-        member.begin(probe_batch)
-        member.finish_if_stopped(cfg.train.epochs, start)
+    measure = _Measure(stacked, splits, cfg)
+    for member, measures in zip(members, measure()):
+        member.begin(measures)
+    _finish_stopped(members, stacked, cfg.train.epochs, start)
     for epoch in range(1, cfg.train.epochs + 1):
-        active = [k for k, m in enumerate(members) if m.running]
-        if not active:
+        if not any(m.running for m in members):
             break
-        before = {k: diagnostics.weight_snapshot(models[k]) for k in active}
+        before = [w.detach().clone() for w in stacked.weights]
         batches = [data.batch_indices(len(splits.y_train), cfg.batch_size, m.shuffle, splits.y_train.device) for m in members]
         losses, accuracies = _fit_stacked(stacked, optimizer, splits, batches)
-        stacked.write_back(models, active)
-        for k in active:
-            members[k].close(epoch, (losses[k], accuracies[k]), before[k], len(batches[k]), probe_batch)
-            members[k].finish_if_stopped(cfg.train.epochs, start)
+        measures = measure(before, len(batches[0]))
+        for k, member in enumerate(members):
+            if member.running:
+                member.close(epoch, (losses[k], accuracies[k]), measures[k])
+        _finish_stopped(members, stacked, cfg.train.epochs, start)
     return [m.result for m in members]
+
+
+def _finish_stopped(members: list[_Member], stacked: StackedMLP, epochs: int, start: float) -> None:
+    """Members that stopped this epoch get their own model's weights back, and their result."""
+    stopping = [k for k, m in enumerate(members) if m.running and m.stopped(epochs)]
+    stacked.write_back([m.prep.model for m in members], stopping)
+    for k in stopping:
+        members[k].finish(start)
+
+
+class _Measure:
+    """Every member's epoch measures (validation, update ratios, probe) from vectorized passes."""
+
+    def __init__(self, stacked: StackedMLP, splits: data.Splits, cfg) -> None:
+        self.stacked, self.splits, self.cfg = stacked, splits, cfg
+        self.probe_batch = probe_samples(splits, cfg.train.probe_size)
+        self.saturated = ACTIVATIONS.get(cfg.activation.name).saturated
+
+    def __call__(self, before: Optional[list] = None, steps: int = 0) -> list[EpochMeasures]:
+        k = self.stacked.size
+        vals = evaluate_stacked(self.stacked, self.splits.x_val, self.splits.y_val)
+        ratios = diagnostics.update_ratios_stacked(self.stacked.weights, before, steps) if before else [None] * k
+        probes = (diagnostics.probe_stacked(self.stacked, *self.probe_batch, saturated=self.saturated)
+                  if self.cfg.train.diagnostics else [None] * k)
+        return [EpochMeasures(v, r, p) for v, r, p in zip(vals, ratios, probes)]
+
+
+@torch.no_grad()
+def evaluate_stacked(stacked: StackedMLP, x: torch.Tensor, y: torch.Tensor, floats: int = 2**24) -> list[tuple[float, float]]:
+    """``train.evaluate`` for every member: (mean loss, accuracy), non-finite logits count as wrong.
+
+    Chunks keep the members' copies of the inputs under ``floats`` values (64 MB)."""
+    stacked.train(False)
+    k, n = stacked.size, len(y)
+    chunk = max(1, floats // (k * max(1, x[0].numel())))
+    loss_sum = torch.zeros(k, dtype=torch.float64, device=y.device)
+    correct = torch.zeros(k, dtype=torch.int64, device=y.device)
+    for i in range(0, n, chunk):
+        xs, ys = x[i : i + chunk], y[i : i + chunk]
+        logits = stacked(xs.unsqueeze(0).expand(k, *xs.shape))
+        targets = ys.unsqueeze(0).expand(k, -1)
+        loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(k, -1).sum(dim=1).double()
+        finite = torch.isfinite(logits).all(dim=2)
+        correct += ((logits.argmax(dim=2) == targets) & finite).sum(dim=1)
+    return [(loss / n, hits / n) for loss, hits in zip(loss_sum.tolist(), correct.tolist())]
 
 
 def _fit_stacked(stacked: StackedMLP, optimizer, splits: data.Splits, batches: list[list]) -> tuple[list, list]:

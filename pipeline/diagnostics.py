@@ -48,7 +48,7 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, saturated: Saturat
         grads = torch.autograd.grad(loss, pre_acts + weights, allow_unused=True)
     n = len(pre_acts)
     layers = [_layer_row(i, captures[i], grads[i], grads[n + i], saturated) for i in range(n)]
-    return Probe(layers, _summarize(layers, loss, logits))
+    return Probe(layers, _summarize(layers, float(loss.detach()), float(logits.detach().std())))
 
 
 def probe_recurrent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, saturated: Saturation = None) -> Probe:
@@ -70,9 +70,56 @@ def probe_recurrent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, saturate
             top.capture = False
     layers = [_step_row(t, h.detach(), g, saturated) for t, (h, g) in enumerate(zip(top.states, grads))]
     top.states = []
-    summary = _summarize(layers, loss, logits)
+    summary = _summarize(layers, float(loss.detach()), float(logits.detach().std()))
     summary["spectral_radius"] = model.spectral_radius()
     return Probe(layers, summary)
+
+
+def probe_stacked(stacked, x: torch.Tensor, y: torch.Tensor, saturated: Saturation = None) -> list[Probe]:
+    """``probe`` for every member of a ``StackedMLP`` at once (trial batching): the same numbers
+    each member's own ``probe`` gives, from one vectorized forward/backward pass."""
+    k = stacked.size
+    with stacked.probing():
+        captures: list[dict] = []
+        logits = stacked(x.unsqueeze(0).expand(k, *x.shape), captures)
+        targets = y.unsqueeze(0).expand(k, -1)
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(k, -1).mean(dim=1)
+        pre_acts = [c["pre_act"] for c in captures]
+        grads = torch.autograd.grad(losses.sum(), pre_acts + stacked.weights, allow_unused=True)
+    n = len(pre_acts)
+    columns = [_stacked_columns(captures[i], grads[i], grads[n + i], saturated) for i in range(n)]
+    names = list(columns[0])
+    table = torch.stack([torch.stack([col[name] for name in names], dim=1) for col in columns], dim=1).tolist()
+    probe_loss, logit_std = losses.detach().tolist(), logits.detach().flatten(1).std(dim=1).tolist()
+    probes = []
+    for member in range(k):  # table[member][layer] -> one row per layer, as probe() writes it
+        layers = [{"layer": i + 1, **dict(zip(names, table[member][i]))} for i in range(n)]
+        probes.append(Probe(layers, _summarize(layers, probe_loss[member], logit_std[member])))
+    return probes
+
+
+def _stacked_columns(capture: dict, pre_grad, weight_grad, saturated: Saturation) -> dict[str, torch.Tensor]:
+    """One layer's row for every member, each value a (K,) tensor."""
+    out, act_in = capture["out"], capture["act_in"]
+    zeros = torch.zeros(out.shape[0], device=out.device)
+    columns = {
+        "act_std": out.flatten(1).std(dim=1),
+        "grad_norm": zeros if pre_grad is None else pre_grad.flatten(1).norm(dim=1),
+        "weight_grad_norm": zeros if weight_grad is None else weight_grad.flatten(1).norm(dim=1),
+        "dead_fraction": (act_in <= 0).all(dim=1).float().mean(dim=1),  # (K, samples, units)
+    }
+    if saturated is not None:
+        columns["saturated_fraction"] = saturated(out).float().flatten(1).mean(dim=1)
+    return columns
+
+
+def update_ratios_stacked(weights: list[torch.Tensor], before: list[torch.Tensor], steps: int) -> list[list[float]]:
+    """``update_ratios`` for every member: ``[member][layer]`` from (K, out, in) weights."""
+    rows = []
+    for now, old in zip(weights, before):
+        delta, norm = (now.detach() - old).flatten(1).norm(dim=1), old.flatten(1).norm(dim=1)
+        rows.append([_ratio(d, o) / max(steps, 1) for d, o in zip(delta.tolist(), norm.tolist())])
+    return [list(member) for member in zip(*rows)]
 
 
 def _step_row(index: int, h: torch.Tensor, grad, saturated: Saturation) -> dict:
@@ -107,11 +154,11 @@ def _dead_fraction(act_in: torch.Tensor) -> float:
     return float((per_unit <= 0).all(dim=1).float().mean())
 
 
-def _summarize(layers: list[dict], loss: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+def _summarize(layers: list[dict], probe_loss: float, logit_std: float) -> dict[str, float]:
     first, last = layers[0], layers[-1]
     summary = {
-        "probe_loss": float(loss.detach()),
-        "logit_std": float(logits.detach().std()),
+        "probe_loss": probe_loss,
+        "logit_std": logit_std,
         "act_std_ratio": _ratio(last["act_std"], first["act_std"]),
         "grad_norm_ratio": _ratio(first["grad_norm"], last["grad_norm"]),
         "dead_fraction": sum(r["dead_fraction"] for r in layers) / len(layers),

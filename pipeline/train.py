@@ -131,7 +131,7 @@ def train_trial(prep: PreparedTrial, report: Optional[Report] = None) -> TrialRe
     state = TrainState()
 
     # Epoch 0: the network as initialized, before any update.
-    init_metrics = epoch_zero(model, splits, probe_batch, cfg, state)
+    init_metrics = epoch_zero(cfg, state, lambda: measure(model, splits, cfg, probe_batch))
     pruned = bool(report(0, init_metrics))
 
     for epoch in range(1, cfg.train.epochs + 1):
@@ -177,10 +177,11 @@ def probe_samples(splits: data.Splits, size: int) -> tuple[torch.Tensor, torch.T
     return splits.x_train[:size], splits.y_train[:size]
 
 
-def epoch_zero(model, splits, probe_batch, cfg: Config, state: TrainState) -> dict:
-    val_loss, val_acc = evaluate(model, splits.x_val, splits.y_val)
-    metrics = {"val_loss": val_loss, "val_accuracy": val_acc}
-    diag = _diagnose(model, probe_batch, cfg, state, epoch=0)
+def epoch_zero(cfg: Config, state: TrainState, measures: Callable[[], "EpochMeasures"]) -> dict:
+    """Epoch 0: the network as initialized, before any update."""
+    m = measures()
+    metrics = {"val_loss": m.val[0], "val_accuracy": m.val[1]}
+    diag = _tabulate_probe(m.probe, state, epoch=0)
     metrics.update({f"init_{k}": v for k, v in diag.items() if k in ("act_std_ratio", "grad_norm_ratio")})
     if "probe_loss" in diag:
         metrics["init_loss"] = diag["probe_loss"]
@@ -189,16 +190,34 @@ def epoch_zero(model, splits, probe_batch, cfg: Config, state: TrainState) -> di
     return metrics
 
 
+@dataclass
+class EpochMeasures:
+    """What closing an epoch measures on the model: validation, per-layer update ratios, the probe."""
+
+    val: tuple[float, float]  # (loss, accuracy)
+    ratios: Optional[list[float]] = None  # None at epoch 0
+    probe: Optional[diagnostics.Probe] = None  # None with train.diagnostics=false
+
+
+def measure(model: nn.Module, splits: data.Splits, cfg: Config, probe_batch, before=None, steps: int = 0) -> EpochMeasures:
+    """An unbatched trial's measures (a batched one gets them all at once: pipeline/batched.py)."""
+    val = evaluate(model, splits.x_val, splits.y_val)
+    ratios = diagnostics.update_ratios(model, before, steps) if before is not None else None
+    return EpochMeasures(val, ratios, _probe(model, probe_batch, cfg))
+
+
 def _train_epoch(model, optimizer, splits, cfg: Config, shuffle, epoch: int, probe_batch, state: TrainState) -> dict:
     before = diagnostics.weight_snapshot(model)
     batches = data.batch_indices(len(splits.y_train), cfg.batch_size, shuffle, splits.y_train.device)
     train_loss, train_acc = _fit_batches(model, optimizer, splits, batches, cfg.train.grad_clip)
-    return close_epoch(model, splits, cfg, epoch, probe_batch, state, (train_loss, train_acc), before, len(batches))
+    measures = lambda: measure(model, splits, cfg, probe_batch, before, len(batches))  # noqa: E731
+    return close_epoch(cfg, epoch, state, (train_loss, train_acc), measures)
 
 
-def close_epoch(model, splits, cfg: Config, epoch: int, probe_batch, state: TrainState, fit: tuple[float, float],
-                before: list[torch.Tensor], steps: int) -> dict:
-    """After an epoch's updates: divergence check, validation, update ratios, diagnostics, history."""
+def close_epoch(cfg: Config, epoch: int, state: TrainState, fit: tuple[float, float],
+                measures: Callable[[], EpochMeasures]) -> dict:
+    """After an epoch's updates: divergence check, then (if finite) validation, update ratios,
+    diagnostics, history. ``measures`` is only called for a finite epoch."""
     train_loss, train_acc = fit
     state.epochs_run = epoch
     metrics = {"train_loss": train_loss, "train_accuracy": train_acc}
@@ -206,11 +225,11 @@ def close_epoch(model, splits, cfg: Config, epoch: int, probe_batch, state: Trai
         state.diverged_epoch = epoch  # a result: the caller records it, nothing is raised
         state.history.append({"epoch": epoch, **metrics})
         return metrics
-    val_loss, val_acc = evaluate(model, splits.x_val, splits.y_val)
+    m = measures()
+    val_loss, val_acc = m.val
     metrics.update(val_loss=val_loss, val_accuracy=val_acc)
-    ratios = diagnostics.update_ratios(model, before, steps)
-    metrics["update_ratio"] = sum(ratios) / len(ratios)
-    metrics.update(_diagnose(model, probe_batch, cfg, state, epoch, ratios))
+    metrics["update_ratio"] = sum(m.ratios) / len(m.ratios)
+    metrics.update(_tabulate_probe(m.probe, state, epoch, m.ratios))
     _track_progress(state, epoch, val_acc, cfg.train.target_accuracy)
     state.history.append({"epoch": epoch, **metrics})
     return metrics
@@ -250,11 +269,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 40
     return loss_sum / len(y), correct / len(y)
 
 
-def _diagnose(model, probe_batch, cfg: Config, state: TrainState, epoch: int, ratios=None) -> dict:
+def _probe(model, probe_batch, cfg: Config) -> Optional[diagnostics.Probe]:
     if not cfg.train.diagnostics:
+        return None
+    return diagnostics.probe(model, *probe_batch, saturated=ACTIVATIONS.get(cfg.activation.name).saturated)
+
+
+def _tabulate_probe(result: Optional[diagnostics.Probe], state: TrainState, epoch: int, ratios=None) -> dict:
+    """The probe's rows into the trial's layer table (with each layer's update ratio); its summary."""
+    if result is None:
         return {}
-    saturated = ACTIVATIONS.get(cfg.activation.name).saturated
-    result = diagnostics.probe(model, *probe_batch, saturated=saturated)
     per_row = ratios if ratios and len(ratios) == len(result.layers) else None  # rows are time steps in an RNN
     for i, row in enumerate(result.layers):
         extra = {"update_ratio": per_row[i]} if per_row else {}

@@ -25,14 +25,18 @@ def _configs(shape: list[str], members=MEMBERS) -> list[dict]:
     return [compose([*SMALL, *shape, f"initializer={i}", f"scale={s}", f"seed={seed}"]) for i, s, seed in members]
 
 
-def _assert_same_curves(alone, together) -> None:
-    assert len(alone.history) == len(together.history)
-    for solo_epoch, batch_epoch in zip(alone.history, together.history):
-        assert solo_epoch.keys() == batch_epoch.keys()
-        for key, value in solo_epoch.items():
-            other = batch_epoch[key]
+def _assert_same_rows(alone: list[dict], together: list[dict]) -> None:
+    assert len(alone) == len(together)
+    for solo_row, batch_row in zip(alone, together):
+        assert solo_row.keys() == batch_row.keys()
+        for key, value in solo_row.items():
+            other = batch_row[key]
             assert (math.isnan(value) and math.isnan(other)) or other == pytest.approx(value, rel=1e-4, abs=1e-5), key
-    assert len(alone.layer_table) == len(together.layer_table)
+
+
+def _assert_same_curves(alone, together) -> None:
+    _assert_same_rows(alone.history, together.history)  # every epoch's metrics, diagnostics included
+    _assert_same_rows(alone.layer_table, together.layer_table)  # every layer's diagnostics, every epoch
     assert (alone.final_accuracy, alone.diverged, alone.pruned, alone.epochs_run) == \
         (together.final_accuracy, together.diverged, together.pruned, together.epochs_run)
 

@@ -13,8 +13,9 @@ into its own ``Network``, where diagnostics, evaluation and weight logging run u
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,17 @@ class _Norm:
     def parameters(self) -> list[Tensor]:
         return [t for t in (self.weight, self.bias) if t is not None]
 
+    def state(self) -> tuple:
+        stats = [t.clone() if t is not None else None for t in (self.running_mean, self.running_var)]
+        return (*stats, self.steps)
+
+    @torch.no_grad()
+    def restore(self, state: tuple) -> None:
+        mean, var, self.steps = state
+        if mean is not None:
+            self.running_mean.copy_(mean)
+            self.running_var.copy_(var)
+
     def write_back(self, norm: nn.Module, k: int) -> None:
         for name in ("weight", "bias", "running_mean", "running_var"):
             source = getattr(self, name)
@@ -129,15 +141,31 @@ class StackedMLP:
         self.training = mode
         return self
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, captures: Optional[list[dict]] = None) -> Tensor:
+        """Logits (K, B, C). With ``captures`` (a list), each hidden layer appends what the probe
+        reads: its output ``pre_act`` (kept in the graph), the activation's input and output."""
         h = x.flatten(2)
         for weight, bias, norm, act, residual in zip(self.weights, self.biases, self.norms, self.acts, self.residual):
-            out = _linear(h, weight, bias)
-            out = norm(out, self.training)
-            k, b, w = out.shape
-            out = act(out.reshape(k * b, w)).view(k, b, -1)  # maxout narrows the feature dim
+            pre_act = _linear(h, weight, bias)
+            act_in = norm(pre_act, self.training)
+            k, b, w = act_in.shape
+            out = act(act_in.reshape(k * b, w)).view(k, b, -1)  # maxout narrows the feature dim
+            if captures is not None:
+                captures.append({"pre_act": pre_act, "act_in": act_in.detach(), "out": out.detach()})
             h = h + out if residual else out
         return _linear(h, self.head_weight, self.head_bias)
+
+    @contextlib.contextmanager
+    def probing(self) -> Iterator[None]:
+        """Train mode for a measurement that leaves no trace (normalization statistics restored)."""
+        saved = [(norm, norm.state()) for norm in self.norms]
+        was_training, self.training = self.training, True
+        try:
+            yield
+        finally:
+            self.training = was_training
+            for norm, state in saved:
+                norm.restore(state)
 
     @torch.no_grad()
     def write_back(self, models: list[Network], members: Optional[list[int]] = None) -> None:
