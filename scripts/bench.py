@@ -94,11 +94,35 @@ def _digits():
     return _DATA
 
 
-def bare_main(trials: int, epochs: int, procs: int) -> None:
+def random_params(trials: int) -> list[dict]:
     rng = random.Random(0)
-    params = [{"initializer": rng.choice(INITS), "scale": 2 ** rng.uniform(-2, 2), "activation": rng.choice(ACTS),
-               "normalization": rng.choice(["none", "batch"]), "batch_size": rng.choice([32, 64, 128]), "seed": i}
-              for i in range(trials)]
+    return [{"initializer": rng.choice(INITS), "scale": 2 ** rng.uniform(-2, 2), "activation": rng.choice(ACTS),
+             "normalization": rng.choice(["none", "batch"]), "batch_size": rng.choice([32, 64, 128]), "seed": i}
+            for i in range(trials)]
+
+
+#: The grid workload: initializer x scale (4 x trials/4), ReLU, no normalization, batch size 64.
+GRID_INITS = ["xavier_normal", "kaiming_normal", "lecun_normal", "orthogonal"]
+
+
+def grid_scales(trials: int) -> list[float]:
+    n = trials // len(GRID_INITS)
+    return [round(2 ** (-2 + 4 * i / max(n - 1, 1)), 4) for i in range(n)]
+
+
+def grid_params(trials: int) -> list[dict]:
+    return [{"initializer": init, "scale": scale, "activation": "relu", "normalization": "none", "batch_size": 64, "seed": 0}
+            for init in GRID_INITS for scale in grid_scales(trials)]
+
+
+def grid_overrides(trials: int) -> list[str]:
+    scales = ", ".join(str(s) for s in grid_scales(trials))
+    return ["space=empty", "study.sampler=grid", f"space.initializer=choice({', '.join(GRID_INITS)})",
+            f"space.scale=choice({scales})", "activation=relu", "normalization=none", "batch_size=64"]
+
+
+def bare_main(trials: int, epochs: int, procs: int, grid: bool = False) -> None:
+    params = grid_params(trials) if grid else random_params(trials)
     with mp.get_context("spawn").Pool(procs) as pool:
         pool.starmap(bare_trial, [(p, epochs) for p in params])
 
@@ -110,31 +134,34 @@ def timed(cmd: list[str], env=None) -> float:
     return time.perf_counter() - start
 
 
-def bare_wall(trials: int, epochs: int, procs: int) -> float:
-    return timed([sys.executable, __file__, "--bare", "--trials", str(trials), "--epochs", str(epochs), "--procs", str(procs)])
+def bare_wall(trials: int, epochs: int, procs: int, grid: bool = False) -> float:
+    return timed([sys.executable, __file__, "--bare", "--trials", str(trials), "--epochs", str(epochs), "--procs", str(procs),
+                  *(["--grid-bare"] if grid else [])])
 
 
 def pipeline_cmd(tmp: Path, name: str, trials: int, epochs: int, extra=()) -> list[str]:
     return [sys.executable, "-m", "pipeline", "run", f"study.name={name}", f"study.n_trials={trials}",
-            f"train.epochs={epochs}", "study.sampler=random", "study.progress=false", "study.report=false",
+            f"train.epochs={epochs}", "study.sampler=random", *extra, "study.progress=false", "study.report=false",
             f"study.output_dir={tmp}/studies", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-            f"tracking.artifact_root={tmp}/artifacts", *extra]
+            f"tracking.artifact_root={tmp}/artifacts"]
 
 
-def pipeline_wall(tmp: Path, name: str, trials: int, epochs: int, extra=()) -> tuple[float, float]:
-    """Whole-command wall time, and seconds from the command's start to the first trial's run."""
+def pipeline_wall(tmp: Path, name: str, trials: int, epochs: int, extra=()) -> dict:
+    """Whole-command wall time; seconds from the command's start to the first trial's run; and the
+    training phase (first trial's run opened to last one ended)."""
     start_ms = time.time() * 1000
     wall = timed(pipeline_cmd(tmp, name, trials, epochs, extra))
-    return wall, (_first_child_start(tmp, name) - start_ms) / 1000
+    first, last = _child_span(tmp, name)
+    return {"wall": wall, "to_first": (first - start_ms) / 1000, "phase": (last - first) / 1000}
 
 
-def _first_child_start(tmp: Path, name: str) -> float:
+def _child_span(tmp: Path, name: str) -> tuple[float, float]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id], "tags.`initstudy.role` = 'trial'", max_results=5000)
-    return min(r.info.start_time for r in runs)
+    return min(r.info.start_time for r in runs), max(r.info.end_time for r in runs)
 
 
 def _count_children(tmp: Path, name: str) -> tuple[int, int]:
@@ -146,18 +173,40 @@ def _count_children(tmp: Path, name: str) -> tuple[int, int]:
     return len(runs), sum(r.info.status == "RUNNING" for r in runs)
 
 
-def throughput(trials: int, epochs: int, procs: int, repeats: int) -> dict:
-    bare, pipe, first = [], [], []
+def throughput(trials: int, epochs: int, procs: int, repeats: int, grid: bool = False) -> dict:
+    """Bare loop, pipeline with trial batching (the default) and without, each ``repeats`` times."""
+    extra = grid_overrides(trials) if grid else []
+    runs: dict[str, list] = {"bare": [], "batched": [], "unbatched": []}
     for i in range(repeats):
-        bare.append(bare_wall(trials, epochs, procs))
+        runs["bare"].append(bare_wall(trials, epochs, procs, grid))
+        for side, flag in (("batched", "true"), ("unbatched", "false")):
+            with tempfile.TemporaryDirectory() as tmp:
+                runs[side].append(pipeline_wall(Path(tmp), f"bench{i}", trials, epochs, [*extra, f"study.trial_batching={flag}"]))
+    bare = statistics.median(runs["bare"])
+    out = {"workload": f"{'grid' if grid else 'W'}{trials}", "trials": trials, "epochs": epochs, "bare_s": bare,
+           "bare_tpm": 60 * trials / bare, "runs": runs}
+    for side in ("batched", "unbatched"):
+        wall = statistics.median(r["wall"] for r in runs[side])
+        phase = statistics.median(r["phase"] for r in runs[side])
+        out[side] = {"wall_s": wall, "tpm": 60 * trials / wall, "ratio": bare / wall, "phase_tpm": 60 * trials / phase,
+                     "to_first_trial_s": statistics.median(r["to_first"] for r in runs[side])}
+    return out
+
+
+def overhead(procs: int, repeats: int) -> dict:
+    """Fixed cost per trial: 32 one-epoch trials (batching off, so each trial pays it), start-up included."""
+    bare, pipe = [], []
+    for i in range(repeats):
+        bare.append(bare_wall(32, 1, procs))
         with tempfile.TemporaryDirectory() as tmp:
-            wall, to_first = pipeline_wall(Path(tmp), f"bench{i}", trials, epochs)
-        pipe.append(wall)
-        first.append(to_first)
-    b, p = statistics.median(bare), statistics.median(pipe)
-    return {"trials": trials, "epochs": epochs, "bare_s": b, "pipeline_s": p, "bare_tpm": 60 * trials / b,
-            "pipeline_tpm": 60 * trials / p, "ratio": b / p, "to_first_trial_s": statistics.median(first),
-            "bare_runs": bare, "pipeline_runs": pipe}
+            pipe.append(pipeline_wall(Path(tmp), f"one{i}", 32, 1, ["study.trial_batching=false"]))
+    b = statistics.median(bare)
+    p = statistics.median(r["wall"] for r in pipe)
+    phase = statistics.median(r["phase"] for r in pipe)
+    out = {"per_trial_s": (p - b) * procs / 32, "pipeline_s": p, "bare_s": b, "phase_per_trial_s": phase * procs / 32}
+    print(f"fixed overhead per trial (32 x 1-epoch trials, {procs} slots, start-up included): {out['per_trial_s']:.3f} s "
+          f"[pipeline {p:.1f} s vs bare {b:.1f} s]; once trials run, a 1-epoch trial takes {out['phase_per_trial_s']:.3f} s a slot")
+    return out
 
 
 def diagnostics_cost(repeats: int) -> dict:
@@ -207,27 +256,33 @@ def driver_memory(trials: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--grid-bare", dest="grid_bare", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--procs", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workloads", default="16,64", help="trial counts to measure, e.g. 16,64")
+    ap.add_argument("--workloads", default="16,64", help="random-axes workloads to measure (trial counts), e.g. 16,64")
+    ap.add_argument("--grid", default="64", help="initializer x scale grid workloads (trial counts, multiples of 4)")
+    ap.add_argument("--no-overhead", dest="overhead", action="store_false", help="skip the 1-epoch overhead measurement")
+    ap.add_argument("--no-diagnostics", dest="diagnostics", action="store_false", help="skip the diagnostics cost")
     ap.add_argument("--memory-trials", type=int, default=0)
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     if args.bare:
-        return bare_main(args.trials, args.epochs, args.procs)
+        return bare_main(args.trials, args.epochs, args.procs, args.grid_bare)
     report = {"machine": f"{os.cpu_count()} CPUs", "workloads": []}
-    for n in map(int, args.workloads.split(",")):
+    for n in map(int, filter(None, args.workloads.split(","))):
         report["workloads"].append(throughput(n, args.epochs, args.procs, args.repeats))
         _print_workload(report["workloads"][-1])
-    one = throughput(32, 1, args.procs, args.repeats)
-    report["overhead_per_trial_s"] = (one["pipeline_s"] - one["bare_s"]) * args.procs / 32
-    print(f"fixed overhead per trial (32 x 1-epoch trials, {args.procs} slots): {report['overhead_per_trial_s']:.3f} s"
-          f"  [pipeline {one['pipeline_s']:.1f} s vs bare {one['bare_s']:.1f} s, start-up included]")
-    report["diagnostics"] = diagnostics_cost(args.repeats)
-    d = report["diagnostics"]
-    print(f"diagnostics: {100 * d['share']:.1f}% of trial time ({d['with_s']:.3f} s with, {d['without_s']:.3f} s without)")
+    for n in map(int, filter(None, args.grid.split(","))):
+        report["workloads"].append(throughput(n, args.epochs, args.procs, args.repeats, grid=True))
+        _print_workload(report["workloads"][-1])
+    if args.overhead:
+        report["overhead"] = overhead(args.procs, args.repeats)
+    if args.diagnostics:
+        report["diagnostics"] = diagnostics_cost(args.repeats)
+        d = report["diagnostics"]
+        print(f"diagnostics: {100 * d['share']:.1f}% of trial time ({d['with_s']:.3f} s with, {d['without_s']:.3f} s without)")
     if args.memory_trials:
         report["memory"] = m = driver_memory(args.memory_trials)
         print(f"driver memory over {m['trials']} tiny trials: {m['rss_after_startup_mb']:.0f} MB after start-up, "
@@ -238,9 +293,12 @@ def main() -> None:
 
 
 def _print_workload(w: dict) -> None:
-    print(f"W{w['trials']} ({w['trials']} trials x {w['epochs']} epochs): bare {w['bare_s']:.1f} s "
-          f"({w['bare_tpm']:.0f} trials/min), pipeline {w['pipeline_s']:.1f} s ({w['pipeline_tpm']:.0f} trials/min), "
-          f"ratio {w['ratio']:.2f}; command to first trial {w['to_first_trial_s']:.1f} s")
+    print(f"{w['workload']} ({w['trials']} trials x {w['epochs']} epochs): bare loop {w['bare_s']:.1f} s ({w['bare_tpm']:.0f} trials/min)")
+    for side in ("batched", "unbatched"):
+        p = w[side]
+        print(f"  pipeline, trial batching {'on ' if side == 'batched' else 'off'}: {p['wall_s']:.1f} s ({p['tpm']:.0f} trials/min), "
+              f"ratio {p['ratio']:.2f}; command to first trial {p['to_first_trial_s']:.1f} s; "
+              f"{p['phase_tpm']:.0f} trials/min once trials run")
 
 
 if __name__ == "__main__":
