@@ -92,8 +92,15 @@ class StudyRecord:
         return tracking.find_runs(self.plan.cfg.tracking, self.plan.cfg.study.name, tags)
 
     def close_stale_runs(self, reason: str, trial_number: Optional[int] = None, seed_index: Optional[int] = None,
-                         keep: Optional[str] = None) -> None:
-        """End runs left RUNNING by a dead worker (or a dead driver) as FAILED, with the reason."""
+                         keep: Optional[str] = None, attempt: Optional[int] = None) -> None:
+        """End runs left RUNNING by a dead worker (or a dead driver) as FAILED, with the reason.
+
+        ``keep`` is the run of the attempt that returned; if that was the task's first attempt
+        (``attempt=0``, from ``cluster.worker_context``), no worker died before it and there is
+        nothing to search for.
+        """
+        if keep is not None and attempt == 0:
+            return
         tags: dict[str, Any] = {STUDY_TAG: self.plan.cfg.study.name, ROLE_TAG: "trial"}
         if trial_number is not None:
             tags.update(optuna_trial=trial_number, seed_index=seed_index)
