@@ -10,8 +10,10 @@ Workers never see Hydra: a trial travels as the plain dict of its resolved confi
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -198,12 +200,72 @@ def register_schemas() -> None:
 
 
 def config_from_dict(data: dict) -> Config:
-    """A typed ``Config`` from a resolved plain dict (a trial as it travels to a worker)."""
+    """A typed ``Config`` from a resolved plain dict (a trial as it travels to a worker).
+
+    A dict whose every value already has its field's type (what ``compose`` gives) is built
+    directly (~0.1 ms); anything else goes through OmegaConf, which converts what it can and
+    names the bad key otherwise (~40 ms: per trial, that was most of a tiny trial's overhead).
+    """
+    built = _built_directly(Config, data)
+    if built is not None:
+        return built
     try:
         merged = OmegaConf.merge(_schema(), data)  # merge copies the schema; it stays pristine
         return OmegaConf.to_object(merged)
     except Exception as err:  # omegaconf's errors carry the key path; keep them on one line
         raise ConfigError(" ".join(str(err).split())) from err
+
+
+def _built_directly(schema: type, data: Any) -> Any:
+    """``schema(**data)`` with nested dataclasses built the same way; None where a key is unknown
+    or a value's type is not exactly its field's (OmegaConf then decides)."""
+    if not isinstance(data, dict):
+        return None
+    hints = _field_types(schema)
+    if not set(data) <= hints.keys():
+        return None
+    values = {}
+    for key, value in data.items():
+        value = _typed(hints[key], value)
+        if value is _REFUSED:
+            return None
+        values[key] = value
+    return schema(**values)
+
+
+_REFUSED = object()
+
+
+def _typed(hint: Any, value: Any) -> Any:
+    """``value`` if it fits ``hint`` as it is (int for float allowed), else ``_REFUSED``."""
+    if dataclasses.is_dataclass(hint):
+        return _built_directly(hint, value) or _REFUSED
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return copy.deepcopy(value)
+    if origin is typing.Union:  # Optional[X]
+        return None if value is None else _typed(next(a for a in args if a is not type(None)), value)
+    if origin in (list, dict):
+        return _container(origin, args[-1] if args else Any, value)
+    if hint is float and type(value) is int:
+        return float(value)
+    return value if type(value) is hint else _REFUSED
+
+
+def _container(origin: type, item_hint: Any, value: Any) -> Any:
+    """A new list/dict whose items fit ``item_hint``, or ``_REFUSED``."""
+    if not isinstance(value, origin):
+        return _REFUSED
+    pairs = value.items() if origin is dict else enumerate(value)
+    items = {key: _typed(item_hint, item) for key, item in pairs}
+    if any(item is _REFUSED for item in items.values()):
+        return _REFUSED
+    return items if origin is dict else list(items.values())
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(schema: type) -> dict[str, Any]:
+    return typing.get_type_hints(schema)
 
 
 @functools.lru_cache(maxsize=1)

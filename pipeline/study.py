@@ -115,7 +115,10 @@ class _Loop:
         self.plan, self.study, self.record, self.slots = plan, study, record, slots
         self.pending: dict[Any, list[tuple[_Pending, int]]] = {}  # Ray ref -> its (trial, seed index) members
         self.in_flight: dict[int, _Pending] = {}  # Optuna trial number -> trial
-        self.done = len(counted_trials(study))
+        counted = counted_trials(study)
+        self.done = len(counted)
+        self.failed = sum(t.state == TrialState.FAIL for t in counted)  # kept up to date: no re-read per trial
+        self.last_failure = "?"
         self.oracle = cluster.start_oracle(PruneDecider(plan.storage, plan.cfg.study.name, plan.pruner)) if plan.prunes else None
         self.progress = Progress(self.done, plan.n_trials, enabled=plan.cfg.study.progress)
         self.batch_max = plan.cfg.study.trial_batch_max if plan.cfg.study.trial_batching else 1
@@ -190,17 +193,18 @@ class _Loop:
         self.record.trial_ended(frozen, pending.results)
         self.done += 1
         self.progress.update(self.study, len(self.in_flight))
-        self._check_failure_rate()
+        self._check_failure_rate(frozen)
 
-    def _check_failure_rate(self) -> None:
+    def _check_failure_rate(self, frozen: optuna.trial.FrozenTrial) -> None:
         study_cfg = self.plan.cfg.study
-        trials = counted_trials(self.study)
-        failed = sum(t.state == TrialState.FAIL for t in trials)
-        if len(trials) >= study_cfg.min_trials_for_failure_rate and failed / len(trials) > study_cfg.max_failure_rate:
+        if frozen.state == TrialState.FAIL:
+            self.failed += 1
+            self.last_failure = frozen.user_attrs.get("failure_reason", "?")
+        if self.done >= study_cfg.min_trials_for_failure_rate and self.failed / self.done > study_cfg.max_failure_rate:
             cluster.cancel(list(self.pending))
             raise StudyFailed(
-                f"{failed} of {len(trials)} trials failed (> study.max_failure_rate={study_cfg.max_failure_rate}); "
-                f"last reason: {trials[-1].user_attrs.get('failure_reason', '?') if failed else '?'}"
+                f"{self.failed} of {self.done} trials failed (> study.max_failure_rate={study_cfg.max_failure_rate}); "
+                f"last reason: {self.last_failure}"
             )
 
 
