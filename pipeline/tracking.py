@@ -204,6 +204,7 @@ class Run:
         self._pending: list = []  # buffered metrics
         self._pending_tags: list = []
         self._flushed_at = time.monotonic()
+        self.flush_every_s = FLUSH_EVERY_S  # runs trained together share the store's write rate
 
     def __enter__(self) -> "Run":
         return self
@@ -235,7 +236,7 @@ class Run:
 
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if not buffered or time.monotonic() - self._flushed_at >= FLUSH_EVERY_S:
+        if not buffered or time.monotonic() - self._flushed_at >= self.flush_every_s:
             self.flush()
 
     def flush(self) -> None:
