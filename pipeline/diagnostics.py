@@ -114,7 +114,7 @@ def _stacked_columns(capture: dict, pre_grad, weight_grad, saturated: Saturation
 
 
 def update_ratios_stacked(weights: list[torch.Tensor], before: list[torch.Tensor], steps: int) -> list[list[float]]:
-    """``update_ratios`` for every member: ``[member][layer]`` from (K, out, in) weights."""
+    """``update_ratios`` for every member: ``[member][layer]`` from stacked (K, ...) weights."""
     rows = []
     for now, old in zip(weights, before):
         delta, norm = (now.detach() - old).flatten(1).norm(dim=1), old.flatten(1).norm(dim=1)
