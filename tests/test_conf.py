@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from pipeline import data
 from pipeline.compose import CONF_DIR, compose
-from pipeline.config import config_from_dict, validate
+from pipeline.config import Config, config_from_dict, validate
 from pipeline.errors import ConfigError
 from pipeline.nn.activations import ACTIVATIONS
 from pipeline.nn.initializers import INITIALIZERS, save_weights
@@ -65,6 +66,8 @@ def test_every_group_file_composes_and_validates(group, name, weights_file):
     config = compose([f"{group}={name}", *extra])
     cfg = config_from_dict(config)
     validate(cfg)
+    # A composed dict takes config_from_dict's direct path; OmegaConf must agree with it.
+    assert cfg == OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), config))
     if group in REGISTRIES:
         registry = REGISTRIES[group]
         # An alias file (glorot_uniform.yaml) composes to its canonical name, so params use one name.
@@ -115,3 +118,19 @@ def test_every_space_plans_and_each_of_its_values_composes(group, name, tmp_path
                 node = node[part]
             got = node[leaf]["name"] if isinstance(node[leaf], dict) else node[leaf]
             assert got == value or (axis.key in REGISTRIES and got == REGISTRIES[axis.key].canonical(value))
+
+
+@pytest.mark.parametrize("key, value, message", [("scale", "big", "scale"), ("batch_size", 6.5, "batch_size"),
+                                                 ("model", {"depht": 4}, "depht")])
+def test_a_config_dict_of_wrong_types_or_keys_is_refused_naming_the_key(key, value, message):
+    config = compose([])
+    config[key] = value
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(config)
+
+
+def test_a_config_dict_of_convertible_values_is_converted_as_omegaconf_does():
+    config = compose([])
+    config.update(scale=2, seed="3")
+    cfg = config_from_dict(config)
+    assert (cfg.scale, type(cfg.scale), cfg.seed) == (2.0, float, 3)
