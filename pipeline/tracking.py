@@ -70,7 +70,7 @@ def client(uri: str):
 
 
 def _seed_store(uri: str) -> None:
-    """A new sqlite store starts as a copy of an empty one that this MLflow version built before.
+    """A new sqlite store starts as a copy of an empty one that MLflow built at the same schema revision.
 
     MLflow makes a fresh sqlite store by creating its first schema and replaying every alembic
     migration since (~2 s, before a study's first record). The copy holds the same tables at the
@@ -96,12 +96,14 @@ def _seed_store(uri: str) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _store_template() -> Optional[Path]:
-    """An empty sqlite store at MLflow's latest schema, cached per MLflow version (None if it cannot be made)."""
-    import mlflow
-    from mlflow.store.db import utils as db_utils
+    """An empty sqlite store at MLflow's latest schema, cached per schema revision (None if it cannot be made)."""
+    try:
+        from mlflow.store.db import utils as db_utils
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "initstudy")
-    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "initstudy")
+        template = cache / f"mlflow-schema-{db_utils._get_latest_schema_revision()}.db"
+    except Exception:  # an MLflow without these helpers
+        return None
     if template.exists():
         return template
     partial = cache / f".{template.name}.{os.getpid()}.partial"
@@ -112,7 +114,7 @@ def _store_template() -> Optional[Path]:
         engine.dispose()
         os.replace(partial, template)
         return template
-    except Exception:  # an MLflow without these helpers, a read-only home: no template
+    except Exception:  # a read-only home: no template
         partial.unlink(missing_ok=True)
         return None
 
