@@ -48,8 +48,8 @@ def with_values(tree: Any, overrides: list[str]) -> dict:
     Equal to composing with those overrides added: Hydra too applies non-group overrides to the
     composed struct config, after the defaults list (``OmegaConf.update(cfg, key, value,
     merge=True)``), with values parsed by its override grammar. It skips Hydra's defaults-list
-    and YAML loading, which cost ~0.15 s per call, so a study composes each combination of group
-    choices once and applies the sampled numbers here.
+    and YAML loading, which cost ~0.15 s per call: a study composes each group choice once and
+    applies the sampled numbers here.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
@@ -61,6 +61,24 @@ def with_values(tree: Any, overrides: list[str]) -> dict:
     except Exception as err:
         raise ConfigError(_one_line(err)) from err
     return _resolved(cfg)
+
+
+def differs_only_at(tree: Any, other: Any, key: str) -> bool:
+    """Whether two composed trees hold the same (unresolved) values everywhere outside ``key``."""
+    from omegaconf import OmegaConf
+
+    mine, theirs = (OmegaConf.to_container(t, resolve=False) for t in (tree, other))
+    mine.pop(key, None)
+    theirs.pop(key, None)
+    return mine == theirs
+
+
+def with_subtrees(tree: Any, parts: dict[str, Any]) -> Any:
+    """A copy of ``tree`` whose subtree at each ``key`` is the one ``parts[key]`` holds there."""
+    cfg = copy.deepcopy(tree)
+    for key, part in parts.items():
+        cfg[key] = copy.deepcopy(part[key])
+    return cfg
 
 
 def _resolved(cfg: Any) -> dict:

@@ -15,7 +15,8 @@ from typing import Any, Callable
 import optuna
 
 from pipeline import objectives, space
-from pipeline.compose import compose, compose_tree, group_options, is_value_override, with_values
+from pipeline.compose import (compose, compose_tree, differs_only_at, group_options, is_value_override, with_subtrees,
+                              with_values)
 from pipeline.config import Config, config_from_dict, validate
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
@@ -51,8 +52,8 @@ class StudyPlan:
 
     @functools.lru_cache(maxsize=256)
     def _composed(self, trial_overrides: tuple[str, ...]) -> dict:
-        # Group choices go through Hydra (once per combination); sampled numbers are applied to
-        # that tree, as Hydra applies them: a full compose per trial cost ~0.2 s of the driver.
+        # Group choices go through Hydra (once per choice); sampled numbers are applied to that
+        # tree, as Hydra applies them: a full compose per trial cost ~0.2 s of the driver.
         groups = tuple(o for o in trial_overrides if not is_value_override(o))
         values = [o for o in trial_overrides if is_value_override(o)]
         sampled = frozenset(o.split("=")[0] for o in trial_overrides)
@@ -62,9 +63,30 @@ class StudyPlan:
 
     @functools.lru_cache(maxsize=64)
     def _group_tree(self, groups: tuple[str, ...], sampled: frozenset[str]):
-        """The composed tree for these group choices; base overrides of sampled keys are dropped."""
-        base = [o for o in self.hydra_overrides if o.split("=")[0].lstrip("+~") not in sampled]
-        return compose_tree(base + list(groups))
+        """The composed tree for these group choices.
+
+        Each choice is composed alone and its group's subtree put into the base tree: the same
+        tree as composing them together when no choice changes anything outside its own group
+        (checked per choice; otherwise Hydra composes the combination).
+        """
+        parts = {o.split("=")[0]: self._choice_tree(o, sampled) for o in groups}
+        if any(part is None for part in parts.values()):
+            return compose_tree(self._base_overrides(sampled) + list(groups))
+        return with_subtrees(self._base_tree(sampled), parts)
+
+    @functools.lru_cache(maxsize=128)
+    def _choice_tree(self, choice: str, sampled: frozenset[str]):
+        """Hydra's tree with this one group choice; None if it differs from the base outside that group."""
+        tree = compose_tree(self._base_overrides(sampled) + [choice])
+        return tree if differs_only_at(self._base_tree(sampled), tree, choice.split("=")[0]) else None
+
+    @functools.lru_cache(maxsize=16)
+    def _base_tree(self, sampled: frozenset[str]):
+        return compose_tree(self._base_overrides(sampled))
+
+    def _base_overrides(self, sampled: frozenset[str]) -> list[str]:
+        """The study's Hydra overrides, less those of keys the trial samples."""
+        return [o for o in self.hydra_overrides if o.split("=")[0].lstrip("+~") not in sampled]
 
     def __hash__(self) -> int:  # lru_cache on a method needs a hashable self
         return id(self)
