@@ -47,8 +47,29 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, saturated: Saturat
         weights = [block.layer.weight for block in model.blocks]
         grads = torch.autograd.grad(loss, pre_acts + weights, allow_unused=True)
     n = len(pre_acts)
-    layers = [_layer_row(i, captures[i], grads[i], grads[n + i], saturated) for i in range(n)]
-    return Probe(layers, _summarize(layers, float(loss.detach()), float(logits.detach().std())))
+    # As one member of a stack: every layer's numbers come back in one host transfer.
+    columns = [_stacked_columns(_as_member(captures[i]), _one(grads[i]), _one(grads[n + i]), saturated) for i in range(n)]
+    (member,) = _rows(columns)
+    return Probe(member, _summarize(member, float(loss.detach()), float(logits.detach().std())))
+
+
+def _one(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.unsqueeze(0)
+
+
+def _as_member(capture: dict) -> dict:
+    """One model's capture shaped as member 0 of a stack: (1, samples, units), where a conv
+    layer's units are its channels and its samples every (sample, position) pair."""
+    act_in = capture["act_in"]
+    units = act_in.transpose(1, -1).reshape(-1, act_in.shape[1]) if act_in.dim() > 2 else act_in
+    return {"out": capture["out"].unsqueeze(0), "act_in": units.unsqueeze(0)}
+
+
+def _rows(columns: list[dict[str, torch.Tensor]]) -> list[list[dict]]:
+    """``[member][layer]`` row dicts from per-layer columns of (K,) tensors, in one ``tolist``."""
+    names = list(columns[0])
+    table = torch.stack([torch.stack([col[name] for name in names], dim=1) for col in columns], dim=1).tolist()
+    return [[{"layer": i + 1, **dict(zip(names, values))} for i, values in enumerate(member)] for member in table]
 
 
 def probe_recurrent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, saturated: Saturation = None) -> Probe:
@@ -88,14 +109,8 @@ def probe_stacked(stacked, x: torch.Tensor, y: torch.Tensor, saturated: Saturati
         grads = torch.autograd.grad(losses.sum(), pre_acts + stacked.weights, allow_unused=True)
     n = len(pre_acts)
     columns = [_stacked_columns(captures[i], grads[i], grads[n + i], saturated) for i in range(n)]
-    names = list(columns[0])
-    table = torch.stack([torch.stack([col[name] for name in names], dim=1) for col in columns], dim=1).tolist()
     probe_loss, logit_std = losses.detach().tolist(), logits.detach().flatten(1).std(dim=1).tolist()
-    probes = []
-    for member in range(k):  # table[member][layer] -> one row per layer, as probe() writes it
-        layers = [{"layer": i + 1, **dict(zip(names, table[member][i]))} for i in range(n)]
-        probes.append(Probe(layers, _summarize(layers, probe_loss[member], logit_std[member])))
-    return probes
+    return [Probe(layers, _summarize(layers, probe_loss[k], logit_std[k])) for k, layers in enumerate(_rows(columns))]
 
 
 def _stacked_columns(capture: dict, pre_grad, weight_grad, saturated: Saturation) -> dict[str, torch.Tensor]:
@@ -127,20 +142,6 @@ def _step_row(index: int, h: torch.Tensor, grad, saturated: Saturation) -> dict:
            "dead_fraction": _dead_fraction(h)}
     if saturated is not None:
         row["saturated_fraction"] = float(saturated(h).float().mean())
-    return row
-
-
-def _layer_row(index: int, capture: dict, pre_grad, weight_grad, saturated: Saturation) -> dict:
-    out, act_in = capture["out"], capture["act_in"]
-    row = {
-        "layer": index + 1,
-        "act_std": float(out.std()),
-        "grad_norm": _norm(pre_grad),
-        "weight_grad_norm": _norm(weight_grad),
-        "dead_fraction": _dead_fraction(act_in),
-    }
-    if saturated is not None:
-        row["saturated_fraction"] = float(saturated(out).float().mean())
     return row
 
 
