@@ -179,8 +179,9 @@ class _Loop:
             self.record.close_stale_runs(trial_number=number, seed_index=index, reason=value["error"])
         else:
             pending.results[index] = value
-            self.record.close_stale_runs(trial_number=number, seed_index=index,
-                                         reason="worker died; the trial was retried", keep=value["run_id"])
+            # A first attempt has no earlier run to close: the store is searched only after a retry.
+            self.record.close_stale_runs(trial_number=number, seed_index=index, reason="worker died; the trial was retried",
+                                         keep=value["run_id"], attempt=value.get("attempt"))
         if len(pending.results) + len(pending.failures) == len(pending.seeds):
             self._tell(pending)
 

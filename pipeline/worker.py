@@ -39,7 +39,7 @@ def _outcome(done, config: dict, where: dict) -> dict:
         return {"error": f"ConfigError: {done}"}
     r = done.result
     return {"run_id": done.run_id, "summary": r.summary(), "diverged": r.diverged, "pruned": r.pruned,
-            "epochs": config["train"]["epochs"], "node_id": where["node_id"]}
+            "epochs": config["train"]["epochs"], "node_id": where["node_id"], "attempt": where["attempt"]}
 
 
 def warm_up() -> None:
