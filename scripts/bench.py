@@ -193,6 +193,31 @@ def throughput(trials: int, epochs: int, procs: int, repeats: int, grid: bool = 
     return out
 
 
+def engine(trials: int, epochs: int, repeats: int) -> dict:
+    """In-process, one thread, nothing recorded: the grid's trials through the bare loop, the
+    trial engine one by one, and the trial engine batched (one vectorized model for all)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from pipeline.batched import train_batch
+    from pipeline.compose import compose
+    from pipeline.train import prepare_trial, train_trial
+
+    torch.set_num_threads(1)
+    params = grid_params(trials)
+    configs = [compose([f"initializer={p['initializer']}", f"scale={p['scale']}", "activation=relu", "batch_size=64",
+                        f"train.epochs={epochs}", "train.threads=1"]) for p in params]
+    sides = {"bare": lambda: [bare_trial(p, epochs) for p in params],
+             "alone": lambda: [train_trial(prepare_trial(c)) for c in configs],
+             "batched": lambda: train_batch([prepare_trial(c) for c in configs])}
+    sides["bare"]()  # warm-up: imports, data, the first optimizer
+    out = {name: statistics.median(_time(run) for _ in range(repeats)) for name, run in sides.items()}
+    print(f"engine, one thread, nothing recorded ({trials} grid trials x {epochs} epochs): bare loop {out['bare']:.1f} s, "
+          f"trial engine one by one {out['alone']:.1f} s, batched {out['batched']:.1f} s "
+          f"({out['bare'] / out['batched']:.2f}x the bare loop's trials/min)")
+    return out
+
+
 def overhead(procs: int, repeats: int) -> dict:
     """Fixed cost per trial: 32 one-epoch trials (batching off, so each trial pays it), start-up included."""
     bare, pipe = [], []
@@ -263,6 +288,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workloads", default="16,64", help="random-axes workloads to measure (trial counts), e.g. 16,64")
     ap.add_argument("--grid", default="64", help="initializer x scale grid workloads (trial counts, multiples of 4)")
+    ap.add_argument("--no-engine", dest="engine", action="store_false", help="skip the in-process engine comparison")
     ap.add_argument("--no-overhead", dest="overhead", action="store_false", help="skip the 1-epoch overhead measurement")
     ap.add_argument("--no-diagnostics", dest="diagnostics", action="store_false", help="skip the diagnostics cost")
     ap.add_argument("--memory-trials", type=int, default=0)
@@ -277,6 +303,8 @@ def main() -> None:
     for n in map(int, filter(None, args.grid.split(","))):
         report["workloads"].append(throughput(n, args.epochs, args.procs, args.repeats, grid=True))
         _print_workload(report["workloads"][-1])
+    if args.engine:
+        report["engine"] = engine(64, args.epochs, args.repeats)
     if args.overhead:
         report["overhead"] = overhead(args.procs, args.repeats)
     if args.diagnostics:
