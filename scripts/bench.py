@@ -257,23 +257,30 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
-def driver_memory(trials: int) -> dict:
-    """Driver RSS over a study of many tiny trials, sampled every 0.5 s."""
-    import psutil
+def _rss_mb(pid: int):
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
 
+
+def driver_memory(trials: int) -> dict:
+    """Driver RSS over a study of many tiny trials, sampled every 0.5 s (Linux: /proc)."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = pipeline_cmd(Path(tmp), "memory", trials, 1, ["model.depth=1", "model.width=8", "tracking.log_weights=false"])
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         samples, start = [], time.perf_counter()
         while proc.poll() is None:
-            try:
-                samples.append(psutil.Process(proc.pid).memory_info().rss / 2**20)
-            except psutil.NoSuchProcess:
-                break
+            rss = _rss_mb(proc.pid)
+            if rss is not None:
+                samples.append(rss)
             time.sleep(0.5)
         wall = time.perf_counter() - start
         children, running = _count_children(Path(tmp), "memory")
-    settled = samples[min(len(samples) - 1, 20):]  # after start-up (10 s)
+    settled = samples[min(len(samples) - 1, 30):]  # after start-up (15 s)
     return {"trials": trials, "wall_s": wall, "rss_after_startup_mb": settled[0], "rss_max_mb": max(samples),
             "growth_mb": max(settled) - settled[0], "child_runs": children, "running_left": running}
 
