@@ -144,3 +144,12 @@ def test_python_m_pipeline_exits_2_with_one_line(tmp_path):
     assert done.stderr.splitlines() == ["error: scale=-1.0 is invalid; it must be > 0"]
     assert done.stdout == ""
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_python_m_pipeline_prints_its_result_before_leaving(tmp_path):
+    # The command leaves with os._exit (no interpreter teardown): its output must be flushed first.
+    store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts"]
+    done = subprocess.run([sys.executable, "-m", "pipeline", "trial", *store, *TINY],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "final_accuracy=" in done.stdout and "run_id=" in done.stdout
