@@ -25,7 +25,7 @@ from pipeline.nn.activations import ACTIVATIONS
 from pipeline.nn.stacked import StackedMLP
 from pipeline.optim import build_optimizer
 from pipeline.train import (EpochMeasures, PreparedTrial, Report, TrainState, TrialResult, close_epoch, epoch_zero,
-                            finish_trial, probe_samples)
+                            finish_trial, probe_due, probe_samples)
 
 #: Optimizers whose update of each element depends only on that element's own history, so a sum
 #: of the members' losses gives each member its own update (LARS's per-tensor norms would mix them).
@@ -98,7 +98,7 @@ def train_batch(preps: list[PreparedTrial], reports: Optional[list[Optional[Repo
         before = [w.detach().clone() for w in stacked.weights]
         batches = [data.batch_indices(len(splits.y_train), cfg.batch_size, m.shuffle, splits.y_train.device) for m in members]
         losses, accuracies = _fit_stacked(stacked, optimizer, splits, batches)
-        measures = measure(before, len(batches[0]))
+        measures = measure(before, len(batches[0]), epoch)
         for k, member in enumerate(members):
             if member.running:
                 member.close(epoch, (losses[k], accuracies[k]), measures[k])
@@ -122,12 +122,12 @@ class _Measure:
         self.probe_batch = probe_samples(splits, cfg.train.probe_size)
         self.saturated = ACTIVATIONS.get(cfg.activation.name).saturated
 
-    def __call__(self, before: Optional[list] = None, steps: int = 0) -> list[EpochMeasures]:
+    def __call__(self, before: Optional[list] = None, steps: int = 0, epoch: int = 0) -> list[EpochMeasures]:
         k = self.stacked.size
         vals = evaluate_stacked(self.stacked, self.splits.x_val, self.splits.y_val)
         ratios = diagnostics.update_ratios_stacked(self.stacked.weights, before, steps) if before else [None] * k
         probes = (diagnostics.probe_stacked(self.stacked, *self.probe_batch, saturated=self.saturated)
-                  if self.cfg.train.diagnostics else [None] * k)
+                  if probe_due(self.cfg.train, epoch) else [None] * k)
         return [EpochMeasures(v, r, p) for v, r, p in zip(vals, ratios, probes)]
 
 

@@ -98,6 +98,9 @@ class OptimizerConfig:
     trust_coefficient: float = 0.001  # lars: eta in local_lr = eta * ||w|| / (||g|| + wd * ||w||)
 
 
+PROBE_SCHEDULES = ("log", "every")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10
@@ -105,6 +108,7 @@ class TrainConfig:
     target_accuracy: float = 0.9  # epochs_to_target counts epochs until val_accuracy >= this
     probe_size: int = 256  # diagnostics run on this fixed batch of training samples
     diagnostics: bool = True
+    probe_schedule: str = "log"  # log: epochs 0, 1, 2, 4, 8, ... and the last | every: every epoch
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: Optional[int] = None  # torch intra-op threads; default: what Ray gave the trial
 
@@ -304,6 +308,8 @@ def _check_numbers(cfg: Config) -> None:
     _positive("model.depth", cfg.model.depth)
     _positive("model.width", cfg.model.width)
     _positive("train.probe_size", cfg.train.probe_size)
+    if cfg.train.probe_schedule not in PROBE_SCHEDULES:
+        raise ConfigError(f"train.probe_schedule={cfg.train.probe_schedule!r} is invalid; valid: {', '.join(PROBE_SCHEDULES)}")
     _positive("study.trial_batch_max", cfg.study.trial_batch_max)
     if cfg.train.grad_clip is not None:
         _positive("train.grad_clip", cfg.train.grad_clip)
