@@ -107,10 +107,10 @@ def submit(fn: Callable, payload: dict, cfg: ClusterConfig, retries: int):
     return remote.remote(payload)
 
 
-def warm_up(fn: Callable, slots: int, cfg: ClusterConfig) -> list:
-    """Start ``slots`` worker processes now, running ``fn`` (heavy imports), while the driver sets up."""
+def warm_up(fn: Callable, slots: int, cfg: ClusterConfig, *args: Any) -> list:
+    """Start ``slots`` worker processes now, running ``fn(*args)`` (heavy imports), while the driver sets up."""
     remote = ray.remote(fn).options(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)
-    return [remote.remote() for _ in range(slots)]
+    return [remote.remote(*args) for _ in range(slots)]
 
 
 def wait(refs: list, timeout_s: float) -> tuple[list, list]:
@@ -132,6 +132,12 @@ def result(ref) -> tuple[Optional[dict], Optional[str]]:
 def cancel(refs: list) -> None:
     for ref in refs:
         ray.cancel(ref, force=True)
+
+
+def settle(refs: list, timeout_s: float) -> None:
+    """Wait until every task of ``refs`` has ended (returned, failed or been killed), at most ``timeout_s``."""
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
 
 
 def worker_context() -> dict[str, Any]:

@@ -8,6 +8,7 @@ config, sends one Ray task per seed, and tells Optuna the outcome when all seeds
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from pipeline.worker import PruneDecider, trial_task, warm_up
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 POLL_S = 0.5
+ABANDON_WAIT_S = 10.0  # how long a stopping study waits for its cancelled tasks' workers to die
 
 
 @dataclass
@@ -49,26 +51,40 @@ def run_study(cli_overrides: list[str]) -> dict:
     """Plan (everything validated before Ray starts), then run the ask-and-tell loop."""
     plan = plan_study(cli_overrides)
     tracking.check_reachable(plan.cfg.tracking.uri)
-    # Creating fresh stores (sqlite schemas) takes seconds, and so does starting Ray: overlap them.
-    stores = ThreadPoolExecutor(max_workers=1).submit(_open_stores, plan)
+    # Opening the stores and composing the trials' configs take seconds, and so does starting Ray:
+    # overlap them (one thread, in this order: the MLflow store first, for the workers' warm-up).
+    setup = ThreadPoolExecutor(max_workers=1)
+    mlflow_ready = setup.submit(tracking.ensure_experiment, plan.cfg.tracking, plan.cfg.study.name)
+    optuna_ready = setup.submit(_open_optuna_study_and_precompose, plan)
     with cluster.session(plan.cfg.cluster) as resources:
         slots = cluster.concurrency(plan.cfg.cluster, resources)
-        cluster.warm_up(warm_up, slots, plan.cfg.cluster)  # workers import torch meanwhile
-        study = stores.result()
+        mlflow_ready.result()  # a worker must not open a sqlite store the driver has not made yet
+        # Workers import torch and open the MLflow store while the driver asks for the first trials.
+        cluster.warm_up(warm_up, slots, plan.cfg.cluster, _worker_tracking(plan), plan.cfg.study.name)
+        study = optuna_ready.result()
         record = StudyRecord.open(plan)
         _recover_interrupted(study, record)
+        loop = _Loop(plan, study, record, slots)
         try:
-            _Loop(plan, study, record, slots).run()
+            loop.run()
             return record.finish(study, plan)
         except BaseException as err:
+            loop.abandon(f"the study stopped ({type(err).__name__}) while this trial ran")
             record.fail(err)
             raise
 
 
-def _open_stores(plan: StudyPlan) -> optuna.Study:
-    """The Optuna study, and the MLflow store and experiment made ready (nothing is recorded yet)."""
-    tracking.ensure_experiment(plan.cfg.tracking, plan.cfg.study.name)
-    return _open_optuna_study(plan)
+def _open_optuna_study_and_precompose(plan: StudyPlan) -> optuna.Study:
+    """The Optuna study; then the trial configs' Hydra compositions, which the first asks would
+    otherwise wait for."""
+    study = _open_optuna_study(plan)
+    plan.precompose()
+    return study
+
+
+def _worker_tracking(plan: StudyPlan) -> dict:
+    # The driver's absolute store path, as in every trial's payload.
+    return {**dataclasses.asdict(plan.cfg.tracking), "uri": tracking.resolve_uri(plan.cfg.tracking.uri)}
 
 
 def _open_optuna_study(plan: StudyPlan) -> optuna.Study:
@@ -131,6 +147,18 @@ class _Loop:
             if self.pending:
                 self._collect(cluster.wait(list(self.pending), POLL_S)[0])
         self.progress.close()
+
+    def abandon(self, reason: str) -> None:
+        """Stop the tasks in flight and end their runs FAILED: a stopped study leaves none RUNNING.
+
+        Their Optuna trials stay RUNNING: a rerun of the study marks them FAIL and queues their
+        params again (``_recover_interrupted``).
+        """
+        refs = list(self.pending)
+        cluster.cancel(refs)
+        cluster.settle(refs, ABANDON_WAIT_S)  # a killed worker writes nothing after this
+        self.pending.clear()
+        self.record.close_stale_runs(reason=reason)
 
     def _wanted(self) -> int:
         return self.plan.n_trials - self.done - len(self.in_flight)
@@ -202,7 +230,6 @@ class _Loop:
             self.failed += 1
             self.last_failure = frozen.user_attrs.get("failure_reason", "?")
         if self.done >= study_cfg.min_trials_for_failure_rate and self.failed / self.done > study_cfg.max_failure_rate:
-            cluster.cancel(list(self.pending))
             raise StudyFailed(
                 f"{self.failed} of {self.done} trials failed (> study.max_failure_rate={study_cfg.max_failure_rate}); "
                 f"last reason: {self.last_failure}"

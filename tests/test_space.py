@@ -95,3 +95,15 @@ def test_trial_config_applies_params_as_overrides(tmp_path):
     config = plan.trial_config({"initializer": "orthogonal", "scale": 0.5, "model.depth": 5}, seed=7)
     assert config["initializer"]["name"] == "orthogonal" and config["initializer"]["gain"] == 1.0
     assert (config["scale"], config["model"]["depth"], config["seed"]) == (0.5, 5, 7)
+
+
+def test_precompose_composes_every_group_combination_so_trials_call_hydra_no_more(tmp_path):
+    plan = plan_study(["space.initializer=choice(orthogonal, kaiming_normal)", "space.activation=choice(relu, tanh)",
+                       "space.normalization=choice(batch, none)", f"study.output_dir={tmp_path}"])
+    plan.precompose()
+    composed = type(plan)._choice_tree.cache_info().misses
+    for init in ("orthogonal", "kaiming_normal"):
+        for act in ("relu", "tanh"):
+            params = {"initializer": init, "scale": 1.5, "activation": act, "normalization": "none", "batch_size": 32}
+            assert plan.trial_config(params, seed=0)["activation"]["name"] == act
+    assert type(plan)._choice_tree.cache_info().misses == composed
