@@ -15,6 +15,7 @@ import yaml
 
 from pipeline import tracking
 from pipeline.plan import StudyPlan
+from pipeline.runner import implied_state
 from pipeline.summary import study_summary
 
 STUDY_TAG = "initstudy.study"
@@ -74,9 +75,11 @@ class StudyRecord:
             run.end("FAILED", reason=reason)
 
     def trial_ended(self, frozen, results: dict[int, dict]) -> None:
-        """Tag every run of the trial with Optuna's final state."""
+        """Tag every run of the trial with Optuna's final state, where its worker did not already."""
+        tagged = {r["run_id"] for r in results.values() if r.get("run_id") and implied_state(r["pruned"]) == frozen.state.name}
         for run_id in self._runs_of(frozen.number, results):
-            tracking.Run(self.plan.cfg.tracking.uri, run_id).set_tags({"optuna_state": frozen.state.name})
+            if run_id not in tagged:
+                tracking.Run(self.plan.cfg.tracking.uri, run_id).set_tags({"optuna_state": frozen.state.name})
 
     def _runs_of(self, number: int, results: dict[int, dict]) -> list[str]:
         """The trial's runs: those its workers returned and those ``close_stale_runs`` ended.

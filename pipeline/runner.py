@@ -126,8 +126,10 @@ def _recording(ready: _Ready, batch_size: int = 1) -> Iterator[Callable[[int, di
         # K runs trained together flush K times as often: spread them so the store sees the same
         # write rate as one trial (each write costs ~20 ms on sqlite, whatever its size).
         recorder.flush_every_s *= batch_size
+        # With the first metric write (at most FLUSH_EVERY_S from now; a short trial's only write).
         recorder.log_params(tracking.trial_params(ready.resolved), tags={
-            "device": str(ready.prepared.device), "reproduce": f"python -m pipeline reproduce {recorder.run_id}"})
+            "device": str(ready.prepared.device), "reproduce": f"python -m pipeline reproduce {recorder.run_id}"},
+            buffered=True)
 
         def report(step: int, metrics: dict) -> Optional[bool]:
             recorder.log_metrics(step, metrics, buffered=True)
@@ -149,10 +151,20 @@ def _record_outcome(ready: _Ready, result: TrialResult) -> None:
     recorder, tracking_cfg = ready.recorder, ready.cfg.tracking
     # Buffered: the final metrics and tags reach the store in one write, when the run ends.
     recorder.log_metrics(result.epochs_run, result.summary(), buffered=True)
-    recorder.set_tags({
+    tags = {
         "diverged": str(result.diverged).lower(),
         "diverged_epoch": result.diverged_epoch if result.diverged else "",
         "pruned": str(result.pruned).lower(),
-    }, buffered=True)
+    }
+    if "optuna_state" in (ready.request.tags or {}):  # a study's trial
+        tags["optuna_state"] = implied_state(result.pruned)
+    recorder.set_tags(tags, buffered=True)
     model = ready.prepared.model if tracking_cfg.log_weights else None
     tracking.log_trial_artifacts(recorder, ready.resolved, result.layer_table, model, plot=tracking_cfg.layer_plot)
+
+
+def implied_state(pruned: bool) -> str:
+    """The Optuna state a study trial's own result implies, tagged as the run ends (in the same
+    store write): the driver then writes the tag again only where the trial's other seeds made
+    it differ (a seed failed: FAIL; another seed pruned: PRUNED)."""
+    return "PRUNED" if pruned else "COMPLETE"

@@ -34,8 +34,8 @@ import yaml
 from pipeline.config import AXES, TrackingConfig
 from pipeline.errors import ConfigError
 
-PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
-METRIC_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+PARAM_BATCH = 100  # MLflow's limit of params (and of tags) per log_batch call
+METRIC_BATCH = 1000  # MLflow's limit of metrics, and of all entities, per log_batch call
 FLUSH_EVERY_S = 2.0  # curves reach the store at least this often while a trial runs
 
 # MLflow 3 sends usage telemetry by default; a study's workers must not phone out (and it costs time).
@@ -204,6 +204,7 @@ class Run:
         self.run_id = run_id
         self.ended = False
         self._pending: list = []  # buffered metrics
+        self._pending_params: list = []
         self._pending_tags: list = []
         self._flushed_at = time.monotonic()
         self.flush_every_s = FLUSH_EVERY_S  # runs trained together share the store's write rate
@@ -220,14 +221,14 @@ class Run:
             self.end("FAILED", reason=f"{exc_type.__name__}: {exc}")
         return False
 
-    def log_params(self, params: dict[str, str], tags: Optional[dict[str, Any]] = None) -> None:
-        """Params (and, in the same store write, ``tags``)."""
+    def log_params(self, params: dict[str, str], tags: Optional[dict[str, Any]] = None, buffered: bool = False) -> None:
+        """Params (and ``tags``), now or (``buffered``) in the next metric write."""
         from mlflow.entities import Param, RunTag
 
-        items = [Param(k, v[:6000]) for k, v in params.items()]
-        tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-        for i in range(0, max(len(items), 1), PARAM_BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + PARAM_BATCH], tags=tag_items if i == 0 else [])
+        self._pending_params += [Param(k, v[:6000]) for k, v in params.items()]
+        self._pending_tags += [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        if not buffered:
+            self.flush()
 
     def log_metrics(self, step: int, metrics: dict[str, float], buffered: bool = False) -> None:
         """Log now, or (``buffered``) at most every FLUSH_EVERY_S: one store write per few epochs.
@@ -242,11 +243,16 @@ class Run:
             self.flush()
 
     def flush(self) -> None:
-        step = METRIC_BATCH - PARAM_BATCH  # room for the tags in the first write
-        for i in range(0, max(len(self._pending), 1 if self._pending_tags else 0), step):
-            tags = self._pending_tags if i == 0 else []
-            self.client.log_batch(self.run_id, metrics=self._pending[i : i + step], tags=tags)
-        self._pending, self._pending_tags, self._flushed_at = [], [], time.monotonic()
+        """Everything buffered, in as few ``log_batch`` calls as MLflow's limits allow (each is a
+        store transaction: ~10 ms on sqlite, whatever its size)."""
+        params, metrics, tags = self._pending_params, self._pending, self._pending_tags
+        while params or metrics or tags:
+            batch_params, params = params[:PARAM_BATCH], params[PARAM_BATCH:]
+            batch_tags, tags = tags[:PARAM_BATCH], tags[PARAM_BATCH:]
+            room = METRIC_BATCH - len(batch_params) - len(batch_tags)  # the limit counts every entity of a call
+            batch_metrics, metrics = metrics[:room], metrics[room:]
+            self.client.log_batch(self.run_id, metrics=batch_metrics, params=batch_params, tags=batch_tags)
+        self._pending, self._pending_params, self._pending_tags, self._flushed_at = [], [], [], time.monotonic()
 
     def set_tags(self, tags: dict[str, Any], buffered: bool = False) -> None:
         """Set now, or (``buffered``) with the next metric write."""

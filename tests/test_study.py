@@ -195,3 +195,26 @@ def test_trial_batching_trains_members_together_with_the_results_they_get_alone(
     values = {t.params["initializer"] + str(t.params["scale"]): t.value for t in optuna_study(study_args, "batched").trials}
     assert values == pytest.approx({t.params["initializer"] + str(t.params["scale"]): t.value
                                     for t in optuna_study(study_args, "alone").trials}, abs=1e-5)
+
+
+def test_trial_ended_writes_the_optuna_state_only_where_a_run_does_not_hold_it_yet(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from pipeline import tracking
+    from pipeline.plan import plan_study
+    from pipeline.record import StudyRecord
+
+    plan = plan_study(["study.name=tags", "study.seeds=2", f"study.output_dir={tmp_path}",
+                       f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts"])
+    record = StudyRecord.open(plan)
+    # As workers leave them: each run tagged with the state its own result implies.
+    runs = [tracking.start_run(plan.cfg.tracking, "tags", record.parent.run_id, tags={"optuna_state": state})
+            for state in ("COMPLETE", "PRUNED")]
+    results = {0: {"run_id": runs[0].run_id, "pruned": False}, 1: {"run_id": runs[1].run_id, "pruned": True}}
+    writes = []
+    set_tags = tracking.Run.set_tags
+    monkeypatch.setattr(tracking.Run, "set_tags", lambda self, tags, **kw: (writes.append(self.run_id), set_tags(self, tags, **kw)))
+    record.trial_ended(SimpleNamespace(number=0, state=TrialState.PRUNED), results)  # seed 1 pruned the trial
+    assert writes == [runs[0].run_id]  # seed 0's run said COMPLETE: corrected; seed 1's already said PRUNED
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert [client.get_run(r.run_id).data.tags["optuna_state"] for r in runs] == ["PRUNED", "PRUNED"]

@@ -290,3 +290,21 @@ def test_a_deleted_key_is_recorded_with_its_default(tstore, mlflow_client, tmp_p
     assert mlflow_client.get_run(done.run_id).data.params["scale"] == "1.0"
     local = mlflow_client.download_artifacts(done.run_id, "config.yaml", str(tmp_path))
     assert yaml.safe_load(open(local).read())["scale"] == 1.0  # reproduce gets a complete config
+
+
+def test_buffered_params_tags_and_metrics_reach_the_store_in_as_few_batches_as_mlflow_allows(tstore, mlflow_client):
+    tracking_cfg = config_from_dict(_config(tstore)).tracking
+    with tracking.start_run(tracking_cfg, "batches") as run:
+        calls = []
+        log_batch = run.client.log_batch
+        run.client.log_batch = lambda *a, **kw: (calls.append(kw), log_batch(*a, **kw))
+        run.log_params({f"p{i}": str(i) for i in range(250)}, tags={f"t{i}": i for i in range(150)}, buffered=True)
+        for step in range(25):
+            run.log_metrics(step, {f"m{i}": float(i * step) for i in range(100)}, buffered=True)
+        assert calls == []  # nothing written yet: all of it goes with the end of the run
+    assert len(calls) == 3  # 250 params at 100 a call; 2,500 metrics at 1,000 entities a call
+    assert all(len(c["params"]) <= 100 and len(c["tags"]) <= 100 for c in calls)
+    assert all(len(c["params"]) + len(c["tags"]) + len(c["metrics"]) <= 1000 for c in calls)
+    data = mlflow_client.get_run(run.run_id).data
+    assert len(data.params) == 250 and {f"t{i}" for i in range(150)} <= set(data.tags)
+    assert len(mlflow_client.get_metric_history(run.run_id, "m7")) == 25
