@@ -235,7 +235,9 @@ def overhead(procs: int, repeats: int) -> dict:
 
 
 def diagnostics_cost(repeats: int) -> dict:
-    """In-process, one thread: the same trial with diagnostics on and off."""
+    """In-process, one thread: the default trial with diagnostics on and off, run alternately (so
+    drifting machine speed hits both sides), 7 pairs per repeat; the probe's schedule as configured
+    (``train.probe_schedule``: log by default) and, for comparison, every epoch."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -243,12 +245,19 @@ def diagnostics_cost(repeats: int) -> dict:
     from pipeline.train import run_trial
 
     torch.set_num_threads(1)
-    times = {}
-    for diag in (True, False):
-        config = compose([f"train.diagnostics={str(diag).lower()}", "train.threads=1"])
-        run_trial(config)  # warm-up
-        times[diag] = statistics.median(_time(lambda: run_trial(config)) for _ in range(repeats))
-    return {"with_s": times[True], "without_s": times[False], "share": (times[True] - times[False]) / times[True]}
+    out = {}
+    for schedule in ("log", "every"):
+        configs = {diag: compose([f"train.diagnostics={str(diag).lower()}", f"train.probe_schedule={schedule}",
+                                  "train.threads=1"]) for diag in (True, False)}
+        for config in configs.values():
+            run_trial(config)  # warm-up
+        times = {True: [], False: []}
+        for _ in range(7 * repeats):
+            for diag, config in configs.items():
+                times[diag].append(_time(lambda: run_trial(config)))
+        with_s, without_s = statistics.median(times[True]), statistics.median(times[False])
+        out[schedule] = {"with_s": with_s, "without_s": without_s, "share": (with_s - without_s) / with_s}
+    return out
 
 
 def _time(fn) -> float:
@@ -316,8 +325,9 @@ def main() -> None:
         report["overhead"] = overhead(args.procs, args.repeats)
     if args.diagnostics:
         report["diagnostics"] = diagnostics_cost(args.repeats)
-        d = report["diagnostics"]
-        print(f"diagnostics: {100 * d['share']:.1f}% of trial time ({d['with_s']:.3f} s with, {d['without_s']:.3f} s without)")
+        for schedule, d in report["diagnostics"].items():
+            print(f"diagnostics, probe schedule {schedule}: {100 * d['share']:.1f}% of trial time "
+                  f"({d['with_s']:.3f} s with, {d['without_s']:.3f} s without)")
     if args.memory_trials:
         report["memory"] = m = driver_memory(args.memory_trials)
         print(f"driver memory over {m['trials']} tiny trials: {m['rss_after_startup_mb']:.0f} MB after start-up, "
