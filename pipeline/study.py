@@ -8,6 +8,7 @@ config, sends one Ray task per seed, and tells Optuna the outcome when all seeds
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -64,12 +65,15 @@ def run_study(cli_overrides: list[str]) -> dict:
         study = optuna_ready.result()
         record = StudyRecord.open(plan)
         _recover_interrupted(study, record)
-        loop = _Loop(plan, study, record, slots)
+        loop = None
         try:
+            loop = _Loop(plan, study, record, slots)
             loop.run()
             return record.finish(study, plan)
         except BaseException as err:
-            loop.abandon(f"the study stopped ({type(err).__name__}) while this trial ran")
+            if loop is not None:
+                with contextlib.suppress(Exception):  # the study's own error is the one to report
+                    loop.abandon(f"the study stopped ({type(err).__name__}) while this trial ran")
             record.fail(err)
             raise
 
