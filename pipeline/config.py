@@ -133,7 +133,7 @@ class StudyConfig:
     objectives: list[str] = field(default_factory=lambda: ["val_accuracy"])
     seeds: int = 1  # each sampled configuration runs with seeds seed, seed+1, ...; objective = mean
     seed: int = 0  # the sampler's seed (a study re-run gives the same trials in the same order)
-    storage: Optional[str] = None  # any Optuna RDB URL; default sqlite in output_dir/<name>/
+    storage: Optional[str] = None  # an Optuna RDB URL or a *.journal file; default output_dir/<name>/optuna.journal
     output_dir: str = "runs/studies"
     max_failure_rate: float = 0.5  # stop the study once more than this share of trials failed
     min_trials_for_failure_rate: int = 4

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from pipeline import cluster, space, tracking
 from pipeline.errors import ConfigError
 from pipeline import objectives as obj
-from pipeline.plan import StudyPlan, plan_study
+from pipeline.plan import StudyPlan, open_storage, plan_study
 from pipeline.progress import Progress
 from pipeline.record import StudyRecord
 from pipeline.batched import batch_key
@@ -94,7 +94,7 @@ def _worker_tracking(plan: StudyPlan) -> dict:
 def _open_optuna_study(plan: StudyPlan) -> optuna.Study:
     directions = [obj.direction(name) for name in plan.cfg.study.objectives]
     return optuna.create_study(
-        storage=plan.storage,
+        storage=open_storage(plan.storage),
         study_name=plan.cfg.study.name,
         sampler=plan.sampler,
         pruner=plan.pruner,

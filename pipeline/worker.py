@@ -98,8 +98,10 @@ class PruneDecider:
             return True
         if seed_index != 0:
             return False
+        from pipeline.plan import open_storage
+
         self.study = self.study or optuna.load_study(
-            study_name=self.study_name, storage=self.storage, pruner=self.pruner
+            study_name=self.study_name, storage=open_storage(self.storage), pruner=self.pruner
         )
         trial = optuna.trial.Trial(self.study, trial_id)
         trial.report(value, step)

@@ -27,6 +27,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from pipeline.plan import default_storage, open_storage
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv whose ray and mlflow CLIs the scripts use
 TINY = ["model.depth=2", "model.width=32", "train.probe_size=64", "tracking.log_weights=false", "study.report=false",
@@ -149,7 +151,7 @@ def _runs(stack: dict, study: str):
 
 
 def _optuna(output_dir: Path, study: str) -> optuna.Study:
-    return optuna.load_study(study_name=study, storage=f"sqlite:///{output_dir}/{study}/optuna.db")
+    return optuna.load_study(study_name=study, storage=open_storage(default_storage(output_dir, study)))
 
 
 def _overrides(stack: dict, study: str, output_dir: Path, epochs: int) -> list[str]:

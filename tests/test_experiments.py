@@ -22,6 +22,7 @@ from pipeline.nn.initializers import INIT_LAYERS, LSUV_TOL, save_weights
 from pipeline.plan import plan_study
 from pipeline.study import run_study
 from pipeline.train import prepare_trial, run_trial, train_trial
+from pipeline.plan import default_storage, open_storage
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -248,7 +249,7 @@ def test_symmetry_study_zero_init_stays_at_chance_random_init_learns(local_ray, 
         "study.report=false", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/a",
         "tracking.log_weights=false", "cluster.num_cpus=2", "model.width=32", "train.epochs=4", "train.probe_size=64",
     ])
-    study = optuna.load_study(study_name="symmetry", storage=f"sqlite:///{tmp_path}/studies/symmetry/optuna.db")
+    study = optuna.load_study(study_name="symmetry", storage=open_storage(default_storage(f"{tmp_path}/studies", "symmetry")))
     accuracy = {t.params["initializer"]: t.value for t in study.trials}
     assert set(accuracy) == {"zeros", "constant", "normal"}
     assert all(t.user_attrs["n_seeds"] == 2 for t in study.trials)

@@ -20,6 +20,7 @@ from pipeline import report as plots
 from pipeline.cli import main
 from pipeline.study import run_study
 from pipeline.study_report import HTML_FILE, figure_specs
+from pipeline.plan import default_storage, open_storage
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -87,7 +88,7 @@ def test_the_report_is_logged_to_the_parent_run(studies):
 
 
 def test_the_report_counts_complete_pruned_and_failed_trials(studies):
-    states = [t.state for t in optuna.load_study(study_name="mix", storage=f"sqlite:///{studies}/studies/mix/optuna.db").trials]
+    states = [t.state for t in optuna.load_study(study_name="mix", storage=open_storage(default_storage(f"{studies}/studies", "mix"))).trials]
     assert {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL} <= set(states)
     page = _html(studies, "mix")
     header = re.search(r"<tr><th>trials</th>(.*?)</tr><tr>(.*?)</tr>", page)

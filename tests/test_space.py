@@ -4,11 +4,12 @@ from __future__ import annotations
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import JournalStorage
 
 from pipeline import space
 from pipeline.compose import group_options
 from pipeline.errors import ConfigError
-from pipeline.plan import plan_study, split_overrides
+from pipeline.plan import default_storage, open_storage, plan_study, split_overrides
 
 OPTIONS = {group: group_options(group) for group in space.GROUP_AXES}
 
@@ -107,3 +108,12 @@ def test_precompose_composes_every_group_combination_so_trials_call_hydra_no_mor
             params = {"initializer": init, "scale": 1.5, "activation": act, "normalization": "none", "batch_size": 32}
             assert plan.trial_config(params, seed=0)["activation"]["name"] == act
     assert type(plan)._choice_tree.cache_info().misses == composed
+
+
+def test_a_study_stores_its_trials_in_a_journal_file_but_keeps_an_earlier_sqlite_one(tmp_path):
+    plan = plan_study(["study.name=fresh", f"study.output_dir={tmp_path}"])
+    assert plan.storage == str((tmp_path / "fresh" / "optuna.journal").resolve())
+    assert isinstance(open_storage(plan.storage), JournalStorage)
+    optuna.create_study(storage=f"sqlite:///{tmp_path}/old/optuna.db", study_name="old")  # a study from before
+    assert default_storage(str(tmp_path), "old") == f"sqlite:///{(tmp_path / 'old' / 'optuna.db').resolve()}"
+    assert open_storage("postgresql://u@db/optuna") == "postgresql://u@db/optuna"  # an RDB URL goes to Optuna as it is

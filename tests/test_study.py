@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 
 from pipeline.cli import main
 from pipeline.study import run_study
+from pipeline.plan import default_storage, open_storage
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -34,7 +35,7 @@ def study_args(tmp_path):
 
 
 def optuna_study(study_args, name):
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{study_args.tmp_path}/studies/{name}/optuna.db")
+    return optuna.load_study(study_name=name, storage=open_storage(default_storage(f"{study_args.tmp_path}/studies", name)))
 
 
 def mlflow_runs(study_args, name):

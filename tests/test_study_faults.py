@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from pipeline.study import run_study
+from pipeline.plan import default_storage, open_storage
 
 pytestmark = pytest.mark.timeout(400)
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,7 @@ def children(tmp_path, name):
 
 
 def trials(tmp_path, name):
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/studies/{name}/optuna.db").trials
+    return optuna.load_study(study_name=name, storage=open_storage(default_storage(f"{tmp_path}/studies", name))).trials
 
 
 def kill_first_running_worker(tmp_path, name, killed: list, deadline_s: float = 120) -> None:
