@@ -114,6 +114,7 @@ def test_a_study_stores_its_trials_in_a_journal_file_but_keeps_an_earlier_sqlite
     plan = plan_study(["study.name=fresh", f"study.output_dir={tmp_path}"])
     assert plan.storage == str((tmp_path / "fresh" / "optuna.journal").resolve())
     assert isinstance(open_storage(plan.storage), JournalStorage)
+    (tmp_path / "old").mkdir()
     optuna.create_study(storage=f"sqlite:///{tmp_path}/old/optuna.db", study_name="old")  # a study from before
     assert default_storage(str(tmp_path), "old") == f"sqlite:///{(tmp_path / 'old' / 'optuna.db').resolve()}"
     assert open_storage("postgresql://u@db/optuna") == "postgresql://u@db/optuna"  # an RDB URL goes to Optuna as it is
