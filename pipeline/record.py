@@ -48,8 +48,7 @@ class StudyRecord:
     def payload(self, config: dict, trial, seed_index: int, oracle) -> dict:
         """What a worker needs for one (trial, seed): plain data and the oracle handle."""
         seed = config["seed"]
-        # The driver's absolute path, not one each worker resolves against its own working dir.
-        config = {**config, "tracking": {**config["tracking"], "uri": tracking.resolve_uri(config["tracking"]["uri"])}}
+        config = {**config, "tracking": tracking.for_workers(config["tracking"])}
         return {
             "config": config,
             "experiment": self.plan.cfg.study.name,

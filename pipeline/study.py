@@ -61,7 +61,8 @@ def run_study(cli_overrides: list[str]) -> dict:
         slots = cluster.concurrency(plan.cfg.cluster, resources)
         mlflow_ready.result()  # a worker must not open a sqlite store the driver has not made yet
         # Workers import torch and open the MLflow store while the driver asks for the first trials.
-        cluster.warm_up(warm_up, slots, plan.cfg.cluster, _worker_tracking(plan), plan.cfg.study.name)
+        worker_tracking = tracking.for_workers(dataclasses.asdict(plan.cfg.tracking))
+        cluster.warm_up(warm_up, slots, plan.cfg.cluster, worker_tracking, plan.cfg.study.name)
         study = optuna_ready.result()
         record = StudyRecord.open(plan)
         _recover_interrupted(study, record)
@@ -84,11 +85,6 @@ def _open_optuna_study_and_precompose(plan: StudyPlan) -> optuna.Study:
     study = _open_optuna_study(plan)
     plan.precompose()
     return study
-
-
-def _worker_tracking(plan: StudyPlan) -> dict:
-    # The driver's absolute store path, as in every trial's payload.
-    return {**dataclasses.asdict(plan.cfg.tracking), "uri": tracking.resolve_uri(plan.cfg.tracking.uri)}
 
 
 def _open_optuna_study(plan: StudyPlan) -> optuna.Study:

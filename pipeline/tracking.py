@@ -53,6 +53,12 @@ def resolve_uri(uri: str) -> str:
     return uri
 
 
+def for_workers(tracking_section: dict) -> dict:
+    """A config's ``tracking`` section as it travels to workers: the driver's absolute store path,
+    not one each worker would resolve against its own working directory."""
+    return {**tracking_section, "uri": resolve_uri(tracking_section["uri"])}
+
+
 def local_store(uri: str) -> Optional[Path]:
     """The file of a sqlite tracking store (None for a server): only its own host can write to it."""
     if not uri.startswith("sqlite:///"):
