@@ -118,7 +118,8 @@ def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 class _Loop:
-    """The dispatch loop: keeps ``slots`` Ray tasks busy until ``n_trials`` trials have ended.
+    """The dispatch loop: keeps ``slots`` Ray tasks busy (and, asking ahead, one more queued per slot)
+    until ``n_trials`` trials have ended.
 
     Each Ray task trains one or more (trial, seed) members: with ``study.trial_batching``, members
     whose configs share a ``batch_key`` go together (pipeline/batched.py). A sampler that does not
@@ -138,10 +139,13 @@ class _Loop:
         self.oracle = cluster.start_oracle(PruneDecider(plan.storage, plan.cfg.study.name, plan.pruner)) if plan.prunes else None
         self.progress = Progress(self.done, plan.n_trials, enabled=plan.cfg.study.progress)
         self.batch_max = plan.cfg.study.trial_batch_max if plan.cfg.study.trial_batching else 1
+        # One task queued behind each running one (where asking ahead changes nothing): a worker
+        # that finishes starts the next at once instead of waiting ~40 ms for the driver's round trip.
+        self.capacity = slots * (2 if self._asks_ahead() else 1)
 
     def run(self) -> None:
         while self._wanted() > 0 or self.pending:
-            free = self.slots - len(self.pending)
+            free = self.capacity - len(self.pending)
             if self._wanted() > 0 and free > 0:
                 self._launch(free)
             if self.pending:
@@ -163,13 +167,16 @@ class _Loop:
     def _wanted(self) -> int:
         return self.plan.n_trials - self.done - len(self.in_flight)
 
-    def _launch(self, free: int) -> None:
+    def _asks_ahead(self) -> bool:
         # Pruning compares a trial with trials that finished before it: asking ahead would starve it.
-        ahead = free * self.batch_max if _samples_blind(self.plan.sampler) and not self.plan.prunes else free
+        return _samples_blind(self.plan.sampler) and not self.plan.prunes
+
+    def _launch(self, free: int) -> None:
+        ahead = free * self.batch_max if self._asks_ahead() else free
         members = []
         for _ in range(min(self._wanted(), ahead)):
             members += self._ask()
-        for group in _task_groups(members, self.batch_max, free):
+        for group in _task_groups(members, self.batch_max, min(free, self.slots)):
             payloads = [self.record.payload(config, pending.trial, index, self.oracle) for pending, index, config in group]
             ref = cluster.submit(trial_task, payloads, self.plan.cfg.cluster, self.plan.cfg.study.retries)
             self.pending[ref] = [(pending, index) for pending, index, _ in group]
