@@ -11,7 +11,7 @@ import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import optuna
 from optuna.distributions import CategoricalDistribution
@@ -64,9 +64,9 @@ class StudyPlan:
         groups = [a for a in self.axes if a.key in space.GROUP_AXES and isinstance(a.distribution, CategoricalDistribution)]
         for combo in itertools.islice(itertools.product(*(a.distribution.choices for a in groups)), GROUP_TREES):
             overrides = space.to_overrides(space.suggest(_StandIn(dict(zip((a.key for a in groups), combo))), self.axes))
+            group_choices, _, sampled = _parts(tuple(overrides))
             try:
-                self._group_tree(tuple(o for o in overrides if not is_value_override(o)),
-                                 frozenset(o.split("=")[0] for o in overrides))
+                self._group_tree(group_choices, sampled)
             except ConfigError:
                 pass  # an invalid combination: the trial that asks for it fails, with this error
 
@@ -74,9 +74,7 @@ class StudyPlan:
     def _composed(self, trial_overrides: tuple[str, ...]) -> dict:
         # Group choices go through Hydra (once per choice); sampled numbers are applied to that
         # tree, as Hydra applies them: a full compose per trial cost ~0.2 s of the driver.
-        groups = tuple(o for o in trial_overrides if not is_value_override(o))
-        values = [o for o in trial_overrides if is_value_override(o)]
-        sampled = frozenset(o.split("=")[0] for o in trial_overrides)
+        groups, values, sampled = _parts(trial_overrides)
         config = with_values(self._group_tree(groups, sampled), values)
         validate(config_from_dict(config))
         return config
@@ -110,6 +108,14 @@ class StudyPlan:
 
     def __hash__(self) -> int:  # lru_cache on a method needs a hashable self
         return id(self)
+
+
+def _parts(trial_overrides: tuple[str, ...]) -> tuple[tuple[str, ...], list[str], frozenset[str]]:
+    """A trial's overrides as (group choices, plain values, the keys it samples): the group tree's
+    cache key (``precompose`` fills that cache with the same key) and what goes on top of it."""
+    groups = tuple(o for o in trial_overrides if not is_value_override(o))
+    values = [o for o in trial_overrides if is_value_override(o)]
+    return groups, values, frozenset(o.split("=")[0] for o in trial_overrides)
 
 
 class _StandIn:
@@ -166,6 +172,13 @@ def default_storage(output_dir: str, study_name: str) -> str:
     if (folder / "optuna.db").exists():
         return f"sqlite:///{folder / 'optuna.db'}"
     return str(folder / JOURNAL_NAME)
+
+
+def storage_file(spec: str) -> Optional[Path]:
+    """The local file a storage spec names (a sqlite URL or a journal path); None for a server."""
+    if spec.startswith("sqlite:///"):
+        return Path(spec[len("sqlite:///"):])
+    return Path(spec) if spec.endswith(".journal") else None
 
 
 def open_storage(spec: str):

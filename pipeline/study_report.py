@@ -149,25 +149,18 @@ def load_optuna(study: str, storage: Optional[str], output_dir: str):
     """``(optuna.Study, "")``, or ``(None, why)`` when the storage is gone or holds no such study."""
     import optuna
 
-    from pipeline.plan import default_storage, open_storage
+    from pipeline.plan import default_storage, open_storage, storage_file
 
     urls = [u for u in (storage, default_storage(output_dir, study)) if u]
     reason = f"no Optuna storage found (looked for {', '.join(dict.fromkeys(urls))})"
     for url in dict.fromkeys(urls):
-        if _local_file(url) is not None and not _local_file(url).exists():
+        if storage_file(url) is not None and not storage_file(url).exists():
             continue  # load_study would create an empty database or journal there
         try:
             return optuna.load_study(study_name=study, storage=open_storage(url)), ""
         except Exception as err:  # KeyError: no such study in that storage
             reason = f"the Optuna study could not be opened from {url} ({type(err).__name__}: {err})"
     return None, reason
-
-
-def _local_file(spec: str) -> Optional[Path]:
-    """The file a sqlite URL or journal path names; None for a database server."""
-    if spec.startswith("sqlite:///"):
-        return Path(spec[len("sqlite:///"):])
-    return Path(spec) if spec.endswith(".journal") else None
 
 
 # ---- the figures ----------------------------------------------------------------------------------
