@@ -1,8 +1,8 @@
 """Trial batching: trials that share an architecture and batch size train together.
 
 ``batch_key(config)`` groups trial configs: two trials with the same key differ only in what each
-member keeps for itself (initializer, scale, seed; its run name and tags), so they can train as one
-``StackedMLP`` (pipeline/nn/stacked.py). ``train_batch`` then trains the members in lockstep: one
+member keeps for itself (initializer, scale, seed, activation; its run name and tags), so they can
+train as one ``StackedMLP`` (pipeline/nn/stacked.py). ``train_batch`` then trains the members in lockstep: one
 vectorized forward/backward/step per batch for all of them, each member drawing its own shuffled
 batches from its own seed, exactly as ``train.train_trial`` would. Validation, update ratios and
 the diagnostics probe are vectorized too; each member's numbers then go through the same epoch
@@ -12,6 +12,7 @@ computing, unread, until the batch ends.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import data, diagnostics
-from pipeline.nn.activations import ACTIVATIONS
+from pipeline.config import ActivationConfig
+from pipeline.nn.activations import ACTIVATIONS, activation_widening
 from pipeline.nn.stacked import StackedMLP
 from pipeline.optim import build_optimizer
 from pipeline.train import (EpochMeasures, PreparedTrial, Report, TrainState, TrialResult, close_epoch, epoch_zero,
@@ -31,8 +33,9 @@ from pipeline.train import (EpochMeasures, PreparedTrial, Report, TrainState, Tr
 #: of the members' losses gives each member its own update (LARS's per-tensor norms would mix them).
 ELEMENTWISE_OPTIMIZERS = ("sgd", "adam")
 
-#: What each member of a batch keeps for itself; everything else must be equal.
-_OWN_KEYS = ("initializer", "scale", "seed", "tracking", "study", "space", "cluster")
+#: What each member of a batch keeps for itself; everything else must be equal. The activation
+#: too, but for how much it widens the layer before it (maxout's pieces), which is the shape's.
+_OWN_KEYS = ("initializer", "scale", "seed", "activation", "tracking", "study", "space", "cluster")
 
 
 def batch_key(config: dict) -> Optional[str]:
@@ -40,6 +43,7 @@ def batch_key(config: dict) -> Optional[str]:
     if not _batchable(config):
         return None
     shared = {key: value for key, value in config.items() if key not in _OWN_KEYS}
+    shared["activation_widening"] = activation_widening(ActivationConfig(**config["activation"]))
     return json.dumps(shared, sort_keys=True, default=str)
 
 
@@ -81,14 +85,26 @@ class _Member:
 
 def train_batch(preps: list[PreparedTrial], reports: Optional[list[Optional[Report]]] = None) -> list[TrialResult]:
     """Train same-key prepared trials together; one ``TrialResult`` per member, in order."""
+    reports = reports or [None] * len(preps)
+    # Members with the same activation side by side: one activation call per run (nn/stacked.py).
+    order = sorted(range(len(preps)), key=lambda k: _activation_key(preps[k].cfg))
+    results = _train_ordered([preps[k] for k in order], [reports[k] for k in order])
+    by_member = dict(zip(order, results))
+    return [by_member[k] for k in range(len(preps))]
+
+
+def _activation_key(cfg) -> str:
+    return json.dumps(dataclasses.asdict(cfg.activation), sort_keys=True, default=str)
+
+
+def _train_ordered(preps: list[PreparedTrial], reports: list[Optional[Report]]) -> list[TrialResult]:
     start = time.perf_counter()
     cfg, splits = preps[0].cfg, preps[0].splits
-    reports = reports or [None] * len(preps)
     members = [_Member(p, r or (lambda step, metrics: None), torch.Generator().manual_seed(p.cfg.seed + 1))
                for p, r in zip(preps, reports)]
     stacked = StackedMLP([p.model for p in preps])
     optimizer = build_optimizer(stacked.parameters(), cfg.optimizer)
-    measure = _Measure(stacked, splits, cfg)
+    measure = _Measure(stacked, splits, preps)
     for member, measures in zip(members, measure()):
         member.begin(measures)
     _finish_stopped(members, stacked, cfg.train.epochs, start)
@@ -117,10 +133,10 @@ def _finish_stopped(members: list[_Member], stacked: StackedMLP, epochs: int, st
 class _Measure:
     """Every member's epoch measures (validation, update ratios, probe) from vectorized passes."""
 
-    def __init__(self, stacked: StackedMLP, splits: data.Splits, cfg) -> None:
-        self.stacked, self.splits, self.cfg = stacked, splits, cfg
-        self.probe_batch = probe_samples(splits, cfg.train.probe_size)
-        self.saturated = ACTIVATIONS.get(cfg.activation.name).saturated
+    def __init__(self, stacked: StackedMLP, splits: data.Splits, preps: list[PreparedTrial]) -> None:
+        self.stacked, self.splits, self.cfg = stacked, splits, preps[0].cfg
+        self.probe_batch = probe_samples(splits, self.cfg.train.probe_size)
+        self.saturated = [ACTIVATIONS.get(p.cfg.activation.name).saturated for p in preps]
 
     def __call__(self, before: Optional[list] = None, steps: int = 0, epoch: int = 0) -> list[EpochMeasures]:
         k = self.stacked.size

@@ -49,7 +49,7 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, saturated: Saturat
     n = len(pre_acts)
     # As member 0 of a stack: one code path, and every number comes back in one host transfer.
     members = [_as_member(c) for c in captures]
-    (layers,) = _table(members, [_one(g) for g in grads[:n]], [_one(g) for g in grads[n:]], saturated)
+    (layers,) = _table(members, [_one(g) for g in grads[:n]], [_one(g) for g in grads[n:]], [saturated])
     return Probe(layers, _summarize(layers, float(loss.detach()), float(logits.detach().std())))
 
 
@@ -89,9 +89,10 @@ def probe_recurrent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, saturate
     return Probe(layers, summary)
 
 
-def probe_stacked(stacked, x: torch.Tensor, y: torch.Tensor, saturated: Saturation = None) -> list[Probe]:
+def probe_stacked(stacked, x: torch.Tensor, y: torch.Tensor, saturated: list[Saturation]) -> list[Probe]:
     """``probe`` for every member of a ``StackedMLP`` at once (trial batching): the same numbers
-    each member's own ``probe`` gives, from one vectorized forward/backward pass."""
+    each member's own ``probe`` gives, from one vectorized forward/backward pass. ``saturated``
+    has one entry per member (members may differ in activation)."""
     k = stacked.size
     with stacked.probing():
         captures: list[dict] = []
@@ -106,8 +107,9 @@ def probe_stacked(stacked, x: torch.Tensor, y: torch.Tensor, saturated: Saturati
     return [Probe(layers, _summarize(layers, probe_loss[k], logit_std[k])) for k, layers in enumerate(table)]
 
 
-def _table(captures: list[dict], pre_grads: list, weight_grads: list, saturated: Saturation) -> list[list[dict]]:
-    """``[member][layer]`` rows from every layer's captures of K stacked members, (K, samples, units).
+def _table(captures: list[dict], pre_grads: list, weight_grads: list, saturated: list[Saturation]) -> list[list[dict]]:
+    """``[member][layer]`` rows from every layer's captures of K stacked members, (K, samples, units);
+    ``saturated[k]`` is member k's saturation test (None: its rows have no saturated_fraction).
 
     Every number of every layer and member comes back in one host transfer.
     """
@@ -118,11 +120,33 @@ def _table(captures: list[dict], pre_grads: list, weight_grads: list, saturated:
         "weight_grad_norm": _per_layer(_or_zeros(weight_grads, outs), lambda t: t.flatten(2).norm(dim=2)),
         "dead_fraction": _per_layer(act_ins, lambda t: (t <= 0).all(dim=2).float().mean(dim=2)),
     }
-    if saturated is not None:
-        columns["saturated_fraction"] = _per_layer(outs, lambda t: saturated(t).float().flatten(2).mean(dim=2))
+    if any(test is not None for test in saturated):
+        columns["saturated_fraction"] = _saturation(outs, saturated)
     names = list(columns)
     table = torch.stack([columns[name] for name in names], dim=-1).transpose(0, 1).tolist()  # (K, layers, names)
-    return [[{"layer": i + 1, **dict(zip(names, values))} for i, values in enumerate(member)] for member in table]
+    return [[_row(i, names, values, test is not None) for i, values in enumerate(member)]
+            for member, test in zip(table, saturated)]
+
+
+def _row(index: int, names: list[str], values: list[float], saturates: bool) -> dict:
+    row = {"layer": index + 1, **dict(zip(names, values))}
+    if not saturates:
+        row.pop("saturated_fraction", None)
+    return row
+
+
+def _saturation(outs: list[torch.Tensor], saturated: list[Saturation]) -> torch.Tensor:
+    """(layers, K) saturated fractions: each test on the members it belongs to (NaN elsewhere)."""
+    column = torch.full((len(outs), len(saturated)), float("nan"), device=outs[0].device)
+    for test in {t for t in saturated if t is not None}:
+        members = [k for k, t in enumerate(saturated) if t is test]
+        picked = [o[members[0] : members[-1] + 1] if _contiguous(members) else o[members] for o in outs]
+        column[:, members] = _per_layer(picked, lambda t: test(t).float().flatten(2).mean(dim=2))
+    return column
+
+
+def _contiguous(members: list[int]) -> bool:
+    return members == list(range(members[0], members[-1] + 1))
 
 
 def _per_layer(tensors: list[torch.Tensor], stat: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

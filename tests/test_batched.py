@@ -68,11 +68,31 @@ def test_a_pruned_member_stops_where_its_report_said():
     _assert_same_curves(train_trial(prepare_trial(configs[1]), lambda step, metrics: step == 1), results[1])
 
 
-def test_batch_key_groups_trials_that_differ_only_in_init_scale_and_seed():
+# Interleaved on purpose: the batch orders members by activation and must give results back in order.
+MIXED = [("xavier_normal", 1.0, 0, "tanh"), ("kaiming_uniform", 2.0, 1, "relu"), ("orthogonal", 0.5, 2, "sigmoid"),
+         ("normal", 1.0, 3, "tanh"), ("lecun_normal", 1.0, 4, "leaky_relu"), ("kaiming_normal", 1.0, 5, "relu")]
+
+
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_members_with_different_activations_train_exactly_as_alone(norm):
+    configs = [compose([*SMALL, f"normalization={norm}", f"initializer={i}", f"scale={s}", f"seed={seed}",
+                        f"activation={act}"]) for i, s, seed, act in MIXED]
+    assert len({batch_key(c) for c in configs}) == 1
+    alone = [train_trial(prepare_trial(c)) for c in configs]
+    together = train_batch([prepare_trial(c) for c in configs])
+    for a, b in zip(alone, together):
+        _assert_same_curves(a, b)  # rows compared key by key: saturated_fraction only for tanh/sigmoid
+    assert "saturated_fraction" in together[2].layer_table[0] and "saturated_fraction" not in together[1].layer_table[0]
+
+
+def test_batch_key_groups_trials_that_differ_only_in_init_scale_seed_and_activation():
     a, b = _configs([], MEMBERS[:2])
     assert batch_key(a) is not None and batch_key(a) == batch_key(b)
-    for shared in (["batch_size=32"], ["activation=tanh"], ["optimizer.lr=0.01"], ["model.width=64"]):
+    for own in (["activation=tanh"], ["activation=leaky_relu", "activation.slope=0.2"], ["activation=maxout", "activation.pieces=1"]):
+        assert batch_key(compose([*SMALL, *own])) == batch_key(a), own  # maxout of 1 piece keeps the width
+    for shared in (["batch_size=32"], ["activation=maxout"], ["optimizer.lr=0.01"], ["model.width=64"]):
         assert batch_key(compose([*SMALL, *shared])) != batch_key(a), shared
+    assert batch_key(compose([*SMALL, "activation=maxout"])) != batch_key(compose([*SMALL, "activation=maxout", "activation.pieces=3"]))
 
 
 @pytest.mark.parametrize("alone", [["optimizer=lars"], ["model=cnn", "dataset=mnist1d"], ["train.grad_clip=1.0"], ["model=rnn", "dataset=mnist1d"]])
@@ -95,7 +115,7 @@ def test_task_groups_fill_free_slots_and_respect_the_maximum():
 
 
 def test_task_groups_never_mix_shapes():
-    mixed = _members(_configs([]) + _configs(["activation=tanh"]) + _configs(["optimizer=lars"]))
+    mixed = _members(_configs([]) + _configs(["batch_size=32"]) + _configs(["optimizer=lars"]))
     groups = _task_groups(mixed, batch_max=32, free=2)
     for group in groups:
         assert len({batch_key(config) for _, _, config in group}) == 1

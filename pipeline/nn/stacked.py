@@ -10,6 +10,11 @@ the sum of the members' losses therefore trains each exactly as it would train a
 ``stackable(model)`` says whether a model has the supported shape (an MLP: ``Linear`` layers,
 any activation, normalization none/batch/layer/group); ``write_back`` copies each member's slice
 into its own ``Network``, where diagnostics, evaluation and weight logging run unchanged.
+
+Members may differ in activation (an activation is stateless and keeps the layer's width; maxout
+narrows it, so its ``pieces`` are part of the shape): each run of consecutive members with the
+same activation applies it to its slice, so a caller that orders members by activation pays one
+extra concatenation per layer, not one call per member.
 """
 from __future__ import annotations
 
@@ -125,7 +130,7 @@ class StackedMLP:
         self.weights = [_stack([b.layer.weight.T for b in layer]) for layer in blocks]
         self.biases = [_stack([b.layer.bias for b in layer]) for layer in blocks]
         self.norms = [_Norm.of([b.norm for b in layer]) for layer in blocks]
-        self.acts = [layer[0].act for layer in blocks]  # stateless modules, shared by all members
+        self.acts = [_runs([b.act for b in layer]) for layer in blocks]
         self.residual = [layer[0].residual for layer in blocks]
         self.head_weight = _stack([m.head.weight.T for m in models])
         self.head_bias = _stack([m.head.bias for m in models])
@@ -149,8 +154,7 @@ class StackedMLP:
         for weight, bias, norm, act, residual in zip(self.weights, self.biases, self.norms, self.acts, self.residual):
             pre_act = _linear(h, weight, bias)
             act_in = norm(pre_act, self.training)
-            k, b, w = act_in.shape
-            out = act(act_in.reshape(k * b, w)).view(k, b, -1)  # maxout narrows the feature dim
+            out = _activate(act, act_in)
             if captures is not None:
                 captures.append({"pre_act": pre_act, "act_in": act_in.detach(), "out": out.detach()})
             h = h + out if residual else out
@@ -181,6 +185,43 @@ class StackedMLP:
             model.head.weight.copy_(self.head_weight[k].T)
             if self.head_bias is not None:
                 model.head.bias.copy_(self.head_bias[k])
+
+
+@dataclass(frozen=True)
+class ActRun:
+    """Members ``start`` to ``end`` (exclusive) share this activation module (stateless)."""
+
+    start: int
+    end: int
+    module: nn.Module
+
+
+def act_key(module: nn.Module) -> tuple:
+    """Equal for two activation modules that compute the same function: type and settings."""
+    settings = {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
+    return type(module), tuple(sorted(settings.items()))
+
+
+def _runs(modules: list[nn.Module]) -> list[ActRun]:
+    """Consecutive members with equal activations, as runs."""
+    runs: list[ActRun] = []
+    for k, module in enumerate(modules):
+        if runs and act_key(runs[-1].module) == act_key(module):
+            runs[-1] = ActRun(runs[-1].start, k + 1, runs[-1].module)
+        else:
+            runs.append(ActRun(k, k + 1, module))
+    return runs
+
+
+def _activate(runs: list[ActRun], h: Tensor) -> Tensor:
+    """Each run's activation on its members' slice of (K, B, W); as (rows, W) since activations
+    such as maxout expect features in dim 1, and maxout narrows them."""
+    k, b, w = h.shape
+    if len(runs) == 1:
+        return runs[0].module(h.reshape(k * b, w)).view(k, b, -1)
+    # split, not slicing: the backward of a slice is a zero-filled full-size gradient per run.
+    parts = h.split([run.end - run.start for run in runs])
+    return torch.cat([run.module(part.reshape(-1, w)).view(len(part), b, -1) for run, part in zip(runs, parts)])
 
 
 def _linear(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
