@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib.util
 import math
 import random
 from contextlib import contextmanager
@@ -214,13 +215,63 @@ def _split(raw: RawData, val_fraction: float, test_fraction: float, seed: int) -
 
 def _carve(index: np.ndarray, y: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split ``index`` into (kept, carved-out) with ``size`` carved out, stratified by ``y``."""
-    from sklearn.model_selection import train_test_split
-
     try:
-        kept, out = train_test_split(index, test_size=max(size, 1), stratify=y, random_state=seed)
+        kept, out = stratified_split(y, max(size, 1), seed)
     except ValueError as err:  # too few samples per class for a stratified split of that size
         raise ConfigError(f"cannot split {len(index)} samples stratified ({size} held out): {err}") from err
-    return kept, out
+    return index[kept], index[out]
+
+
+def stratified_split(y: np.ndarray, n_out: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (kept, out), ``n_out`` of them out, each class in proportion.
+
+    The algorithm and random draws of scikit-learn's ``train_test_split(..., stratify=y,
+    random_state=seed)`` (``StratifiedShuffleSplit``, BSD-3, as of 1.9), so every split made before
+    equals this one (tests/test_data.py compares them); written out because importing
+    scikit-learn cost each worker process ~0.7 s of start-up, and a split must not change with
+    the installed scikit-learn.
+    """
+    n_kept = len(y) - n_out
+    classes, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
+    _check_stratifiable(len(y), n_out, len(classes), class_counts)
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    rng = np.random.RandomState(seed)
+    kept_per_class = _approximate_mode(class_counts, n_kept, rng)
+    out_per_class = _approximate_mode(class_counts - kept_per_class, n_out, rng)
+    kept, out = [], []
+    for members, n_k, n_o, count in zip(class_indices, kept_per_class, out_per_class, class_counts):
+        shuffled = members.take(rng.permutation(count), mode="clip")
+        kept.extend(shuffled[:n_k])
+        out.extend(shuffled[n_k : n_k + n_o])
+    return rng.permutation(kept), rng.permutation(out)
+
+
+def _check_stratifiable(n: int, n_out: int, n_classes: int, class_counts: np.ndarray) -> None:
+    if not 0 < n_out < n:
+        raise ValueError(f"{n_out} held out of {n} samples; it must be between 1 and {n - 1}")
+    if class_counts.min() < 2:
+        raise ValueError("the least populated class has only 1 member; every class needs at least 2")
+    for part, size in (("kept", n - n_out), ("held-out", n_out)):
+        if size < n_classes:
+            raise ValueError(f"the {part} part ({size}) must hold at least one sample of each of the {n_classes} classes")
+
+
+def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """How many of ``n_draws`` each class gets: the floor of its share, then one more for the
+    largest remainders, ties broken at random (scikit-learn's ``_approximate_mode``)."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (tied,) = np.where(remainder == value)
+            add_now = min(len(tied), need_to_add)
+            floored[rng.choice(tied, size=add_now, replace=False)] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)
 
 
 def _check_classes(classes: list[int]) -> None:
@@ -279,10 +330,21 @@ def _apply_norm(x: np.ndarray, shift: np.ndarray, scale: np.ndarray) -> np.ndarr
 @_dataset("digits")
 def _digits(cfg: DatasetConfig) -> RawData:
     """sklearn's 1797 8x8 digits, pixel values 0..16, no own test split."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
+    x, y = _digits_arrays()
     return RawData(x=x.reshape(-1, 1, 8, 8), y=y.astype(np.int64), num_classes=10)
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """What ``sklearn.datasets.load_digits(return_X_y=True)`` returns, read from the CSV it reads
+    (inside the installed scikit-learn, found without importing it: that costs ~0.7 s)."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else None
+    if path is None or not path.is_file():  # scikit-learn moved its data: ask it
+        from sklearn.datasets import load_digits
+
+        return load_digits(return_X_y=True)
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(int)
 
 
 @_dataset("mnist1d")

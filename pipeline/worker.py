@@ -46,7 +46,6 @@ def warm_up(tracking_cfg: Optional[dict] = None, experiment: Optional[str] = Non
     """Import what a trial needs, so the first trial of a fresh worker process starts at once;
     with ``tracking_cfg``, open the study's MLflow store too (engine and schema check: ~1 s)."""
     import mlflow.tracking  # noqa: F401
-    import sklearn.datasets  # noqa: F401
     import torch
 
     from pipeline import data, tracking  # noqa: F401

@@ -109,6 +109,55 @@ def test_split_is_stratified():
         assert (share - overall).abs().max() < 0.01
 
 
+def _labels(kind: str) -> np.ndarray:
+    if kind == "digits":
+        return data._digits_arrays()[1]
+    if kind == "imbalanced":  # ties between class remainders, a class of 2
+        return np.repeat(np.arange(5), [2, 7, 7, 30, 54])
+    return np.random.default_rng(0).integers(0, 10, 4000)  # mnist1d-like: 10 classes, random counts
+
+
+@pytest.mark.parametrize("kind", ["digits", "imbalanced", "random"])
+def test_stratified_split_is_scikit_learns(kind):
+    """Our split is scikit-learn's train_test_split(stratify=...), draw for draw: splits made
+    before it was written out stay the same (and must not change with scikit-learn's version)."""
+    from sklearn.model_selection import train_test_split
+
+    y = _labels(kind)
+    index = np.arange(len(y))
+    for seed in (0, 1, 7, 123):
+        for n_out in (10, 17, len(y) // 5, len(y) // 2, len(y) - 10):
+            kept, out = data.stratified_split(y, n_out, seed)
+            expected_kept, expected_out = train_test_split(index, test_size=n_out, stratify=y, random_state=seed)
+            assert np.array_equal(kept, expected_kept) and np.array_equal(out, expected_out), (seed, n_out)
+
+
+@pytest.mark.parametrize("y, n_out, says", [
+    (np.repeat(np.arange(3), [1, 5, 5]), 3, "only 1 member"),
+    (np.repeat(np.arange(10), 5), 4, "at least one sample of each of the 10 classes"),
+    (np.repeat(np.arange(2), 5), 10, "between 1 and 9"),
+])
+def test_stratified_split_refuses_what_it_cannot_make(y, n_out, says):
+    with pytest.raises(ValueError, match=says):
+        data.stratified_split(y, n_out, 0)
+
+
+def test_digits_are_scikit_learns_read_without_importing_it():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    x, y = data._digits_arrays()
+    expected_x, expected_y = load_digits(return_X_y=True)
+    assert np.array_equal(x, expected_x) and np.array_equal(y, expected_y)
+    check = ("import sys; from pipeline import data; from pipeline.config import DatasetConfig; "
+             "data.load_dataset(DatasetConfig(name='digits')); print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "False"  # a worker's start-up does without it (~0.7 s)
+
+
 # --- input normalization --------------------------------------------------------------------
 
 
