@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -24,6 +25,7 @@ from pipeline.errors import ConfigError
 from pipeline.registry import Registry
 
 JOURNAL_NAME = "optuna.journal"
+TPE_STARTUP_TRIALS = 10  # TPE draws at random until this many trials have finished (Optuna's default)
 GROUP_TREES = 64  # composed trees kept: one per combination of group choices
 
 SAMPLERS: Registry[Callable[["StudyPlan"], optuna.samplers.BaseSampler]] = Registry("sampler")
@@ -134,6 +136,17 @@ class _StandIn:
         return low
 
 
+def blind_trials(sampler) -> float:
+    """How many of a study's first trials ``sampler`` draws without looking at any result: all of
+    them (inf) for random, QMC and grid; TPE's start-up trials, drawn at random. Asking for these
+    ahead of time gives the very trials one-by-one asking would, so they can train together."""
+    if isinstance(sampler, (optuna.samplers.RandomSampler, optuna.samplers.QMCSampler, optuna.samplers.GridSampler)):
+        return math.inf
+    if isinstance(sampler, optuna.samplers.TPESampler):
+        return TPE_STARTUP_TRIALS
+    return 0
+
+
 def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
     """``space.*`` / ``~space.*`` overrides (ours to parse) apart from everything else (Hydra's)."""
     ours = [a for a in args if a.lstrip("+~").startswith("space.")]
@@ -224,7 +237,8 @@ class _AskTellGridSampler(optuna.samplers.GridSampler):
         return None
 
 
-SAMPLERS.add("tpe", lambda p: optuna.samplers.TPESampler(seed=p.cfg.study.seed, multivariate=True))
+SAMPLERS.add("tpe", lambda p: optuna.samplers.TPESampler(seed=p.cfg.study.seed, multivariate=True,
+                                                         n_startup_trials=TPE_STARTUP_TRIALS))
 SAMPLERS.add("random", lambda p: optuna.samplers.RandomSampler(seed=p.cfg.study.seed))
 SAMPLERS.add("qmc", lambda p: optuna.samplers.QMCSampler(seed=p.cfg.study.seed, warn_independent_sampling=False))
 SAMPLERS.add("grid", lambda p: _AskTellGridSampler(space.grid(p.axes), seed=p.cfg.study.seed))

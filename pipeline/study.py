@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from pipeline import cluster, space, tracking
 from pipeline.errors import ConfigError
 from pipeline import objectives as obj
-from pipeline.plan import StudyPlan, open_storage, plan_study
+from pipeline.plan import StudyPlan, blind_trials, open_storage, plan_study
 from pipeline.progress import Progress
 from pipeline.record import StudyRecord
 from pipeline.batched import batch_key
@@ -122,10 +122,11 @@ class _Loop:
     until ``n_trials`` trials have ended.
 
     Each Ray task trains one or more (trial, seed) members: with ``study.trial_batching``, members
-    whose configs share a ``batch_key`` go together (pipeline/batched.py). A sampler that does not
-    learn from results (random, qmc, grid) is asked for up to ``trial_batch_max`` trials per free
-    slot, so there is something to batch; an adaptive one (tpe, nsga2), or any study with a pruner,
-    is asked for one trial per free slot, as without batching, and only its seeds train together.
+    whose configs share a ``batch_key`` go together (pipeline/batched.py). While the sampler draws
+    without looking at results (random, qmc, grid: always; tpe: its first ``TPE_STARTUP_TRIALS``,
+    drawn at random) it is asked for up to ``trial_batch_max`` trials per free slot, so there is
+    something to batch; otherwise (tpe after its start-up, nsga2, any study with a pruner) for one
+    trial per free slot, as without batching, and only its seeds train together.
     """
 
     def __init__(self, plan: StudyPlan, study: optuna.Study, record: StudyRecord, slots: int) -> None:
@@ -133,6 +134,7 @@ class _Loop:
         self.pending: dict[Any, list[tuple[_Pending, int]]] = {}  # Ray ref -> its (trial, seed index) members
         self.in_flight: dict[int, _Pending] = {}  # Optuna trial number -> trial
         counted = counted_trials(study)
+        self.asked = len(study.get_trials(deepcopy=False))  # every trial so far, any state
         self.done = len(counted)
         self.failed = sum(t.state == TrialState.FAIL for t in counted)  # kept up to date: no re-read per trial
         self.last_failure = "?"
@@ -168,11 +170,18 @@ class _Loop:
         return self.plan.n_trials - self.done - len(self.in_flight)
 
     def _asks_ahead(self) -> bool:
+        return self._blind_left() == math.inf
+
+    def _blind_left(self) -> float:
+        """How many more trials the sampler draws blind: asking for them early changes nothing."""
         # Pruning compares a trial with trials that finished before it: asking ahead would starve it.
-        return _samples_blind(self.plan.sampler) and not self.plan.prunes
+        if self.plan.prunes:
+            return 0
+        # Conservative: a trial that exists in any state counts, as if it had finished.
+        return max(0, blind_trials(self.plan.sampler) - self.asked)
 
     def _launch(self, free: int) -> None:
-        ahead = free * self.batch_max if self._asks_ahead() else free
+        ahead = min(free * self.batch_max, max(free, self._blind_left()))
         members = []
         for _ in range(min(self._wanted(), ahead)):
             members += self._ask()
@@ -184,6 +193,7 @@ class _Loop:
     def _ask(self) -> list[tuple[_Pending, int, dict]]:
         """A new trial's (trial, seed index, config) members; none if its configuration is invalid."""
         trial = self.study.ask()
+        self.asked += 1
         params = space.suggest(trial, self.plan.axes)
         pending = _Pending(trial, params, self.plan.seeds())
         self.in_flight[trial.number] = pending
@@ -241,12 +251,6 @@ class _Loop:
                 f"{self.failed} of {self.done} trials failed (> study.max_failure_rate={study_cfg.max_failure_rate}); "
                 f"last reason: {self.last_failure}"
             )
-
-
-def _samples_blind(sampler) -> bool:
-    """Samplers whose next trial does not depend on finished ones: asking ahead changes nothing."""
-    blind = (optuna.samplers.RandomSampler, optuna.samplers.QMCSampler, optuna.samplers.GridSampler)
-    return isinstance(sampler, blind)
 
 
 def _task_groups(members: list[tuple], batch_max: int, free: int) -> list[list[tuple]]:

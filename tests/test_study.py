@@ -10,7 +10,8 @@ from optuna.trial import TrialState
 
 from pipeline.cli import main
 from pipeline.study import run_study
-from pipeline.plan import default_storage, open_storage
+from pipeline import space
+from pipeline.plan import TPE_STARTUP_TRIALS, default_storage, open_storage, plan_study
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -134,6 +135,25 @@ def test_same_sampler_seed_gives_the_same_trials_in_the_same_order(study_args):
     run_study(study_args("order_b", "study.n_trials=3", "study.seed=5"))
     params = [[t.params for t in optuna_study(study_args, n).trials] for n in ("order_a", "order_b")]
     assert params[0] == params[1]
+
+
+def test_tpe_start_up_trials_train_together_and_are_the_ones_it_draws_one_by_one(study_args):
+    axes = ["space=empty", "space.initializer=choice(xavier_normal, kaiming_normal, orthogonal)",
+            "space.scale=interval(0.5, 2.0)", "study.sampler=tpe", "study.seed=3"]
+    run_study(study_args("tpe", *axes, "study.n_trials=12"))
+    trials = optuna_study(study_args, "tpe").trials
+    # Asked one by one, each told before the next is asked: TPE's first 10 are drawn at random.
+    plan = plan_study(study_args("tpe_reference", *axes, "study.n_trials=12"))
+    reference = optuna.create_study(sampler=plan.sampler)
+    for _ in range(TPE_STARTUP_TRIALS):
+        trial = reference.ask()
+        space.suggest(trial, plan.axes)
+        reference.tell(trial, 0.5)
+    assert [t.params for t in trials[:TPE_STARTUP_TRIALS]] == [t.params for t in reference.trials]
+    _, _, children = mlflow_runs(study_args, "tpe")
+    batch = {int(c.data.tags["optuna_trial"]): c.data.tags.get("trial_batch") for c in children}
+    # One shape, 2 slots: the 10 start-up trials in two tasks of 5; then one trial per free slot.
+    assert [batch[n] for n in range(12)] == ["5"] * 10 + [None, None]
 
 
 def test_bad_space_fails_before_any_record(study_args, capsys):
