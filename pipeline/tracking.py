@@ -145,7 +145,19 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def ensure_experiment(tracking: TrackingConfig, name: str) -> str:
-    """The id of experiment ``name``, created (with a local artifact root for sqlite stores) if new."""
+    """The id of experiment ``name``, created (with a local artifact root for sqlite stores) if new.
+
+    Remembered per process: a study's worker opens a run per trial (the lookup cost ~4 ms each)."""
+    key = (tracking.uri, name)
+    if key not in _experiment_ids:
+        _experiment_ids[key] = _find_or_create_experiment(tracking, name)
+    return _experiment_ids[key]
+
+
+_experiment_ids: dict[tuple[str, str], str] = {}
+
+
+def _find_or_create_experiment(tracking: TrackingConfig, name: str) -> str:
     mlflow_client = client(tracking.uri)
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:

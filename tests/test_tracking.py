@@ -308,3 +308,19 @@ def test_buffered_params_tags_and_metrics_reach_the_store_in_as_few_batches_as_m
     data = mlflow_client.get_run(run.run_id).data
     assert len(data.params) == 250 and {f"t{i}" for i in range(150)} <= set(data.tags)
     assert len(mlflow_client.get_metric_history(run.run_id, "m7")) == 25
+
+
+def test_an_experiment_is_looked_up_once_per_process(tmp_path, monkeypatch):
+    from pipeline.config import TrackingConfig
+
+    store = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "artifacts"))
+    first = tracking.ensure_experiment(store, "once")
+    assert MlflowClient(store.uri).get_experiment_by_name("once").experiment_id == first
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("the store was asked again")
+
+    monkeypatch.setattr(tracking, "client", no_lookup)
+    assert tracking.ensure_experiment(store, "once") == first  # a worker's next trial: no store call
+    with pytest.raises(AssertionError):
+        tracking.ensure_experiment(store, "another")
