@@ -215,6 +215,36 @@ def engine(trials: int, epochs: int, repeats: int) -> dict:
     print(f"engine, one thread, nothing recorded ({trials} grid trials x {epochs} epochs): bare loop {out['bare']:.1f} s, "
           f"trial engine one by one {out['alone']:.1f} s, batched {out['batched']:.1f} s "
           f"({out['bare'] / out['batched']:.2f}x the bare loop's trials/min)")
+    out["ceiling"] = ceiling(params[0], configs[0], epochs, out["bare"] / trials)
+    return out
+
+
+def ceiling(params: dict, config: dict, epochs: int, bare_per_trial_s: float) -> dict:
+    """The most any batching can give on this CPU: a trial's matmul arithmetic (counted by
+    PyTorch's FlopCounterMode) at the batched engine's matmul rate is a floor on its time.
+
+    The engine's trial also evaluates every epoch and runs the diagnostics probe, so its floor is
+    above the bare loop's; bare time over the engine's floor bounds the speed-up batching can reach.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.train import prepare_trial, train_trial
+
+    counts = {}
+    for side, run in (("bare", lambda: bare_trial(params, epochs)), ("engine", lambda: train_trial(prepare_trial(config)))):
+        with FlopCounterMode(display=False) as counter:
+            run()
+        counts[side] = counter.get_total_flops()
+    h, w = torch.randn(32, 64, 128), torch.randn(32, 128, 128)  # 32 members, batch 64, width 128
+    rate = 2 * h.numel() * w.shape[-1] / statistics.median(_time(lambda: torch.bmm(h, w)) for _ in range(200))
+    floor = counts["engine"] / rate
+    out = {"bare_gflop": counts["bare"] / 1e9, "engine_gflop": counts["engine"] / 1e9, "bmm_gflops": rate / 1e9,
+           "engine_floor_s": floor, "max_speedup": bare_per_trial_s / floor}
+    print(f"arithmetic ceiling: a trial is {out['bare_gflop']:.2f} GFLOP of matmuls in the bare loop, "
+          f"{out['engine_gflop']:.2f} in the engine (evaluation each epoch, diagnostics probe); batched matmuls run at "
+          f"{out['bmm_gflops']:.0f} GFLOP/s on one thread here, so a trial takes at least {1000 * floor:.0f} ms against "
+          f"{1000 * bare_per_trial_s:.0f} ms in the bare loop: batching can reach {out['max_speedup']:.2f}x at most on this CPU")
     return out
 
 

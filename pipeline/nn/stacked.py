@@ -132,7 +132,11 @@ class StackedMLP:
         self.norms = [_Norm.of([b.norm for b in layer]) for layer in blocks]
         self.acts = [_runs([b.act for b in layer]) for layer in blocks]
         self.residual = [layer[0].residual for layer in blocks]
-        self.head_weight = _stack([m.head.weight.T for m in models])
+        # The head in Linear's own layout (K, classes, in), used as h @ W^T like Linear: with 10
+        # classes a contiguous (K, in, 10) operand and its weight gradient (K, in, B) @ (K, B, 10)
+        # ran at a seventh of the matmul rate; this way the head's forward and backward take ~10%
+        # less, and the rounding stays closer to the unbatched trial's.
+        self.head_weight = _stack([m.head.weight for m in models])
         self.head_bias = _stack([m.head.bias for m in models])
         self.training = True
         for p in self.parameters():
@@ -158,7 +162,7 @@ class StackedMLP:
             if captures is not None:
                 captures.append({"pre_act": pre_act, "act_in": act_in.detach(), "out": out.detach()})
             h = h + out if residual else out
-        return _linear(h, self.head_weight, self.head_bias)
+        return _head(h, self.head_weight, self.head_bias)
 
     @contextlib.contextmanager
     def probing(self) -> Iterator[None]:
@@ -182,7 +186,7 @@ class StackedMLP:
                 if self.biases[i] is not None:
                     block.layer.bias.copy_(self.biases[i][k])
                 self.norms[i].write_back(block.norm, k)
-            model.head.weight.copy_(self.head_weight[k].T)
+            model.head.weight.copy_(self.head_weight[k])
             if self.head_bias is not None:
                 model.head.bias.copy_(self.head_bias[k])
 
@@ -222,6 +226,11 @@ def _activate(runs: list[ActRun], h: Tensor) -> Tensor:
     # split, not slicing: the backward of a slice is a zero-filled full-size gradient per run.
     parts = h.split([run.end - run.start for run in runs])
     return torch.cat([run.module(part.reshape(-1, w)).view(len(part), b, -1) for run, part in zip(runs, parts)])
+
+
+def _head(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """(K, B, in) and (K, classes, in) -> logits (K, B, classes): h @ W^T, as ``nn.Linear`` computes it."""
+    return _linear(h, weight.transpose(1, 2), bias)
 
 
 def _linear(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
