@@ -103,7 +103,7 @@ def _train_ordered(preps: list[PreparedTrial], reports: list[Optional[Report]]) 
     members = [_Member(p, r or (lambda step, metrics: None), torch.Generator().manual_seed(p.cfg.seed + 1))
                for p, r in zip(preps, reports)]
     stacked = StackedMLP([p.model for p in preps])
-    optimizer = build_optimizer(stacked.parameters(), cfg.optimizer)
+    optimizer = build_optimizer(stacked.parameters(), cfg.optimizer, fused=True)
     measure = _Measure(stacked, splits, preps)
     for member, measures in zip(members, measure()):
         member.begin(measures)
