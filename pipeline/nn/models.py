@@ -11,7 +11,7 @@ steps rather than blocks, and they expose ``layers`` and ``recurrent = True`` in
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -28,15 +28,25 @@ MODELS: Registry[ModelFactory] = Registry("model")
 
 
 class Block(nn.Module):
-    """One hidden layer: ``act(norm(layer(x)))``, plus ``x`` when residual."""
+    """One hidden layer: ``act(norm(layer(x)))``, plus ``x`` when residual.
+
+    While ``capture`` is a dict (the diagnostics probe sets one), a forward pass keeps in it the
+    layer's output ``pre_act`` (in the graph), the activation's input ``act_in`` and output ``out``:
+    cheaper than three forward hooks, which also put every call on PyTorch's slow path.
+    """
 
     def __init__(self, layer: nn.Module, norm: nn.Module, act: nn.Module, residual: bool) -> None:
         super().__init__()
         self.layer, self.norm, self.act = layer, norm, act
         self.residual = residual
+        self.capture: Optional[dict] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.norm(self.layer(x)))
+        pre_act = self.layer(x)
+        act_in = self.norm(pre_act)
+        h = self.act(act_in)
+        if self.capture is not None:
+            self.capture.update(pre_act=pre_act, act_in=act_in.detach(), out=h.detach())
         return x + h if self.residual else h
 
 
