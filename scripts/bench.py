@@ -252,8 +252,10 @@ def overhead(procs: int, repeats: int) -> dict:
     """Fixed cost per trial, from 1-epoch trials (batching off, so each trial pays it).
 
     Two figures: start-up included (32 trials, against the bare loop's 32), and once trials run:
-    a pipeline trial's share of the training phase against the bare loop's cost of one more trial
-    (its wall time for 64 trials less that for 32).
+    a pipeline trial's share of the training phase against the bare loop's cost of one trial. That
+    cost comes two ways: the bare loop's wall time for 64 trials less that for 32 (whole processes
+    in parallel, as the pipeline's slots run, but a difference of two noisy timings), and the same
+    trials timed in this process (steady, but alone on the machine: a little cheaper).
     """
     bare32, bare64, pipe = [], [], []
     for i in range(repeats):
@@ -264,13 +266,23 @@ def overhead(procs: int, repeats: int) -> dict:
     b, b64 = statistics.median(bare32), statistics.median(bare64)
     p = statistics.median(r["wall"] for r in pipe)
     phase = statistics.median(r["phase"] for r in pipe) * procs / 32
-    bare_trial = (b64 - b) * procs / 32
+    slope, alone = (b64 - b) * procs / 32, _bare_trial_in_process(repeats)
     out = {"per_trial_s": (p - b) * procs / 32, "pipeline_s": p, "bare_s": b, "phase_per_trial_s": phase,
-           "bare_per_trial_s": bare_trial, "running_overhead_s": phase - bare_trial}
+           "bare_per_trial_s": slope, "bare_in_process_s": alone, "running_overhead_s": phase - slope,
+           "running_overhead_in_process_s": phase - alone}
     print(f"fixed overhead per trial (32 x 1-epoch trials, {procs} slots, start-up included): {out['per_trial_s']:.3f} s "
           f"[pipeline {p:.1f} s vs bare {b:.1f} s]; once trials run, a 1-epoch trial takes {phase:.3f} s a slot "
-          f"against {bare_trial:.3f} s in the bare loop: {out['running_overhead_s']:.3f} s of overhead")
+          f"against {slope:.3f} s in the bare loop (whole-process slope; {alone:.3f} s timed in-process): "
+          f"{out['running_overhead_s']:.3f} s of overhead ({out['running_overhead_in_process_s']:.3f} s)")
     return out
+
+
+def _bare_trial_in_process(repeats: int) -> float:
+    """Seconds per 1-epoch bare trial, the overhead workload's 32 trials timed in this process."""
+    params = random_params(32)
+    bare_trial(params[0], 1)  # warm-up: imports, data, the first optimizer
+    runs = [_time(lambda: [bare_trial(p, 1) for p in params]) for _ in range(repeats)]
+    return statistics.median(runs) / len(params)
 
 
 def diagnostics_cost(repeats: int) -> dict:
