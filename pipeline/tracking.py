@@ -217,9 +217,10 @@ def _git_commit() -> str:
 class Run:
     """A handle on one MLflow run. As a context manager it always ends the run."""
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    def __init__(self, uri: str, run_id: str, artifact_uri: Optional[str] = None) -> None:
         self.client = client(uri)
-        self.run_id = run_id
+        self.uri, self.run_id = uri, run_id
+        self.artifact_uri = artifact_uri  # known when this process created the run
         self.ended = False
         self._pending: list = []  # buffered metrics
         self._pending_params: list = []
@@ -288,7 +289,14 @@ class Run:
 
     def log_dir(self, local_dir: Path, artifact_dir: Optional[str] = None) -> None:
         """Every file of ``local_dir`` under the run's artifact directory ``artifact_dir``."""
-        self.client.log_artifacts(self.run_id, str(local_dir), artifact_dir)
+        if self.artifact_uri is None:
+            self.client.log_artifacts(self.run_id, str(local_dir), artifact_dir)
+            return
+        # The repository straight from the run's artifact URI: MlflowClient would first read the
+        # run back from the store to learn it (a query per trial in a study's workers).
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        get_artifact_repository(self.artifact_uri, tracking_uri=resolve_uri(self.uri)).log_artifacts(str(local_dir), artifact_dir)
 
     def end(self, status: str, reason: Optional[str] = None) -> None:
         if self.ended:
@@ -310,7 +318,7 @@ def start_run(tracking: TrackingConfig, experiment: str, parent_run_id: Optional
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client(tracking.uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
-    return Run(tracking.uri, run.info.run_id)
+    return Run(tracking.uri, run.info.run_id, run.info.artifact_uri)
 
 
 def _check_parent_store(uri: str) -> None:
@@ -363,7 +371,7 @@ def log_trial_artifacts(recorder: Run, config: dict, layer_table: list[dict], mo
                 plot_signal_by_depth(layer_table, root / "diagnostics" / "signal_by_depth.png")
         if model is not None:
             save_weights(model, root / WEIGHTS_ARTIFACT)
-        recorder.client.log_artifacts(recorder.run_id, str(root))
+        recorder.log_dir(root)
 
 
 # libyaml's dumper writes the same text as yaml.safe_dump, ~5x faster (3.3 -> 0.7 ms a trial config).
