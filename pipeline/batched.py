@@ -2,17 +2,16 @@
 
 ``batch_key(config)`` groups trial configs: two trials with the same key differ only in what each
 member keeps for itself (initializer, scale, seed, activation; its run name and tags), so they can
-train as one ``StackedMLP`` (pipeline/nn/stacked.py). ``train_batch`` then trains the members in lockstep: one
-vectorized forward/backward/step per batch for all of them, each member drawing its own shuffled
-batches from its own seed, exactly as ``train.train_trial`` would. Validation, update ratios and
-the diagnostics probe are vectorized too; each member's numbers then go through the same epoch
-bookkeeping and report as an unbatched trial's. A member that diverges or is pruned stops there:
-its slice is copied back into its own model (for its final accuracy and weights) and keeps
+train as one ``StackedMLP`` (pipeline/nn/stacked.py). ``train_batch`` then trains the members in
+lockstep: one vectorized forward/backward/step per batch for all of them, each member drawing its
+own shuffled batches from its own seed, exactly as ``train.train_trial`` would. Validation, update
+ratios and the diagnostics probe are vectorized too; each member's numbers then go through the same
+epoch bookkeeping and report as an unbatched trial's. A member that diverges or is pruned stops
+there: its slice is copied back into its own model (for its final accuracy and weights) and keeps
 computing, unread, until the batch ends.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from pipeline import data, diagnostics
 from pipeline.config import ActivationConfig
 from pipeline.nn.activations import ACTIVATIONS, activation_widening
-from pipeline.nn.stacked import StackedMLP
+from pipeline.nn.stacked import StackedMLP, act_key
 from pipeline.optim import build_optimizer
 from pipeline.train import (EpochMeasures, PreparedTrial, Report, TrainState, TrialResult, close_epoch, epoch_zero,
                             finish_trial, probe_due, probe_samples)
@@ -87,14 +86,10 @@ def train_batch(preps: list[PreparedTrial], reports: Optional[list[Optional[Repo
     """Train same-key prepared trials together; one ``TrialResult`` per member, in order."""
     reports = reports or [None] * len(preps)
     # Members with the same activation side by side: one activation call per run (nn/stacked.py).
-    order = sorted(range(len(preps)), key=lambda k: _activation_key(preps[k].cfg))
+    order = sorted(range(len(preps)), key=lambda k: act_key(preps[k].model.blocks[0].act))
     results = _train_ordered([preps[k] for k in order], [reports[k] for k in order])
     by_member = dict(zip(order, results))
     return [by_member[k] for k in range(len(preps))]
-
-
-def _activation_key(cfg) -> str:
-    return json.dumps(dataclasses.asdict(cfg.activation), sort_keys=True, default=str)
 
 
 def _train_ordered(preps: list[PreparedTrial], reports: list[Optional[Report]]) -> list[TrialResult]:

@@ -201,9 +201,10 @@ class ActRun:
 
 
 def act_key(module: nn.Module) -> tuple:
-    """Equal for two activation modules that compute the same function: type and settings."""
+    """Equal for two activation modules that compute the same function (type and settings), and
+    orderable, so members can be sorted into runs."""
     settings = {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
-    return type(module), tuple(sorted(settings.items()))
+    return f"{type(module).__module__}.{type(module).__qualname__}", tuple(sorted(settings.items()))
 
 
 def _runs(modules: list[nn.Module]) -> list[ActRun]:
