@@ -142,13 +142,8 @@ def _saturation(outs: list[torch.Tensor], saturated: list[Saturation]) -> torch.
     column = torch.full((len(outs), len(saturated)), float("nan"), device=outs[0].device)
     for test in {t for t in saturated if t is not None}:
         members = [k for k, t in enumerate(saturated) if t is test]
-        picked = [o[members[0] : members[-1] + 1] if _contiguous(members) else o[members] for o in outs]
-        column[:, members] = _per_layer(picked, lambda t: test(t).float().flatten(2).mean(dim=2))
+        column[:, members] = _per_layer([o[members] for o in outs], lambda t: test(t).float().flatten(2).mean(dim=2))
     return column
-
-
-def _contiguous(members: list[int]) -> bool:
-    return members == list(range(members[0], members[-1] + 1))
 
 
 def _per_layer(tensors: list[torch.Tensor], stat: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
