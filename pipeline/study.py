@@ -24,7 +24,7 @@ from pipeline import objectives as obj
 from pipeline.plan import StudyPlan, blind_trials, open_storage, plan_study
 from pipeline.progress import Progress
 from pipeline.record import StudyRecord
-from pipeline.batched import batch_key
+from pipeline.batched import batch_key, task_cost
 from pipeline.worker import PruneDecider, trial_task, warm_up
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -255,7 +255,11 @@ class _Loop:
 
 def _task_groups(members: list[tuple], batch_max: int, free: int) -> list[list[tuple]]:
     """Members that share a ``batch_key`` in groups of at most ``batch_max``, split further so
-    that, where there are enough members, every free slot gets a task."""
+    that, where there are enough members, every free slot gets a task; the costliest first.
+
+    Ray starts queued tasks in the order they were sent, so costliest first is longest-first list
+    scheduling: no worker is left at the end with a long task while the others idle.
+    """
     by_key: dict[Any, list[tuple]] = {}
     for position, member in enumerate(members):
         key = batch_key(member[2]) if batch_max > 1 else None
@@ -265,4 +269,4 @@ def _task_groups(members: list[tuple], batch_max: int, free: int) -> list[list[t
         share = math.ceil(free * len(same) / len(members))
         parts = min(len(same), max(math.ceil(len(same) / batch_max), share))
         groups += [same[i::parts] for i in range(parts)]
-    return groups
+    return sorted(groups, key=lambda group: -task_cost([config for _, _, config in group]))
