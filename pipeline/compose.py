@@ -42,7 +42,7 @@ def is_value_override(override: str) -> bool:
     return bool(sep) and key[:1] not in "+~" and not (CONF_DIR / key).is_dir()
 
 
-def with_values(tree: Any, overrides: list[str]) -> dict:
+def with_values(tree: Any, overrides: list[str], in_place: bool = False) -> dict:
     """``tree`` (from ``compose_tree``) with plain ``key=value`` overrides, resolved to a plain dict.
 
     Equal to composing with those overrides added: Hydra too applies non-group overrides to the
@@ -50,14 +50,21 @@ def with_values(tree: Any, overrides: list[str]) -> dict:
     merge=True)``), with values parsed by its override grammar. It skips Hydra's defaults-list
     and YAML loading, which cost ~0.15 s per call: a study composes each group choice once and
     applies the sampled numbers here.
+
+    ``in_place``: write into ``tree`` itself rather than a copy (copying costs ~13 ms, two thirds
+    of the call), for a caller whose every call on this tree sets the same keys, so that no value
+    of an earlier call survives. Scalars only: a dict or list value merges into what is there, so
+    those still go to a copy.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    cfg = copy.deepcopy(tree)
     try:
-        for override in OverridesParser.create().parse_overrides(overrides):
-            OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
+        parsed = [(o.key_or_group, o.value()) for o in OverridesParser.create().parse_overrides(overrides)]
+        scalars = all(not isinstance(value, (dict, list)) for _, value in parsed)
+        cfg = tree if in_place and scalars else copy.deepcopy(tree)
+        for key, value in parsed:
+            OmegaConf.update(cfg, key, value, merge=True)
     except Exception as err:
         raise ConfigError(_one_line(err)) from err
     return _resolved(cfg)

@@ -7,7 +7,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.storages import JournalStorage
 
 from pipeline import space
-from pipeline.compose import group_options
+from pipeline.compose import compose, group_options
 from pipeline.errors import ConfigError
 from pipeline.plan import default_storage, open_storage, plan_study, split_overrides
 
@@ -96,6 +96,20 @@ def test_trial_config_applies_params_as_overrides(tmp_path):
     config = plan.trial_config({"initializer": "orthogonal", "scale": 0.5, "model.depth": 5}, seed=7)
     assert config["initializer"]["name"] == "orthogonal" and config["initializer"]["gain"] == 1.0
     assert (config["scale"], config["model"]["depth"], config["seed"]) == (0.5, 5, 7)
+
+
+def test_trials_through_one_group_tree_each_get_exactly_what_compose_gives(tmp_path):
+    """Trials of the same group choices share one tree their sampled values are written into:
+    a value must never leak from one trial into the next, nor into the cached tree."""
+    plan = plan_study(["space.model.width=choice(16, 32)", "space.optimizer.lr=interval(0.01, 0.1)", f"study.output_dir={tmp_path}"])
+    plan.precompose()
+    for scale, width, lr in [(0.5, 16, 0.01), (2, 32, 0.1), (0.75, 16, 0.05), (0.5, 16, 0.01)]:
+        params = {"initializer": "orthogonal", "scale": scale, "activation": "tanh", "normalization": "batch",
+                  "batch_size": 32, "model.width": width, "optimizer.lr": lr}
+        expected = compose([*plan.hydra_overrides, *space.to_overrides(params)])
+        expected["tracking"]["layer_plot"] = expected["study"]["trial_plots"]
+        config = plan.trial_config(params, seed=0)
+        assert config == expected and type(config["scale"]) is float
 
 
 def test_precompose_composes_every_group_combination_so_trials_call_hydra_no_more(tmp_path):
