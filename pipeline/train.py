@@ -81,7 +81,7 @@ def prepare_trial(config: dict | Config, device: Optional[str] = None) -> Prepar
     splits = data.load_dataset(cfg.dataset, dev)
     if cfg.batch_size > len(splits.y_train):
         raise ConfigError(f"batch_size={cfg.batch_size} is larger than the training set ({len(splits.y_train)} samples)")
-    model = build_model(cfg.model, cfg.activation, cfg.normalization, splits.input_shape, splits.num_classes)
+    model = _built_from_seed(cfg, splits)
     _fetch_pretrained(cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     gain = activation_gain(cfg.activation)
@@ -90,6 +90,15 @@ def prepare_trial(config: dict | Config, device: Optional[str] = None) -> Prepar
     apply_init(model, cfg.initializer, cfg.scale, gain, generator, probe=probe)
     init_recurrent(model, cfg.initializer, cfg.scale, gain, generator)
     return PreparedTrial(cfg, splits, model.to(dev), dev)
+
+
+def _built_from_seed(cfg: Config, splits: data.Splits) -> nn.Module:
+    """The model as PyTorch's defaults build it, drawn from the trial's seed rather than from
+    whatever the process drew before: what the initializer does not set (a pretrained start's
+    ``initializer.exclude``) must replay too. The global generator is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build_model(cfg.model, cfg.activation, cfg.normalization, splits.input_shape, splits.num_classes)
 
 
 def _fetch_pretrained(cfg: Config) -> None:

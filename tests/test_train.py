@@ -50,6 +50,26 @@ def test_same_config_gives_the_same_curves(make_config):
     assert first.layer_table == second.layer_table
 
 
+def test_a_pretrained_starts_excluded_layers_replay_from_the_seed_whatever_ran_before(make_config, tmp_path):
+    """The head a pretrained start leaves out keeps its built values: they come from the trial's
+    seed, not from what the process drew before (a worker's earlier trials)."""
+    from pipeline.nn.initializers import save_weights
+
+    save_weights(prepare_trial(make_config()).model, tmp_path / "w.safetensors")
+
+    def head(seed: int) -> torch.Tensor:
+        config = make_config("initializer=pretrained", f"initializer.path={tmp_path / 'w.safetensors'}",
+                             "initializer.exclude=[head]", f"seed={seed}")
+        torch.rand(seed + 7)  # what an earlier trial in this process drew
+        return prepare_trial(config).model.head.weight.detach().clone()
+
+    assert torch.equal(head(0), head(0))
+    assert not torch.equal(head(0), head(1))
+    state = torch.get_rng_state()
+    prepare_trial(make_config())
+    assert torch.equal(torch.get_rng_state(), state)  # and the process's own generator is left as it was
+
+
 def test_other_seed_gives_other_curves(make_config):
     first = run_trial(make_config("seed=1"))
     second = run_trial(make_config("seed=2"))
