@@ -112,8 +112,12 @@ class StudyRecord:
                 if trial_number is not None:  # trial_ended tags it with the trial's state too
                     self._closed.setdefault(trial_number, []).append(run_id)
 
-    def finish(self, study, plan: StudyPlan) -> dict:
-        """Print and log the summary table, tag the best trial, end the parent run."""
+    def finish(self, study, plan: StudyPlan, stopped_by: Optional[BaseException] = None) -> dict:
+        """Print and log the summary table, tag the best trial, build the report, end the parent run.
+
+        ``stopped_by``: the study stopped itself (too many failures): what ran is summarized and
+        reported all the same (the failures' reasons are what the user needs), and the run ends FAILED.
+        """
         summary = study_summary(study, plan.cfg.study.objectives, [a.key for a in plan.axes])
         print(summary["text"], file=sys.stdout)
         self.parent.log_text(summary["text"], "summary.md")
@@ -122,7 +126,10 @@ class StudyRecord:
         self.parent.set_tags(summary["tags"])
         if plan.cfg.study.report:
             self._report(plan)
-        self.parent.end("FINISHED")
+        if stopped_by is None:
+            self.parent.end("FINISHED")
+        else:
+            self.fail(stopped_by)
         return summary
 
     def _report(self, plan: StudyPlan) -> None:

@@ -75,8 +75,18 @@ def run_study(cli_overrides: list[str]) -> dict:
             if loop is not None:
                 with contextlib.suppress(Exception):  # the study's own error is the one to report
                     loop.abandon(f"the study stopped ({type(err).__name__}) while this trial ran")
-            record.fail(err)
+            _record_stop(record, study, plan, err)
             raise
+
+
+def _record_stop(record: StudyRecord, study: optuna.Study, plan: StudyPlan, err: BaseException) -> None:
+    """End the study's run FAILED (KILLED for Ctrl-C); a study that stopped itself for its failure
+    rate is summarized and reported first: which trials failed, and why, is what its user needs."""
+    if isinstance(err, StudyFailed):
+        with contextlib.suppress(Exception):  # a summary that fails must not hide why the study stopped
+            record.finish(study, plan, stopped_by=err)
+            return
+    record.fail(err)
 
 
 def _open_optuna_study_and_precompose(plan: StudyPlan) -> optuna.Study:

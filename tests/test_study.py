@@ -110,13 +110,17 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(study_args):
             assert child.info.status == "FAILED" and "groups=7" in child.data.tags["failure_reason"]
 
 
-def test_too_many_failures_stop_the_study_with_a_clear_error(study_args, capsys):
+def test_too_many_failures_stop_the_study_with_a_clear_error_and_a_report_of_what_ran(study_args, capsys):
     code = main(["run", *study_args("allfail", "study.n_trials=6", "normalization=group", "normalization.groups=7",
-                                     "~space.normalization", "study.min_trials_for_failure_rate=2")])
+                                     "~space.normalization", "study.min_trials_for_failure_rate=2", "study.report=true")])
     assert code == 1
-    assert "trials failed (> study.max_failure_rate=0.5)" in capsys.readouterr().err
-    _, parents, children = mlflow_runs(study_args, "allfail")
-    assert parents[0].info.status == "FAILED"
+    out, err = capsys.readouterr()
+    assert "trials failed (> study.max_failure_rate=0.5)" in err
+    assert "## Study allfail: 0 complete, 0 pruned, 2 failed" in out and "report: " in out
+    client, parents, children = mlflow_runs(study_args, "allfail")
+    assert parents[0].info.status == "FAILED" and "max_failure_rate" in parents[0].data.tags["failure_reason"]
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"summary.md", "trials.csv", "report"} <= artifacts
     assert not [c for c in children if c.info.status == "RUNNING"]
 
 
