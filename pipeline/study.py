@@ -55,7 +55,7 @@ def run_study(cli_overrides: list[str]) -> dict:
     # Opening the stores and composing the trials' configs take seconds, and so does starting Ray:
     # overlap them (one thread, in this order: the MLflow store first, for the workers' warm-up).
     setup = ThreadPoolExecutor(max_workers=1)
-    mlflow_ready = setup.submit(tracking.ensure_experiment, plan.cfg.tracking, plan.cfg.study.name)
+    mlflow_ready = setup.submit(_open_mlflow_store, plan)
     optuna_ready = setup.submit(_open_optuna_study_and_precompose, plan)
     with cluster.session(plan.cfg.cluster) as resources:
         slots = cluster.concurrency(plan.cfg.cluster, resources)
@@ -87,6 +87,13 @@ def _record_stop(record: StudyRecord, study: optuna.Study, plan: StudyPlan, err:
             record.finish(study, plan, stopped_by=err)
             return
     record.fail(err)
+
+
+def _open_mlflow_store(plan: StudyPlan) -> str:
+    # Nodes on other hosts may share a sqlite store over a network filesystem, where SQLite's
+    # write-ahead log does not work: a new store for a cluster keeps the default journal.
+    tracking.new_store(plan.cfg.tracking.uri, write_ahead=not plan.cfg.cluster.address)
+    return tracking.ensure_experiment(plan.cfg.tracking, plan.cfg.study.name)
 
 
 def _open_optuna_study_and_precompose(plan: StudyPlan) -> optuna.Study:

@@ -5,6 +5,7 @@ each test reads one part of their record: params, metric histories, tags, artifa
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 
@@ -324,3 +325,33 @@ def test_an_experiment_is_looked_up_once_per_process(tmp_path, monkeypatch):
     assert tracking.ensure_experiment(store, "once") == first  # a worker's next trial: no store call
     with pytest.raises(AssertionError):
         tracking.ensure_experiment(store, "another")
+
+
+def _journal_mode(path) -> str:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        return connection.execute("PRAGMA journal_mode").fetchone()[0]
+
+
+def test_a_new_sqlite_store_writes_ahead_and_an_existing_one_keeps_its_journal(tmp_path):
+    import sqlite3
+
+    tracking.client(f"sqlite:///{tmp_path}/new.db").search_experiments()
+    assert _journal_mode(tmp_path / "new.db") == "wal"
+    with contextlib.closing(sqlite3.connect(tmp_path / "old.db")) as connection:
+        connection.execute("CREATE TABLE earlier (x)")  # a store from before, in the default journal mode
+    tracking.client(f"sqlite:///{tmp_path}/old.db")
+    assert _journal_mode(tmp_path / "old.db") == "delete"
+
+
+def test_a_cluster_studys_new_sqlite_store_keeps_the_default_journal(tmp_path):
+    """Hosts sharing a store over a network filesystem cannot share SQLite's write-ahead log."""
+    from pipeline.plan import plan_study
+    from pipeline.study import _open_mlflow_store
+
+    for address, mode in ((None, "wal"), ("10.0.0.1:6379", "delete")):
+        plan = plan_study([f"tracking.uri=sqlite:///{tmp_path}/{mode}.db", f"study.output_dir={tmp_path}",
+                           *([f"cluster.address={address}"] if address else [])])
+        _open_mlflow_store(plan)
+        assert _journal_mode(tmp_path / f"{mode}.db") == mode
