@@ -10,6 +10,8 @@ before any training, so callers can open their records only once it has succeede
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -126,6 +128,30 @@ def _set_threads(threads: Optional[int]) -> None:
         torch.set_num_threads(threads)
     # Stalled nets compute with denormal floats and run ~10x slower on CPU (SCIENCE.md s4).
     torch.set_flush_denormal(True)
+    _keep_freed_memory()
+
+
+#: glibc's mallopt parameters, and the values we give them.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_ABOVE_BYTES, _TRIM_ABOVE_BYTES = 64 << 20, 256 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def _keep_freed_memory() -> None:
+    """Let the process reuse freed tensor memory rather than hand it back to the OS and fault it in again.
+
+    With glibc's defaults a freed block of a few MB (a stacked model's layer output) is unmapped
+    or trimmed, and the next step's tensor of that size is mapped afresh and page-faulted in: a
+    batched grid task of 32 members took ~300k page faults, and ~10% longer. Blocks up to 64 MB
+    now come from the heap, which keeps up to 256 MB free before trimming. Other C libraries:
+    nothing changes.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_ABOVE_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE_BYTES)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def train_trial(prep: PreparedTrial, report: Optional[Report] = None) -> TrialResult:
