@@ -49,24 +49,25 @@ def batch_key(config: dict) -> Optional[str]:
 #: A training step's fixed cost (kernel launches, the optimizer's step, the batch's gather) in
 #: samples' worth of one member's arithmetic at width 128: measured on 2 CPUs, MLP 4x128 on digits.
 STEP_COST_SAMPLES = 90
-#: Normalization about doubles a member's cost (measured the same way: 1.7x to 2.5x).
-NORM_COST = 2.0
+#: Normalization about doubles a step's fixed cost (a member's arithmetic grows by under 10%).
+NORM_STEP_COST = 2.0
 
 
 def task_cost(configs: list[dict]) -> float:
     """A task's cost relative to other tasks of the same study (same dataset), for ordering only.
 
     Per epoch and hidden layer, a member's arithmetic grows with the samples times width^2, and
-    each step adds a fixed cost whatever the number of members: with n training samples, cost is
-    proportional to n * (members * (width/128)^2 + STEP_COST_SAMPLES / batch_size). n is the same
-    for every task of a study (one dataset), so it is left out. On 2 CPUs this orders the measured
-    times of batches of 1 to 10 members, batch sizes 32 to 128, with and without batch norm.
+    each step adds a fixed cost whatever the number of members (doubled by normalization): with n
+    training samples, cost is proportional to n * (members * (width/128)^2 + step / batch_size).
+    n is the same for every task of a study (one dataset), so it is left out. On 2 CPUs this is
+    within 25% of the measured times of batches of 1 to 10 members, batch sizes 32 to 128, with
+    and without batch norm (tests/test_batched.py).
     """
     config = configs[0]
     model, train = config["model"], config["train"]
-    per_sample = len(configs) * (model.get("width", 128) / 128) ** 2 + STEP_COST_SAMPLES / config["batch_size"]
-    norm = 1.0 if config["normalization"]["name"] == "none" else NORM_COST
-    return train["epochs"] * max(1, model.get("depth", 1)) * norm * per_sample
+    step = STEP_COST_SAMPLES * (1.0 if config["normalization"]["name"] == "none" else NORM_STEP_COST)
+    per_sample = len(configs) * (model.get("width", 128) / 128) ** 2 + step / config["batch_size"]
+    return train["epochs"] * max(1, model.get("depth", 1)) * per_sample
 
 
 def _batchable(config: dict) -> bool:

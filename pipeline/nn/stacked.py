@@ -73,8 +73,8 @@ class _Norm:
         if self.kind is nn.Identity:
             return h
         if self.kind is nn.BatchNorm1d:
-            h = self._batch_norm(h, training)
-        elif self.kind is nn.LayerNorm:
+            return self._batch_norm(h, training)
+        if self.kind is nn.LayerNorm:
             h = F.layer_norm(h, h.shape[-1:], eps=self.eps)
         else:
             k, b, w = h.shape
@@ -83,17 +83,20 @@ class _Norm:
 
     def _batch_norm(self, h: Tensor, training: bool) -> Tensor:
         """BatchNorm1d's rule, per member: batch statistics in training (and the running averages
-        updated with the unbiased variance), running statistics in evaluation."""
-        if training:
-            var, mean = torch.var_mean(h, dim=1, correction=0)
-            with torch.no_grad():
-                n = h.shape[1]
-                self.steps += 1
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)
-        else:
-            mean, var = self.running_mean, self.running_var
-        return (h - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps)
+        updated with the unbiased variance), running statistics in evaluation; then the affine."""
+        if not training:
+            xhat = (h - self.running_mean.unsqueeze(1)) * torch.rsqrt(self.running_var.unsqueeze(1) + self.eps)
+            return xhat if self.weight is None else torch.addcmul(self.bias.unsqueeze(1), xhat, self.weight.unsqueeze(1))
+        k, _, w = h.shape
+        weight = self.weight if self.weight is not None else h.new_ones(k, w)
+        bias = self.bias if self.bias is not None else h.new_zeros(k, w)
+        out, mean, var = _StackedBatchNorm.apply(h, weight, bias, self.eps)
+        with torch.no_grad():
+            n = h.shape[1]
+            self.steps += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)
+        return out
 
     def parameters(self) -> list[Tensor]:
         return [t for t in (self.weight, self.bias) if t is not None]
@@ -116,6 +119,38 @@ class _Norm:
                 getattr(norm, name).copy_(source[k])
         if self.kind is nn.BatchNorm1d:
             norm.num_batches_tracked.fill_(self.steps)
+
+
+class _StackedBatchNorm(torch.autograd.Function):
+    """A training step's batch norm for K members at once: (K, B, W) normalized over B, then
+    ``weight`` and ``bias`` (K, W); also returns the batch mean and biased variance (K, W).
+
+    Autograd through the same few operations (or ``var_mean``) took 5x longer at 32 members of
+    width 128: its backward walks a dozen broadcasting element-wise ops, this one takes three
+    passes. It is the formula of PyTorch's own batch norm backward, and so agrees with each
+    member's ``BatchNorm1d`` to float rounding (forward and gradients: ~2e-7 relative).
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, eps: float):
+        mean = h.mean(dim=1, keepdim=True)
+        centered = h - mean
+        var = centered.square().mean(dim=1, keepdim=True)
+        invstd = torch.rsqrt(var + eps)
+        xhat = centered * invstd
+        ctx.save_for_backward(xhat, invstd, weight)
+        mean, var = mean.squeeze(1), var.squeeze(1)
+        ctx.mark_non_differentiable(mean, var)
+        return torch.addcmul(bias.unsqueeze(1), xhat, weight.unsqueeze(1)), mean, var
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _mean: Tensor, _var: Tensor):
+        xhat, invstd, weight = ctx.saved_tensors
+        n = grad.shape[1]
+        grad_sum = grad.sum(dim=1, keepdim=True)
+        grad_dot_xhat = (grad * xhat).sum(dim=1, keepdim=True)
+        grad_h = (grad - grad_sum / n - xhat * (grad_dot_xhat / n)) * (invstd * weight.unsqueeze(1))
+        return grad_h, grad_dot_xhat.squeeze(1), grad_sum.squeeze(1), None
 
 
 class StackedMLP:
