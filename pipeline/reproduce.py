@@ -2,11 +2,10 @@
 
 The new run goes to the original's experiment with a ``reproduced_from`` tag. The comparison
 covers every curve both runs logged and the final metrics. On CPU the same config gives the same
-numbers, so every difference should be 0 (for a run that trained in a batch of trials, tag
-``trial_batch``, ~1e-7 relative after the first epoch, growing with training, up to ~1e-3 after
-10 epochs of batch norm at batch size 32: it re-runs alone, and batched matmuls round
-differently); on a GPU nondeterministic kernels make small differences, which are reported, not
-hidden.
+numbers, so every difference should be 0; on a GPU nondeterministic kernels make small
+differences, which are reported, not hidden. A run that trained in a batch of trials (tag
+``trial_batch``) re-runs alone, where matmuls round differently: ~1e-7 relative after the first
+epoch, growing with training (a chaotic trial can end elsewhere entirely; README "Set up and run").
 """
 from __future__ import annotations
 
