@@ -308,7 +308,29 @@ def diagnostics_cost(repeats: int) -> dict:
                 times[diag].append(_time(lambda: run_trial(config)))
         with_s, without_s = statistics.median(times[True]), statistics.median(times[False])
         out[schedule] = {"with_s": with_s, "without_s": without_s, "share": (with_s - without_s) / with_s}
+    out["log, batched x16"] = _batched_diagnostics_cost(repeats)
     return out
+
+
+def _batched_diagnostics_cost(repeats: int, members: int = 16) -> dict:
+    """The same for a batch of grid trials trained together (the default schedule): batching
+    cheapens training steps more than the probe, so the probe's share grows."""
+    from pipeline.batched import train_batch
+    from pipeline.compose import compose
+    from pipeline.train import prepare_trial
+
+    params = grid_params(members)
+    configs = {diag: [compose([f"initializer={p['initializer']}", f"scale={p['scale']}", "train.threads=1",
+                               f"train.diagnostics={str(diag).lower()}"]) for p in params] for diag in (True, False)}
+    for batch in configs.values():
+        train_batch([prepare_trial(c) for c in batch[:2]])  # warm-up
+    times = {True: [], False: []}
+    for _ in range(2 * repeats):
+        for diag, batch in configs.items():
+            preps = [prepare_trial(c) for c in batch]
+            times[diag].append(_time(lambda: train_batch(preps)))
+    with_s, without_s = statistics.median(times[True]), statistics.median(times[False])
+    return {"with_s": with_s, "without_s": without_s, "share": (with_s - without_s) / with_s}
 
 
 def _time(fn) -> float:
