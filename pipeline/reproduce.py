@@ -3,27 +3,42 @@
 The new run goes to the original's experiment with a ``reproduced_from`` tag. The comparison
 covers every curve both runs logged and the final metrics. On CPU the same config gives the same
 numbers, so every difference should be 0; on a GPU nondeterministic kernels make small
-differences, which are reported, not hidden. A run that trained in a batch of trials (tag
-``trial_batch``) re-runs alone, where matmuls round differently: ~1e-7 relative after the first
-epoch, growing with training (a chaotic trial can end elsewhere entirely; README "Set up and run").
+differences, which are reported, not hidden. A run that trained in a batch of trials (tags
+``trial_batch``, ``trial_batch_id``) re-runs in the same batch: alone, its matmuls would round
+differently, and training grows that (a chaotic trial can end elsewhere entirely).
 """
 from __future__ import annotations
 
 from pipeline import tracking
-from pipeline.runner import RecordedTrial, run_recorded_trial
+from pipeline.runner import RecordedTrial, run_recorded_in_batch, run_recorded_trial
 
 CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 FINALS = ("final_accuracy", "final_val_accuracy", "best_val_accuracy")
 
 
 def reproduce(run_id: str, uri: str) -> tuple[RecordedTrial, str]:
-    """Re-run ``run_id`` from the store at ``uri``; return the new trial and a printable comparison."""
-    config = tracking.download_config(run_id, uri)
-    config["tracking"]["uri"] = uri
+    """Re-run ``run_id`` from the store at ``uri``; return the new trial and a printable comparison.
+
+    A run that trained in a batch of trials is re-run in that batch (its batch-mates' logged
+    configs, in the batch's order; only it is recorded again), so that the same arithmetic
+    rounds the same way.
+    """
+    mates = tracking.batch_mates(uri, run_id)
+    configs = [_logged_config(mate, uri) for mate in mates]
     experiment = tracking.run_experiment(uri, run_id)
-    done = run_recorded_trial(config, experiment=experiment, tags={"reproduced_from": run_id})
+    tags = {"reproduced_from": run_id}
+    if len(mates) > 1:
+        done = run_recorded_in_batch(configs, mates.index(run_id), experiment, tags)
+    else:
+        done = run_recorded_trial(configs[0], experiment=experiment, tags=tags)
     original = tracking.metric_histories(uri, run_id, CURVES + FINALS)
     return done, compare(original, done, run_id)
+
+
+def _logged_config(run_id: str, uri: str) -> dict:
+    config = tracking.download_config(run_id, uri)
+    config["tracking"]["uri"] = uri
+    return config
 
 
 def compare(original: dict[str, list[tuple[int, float]]], done: RecordedTrial, run_id: str) -> str:

@@ -9,6 +9,7 @@ reason, or KILLED).
 from __future__ import annotations
 
 import contextlib
+import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -77,14 +78,35 @@ def run_recorded_batch(requests: list[TrialRequest]) -> list[RecordedTrial | Con
             outcomes.append(None)
         except ConfigError as err:
             outcomes.append(err)
+    batch_id = uuid.uuid4().hex if len(ready) > 1 else None
     with contextlib.ExitStack() as stack:
-        reports = [stack.enter_context(_recording(r, batch_size=len(ready))) for r in ready]
+        reports = [stack.enter_context(_recording(r, len(ready), _batch_tags(batch_id, i))) for i, r in enumerate(ready)]
         preps = [r.prepared for r in ready]
         results = train_batch(preps, reports) if len(ready) > 1 else [train_trial(p, rep) for p, rep in zip(preps, reports)]
         for r, result in zip(ready, results):
             _record_outcome(r, result)
     done = iter(RecordedTrial(r.recorder.run_id, result, r.experiment) for r, result in zip(ready, results))
     return [outcome if outcome is not None else next(done) for outcome in outcomes]
+
+
+def run_recorded_in_batch(configs: list[dict], member: int, experiment: str, tags: Optional[dict] = None) -> RecordedTrial:
+    """Train ``configs`` together, as one batch in this order, and record member ``member`` alone.
+
+    ``reproduce`` replays a trial that trained in a batch this way: its batch-mates only make the
+    same arithmetic happen (a batch's matmuls round differently with other members, or alone).
+    """
+    ready = _prepare(TrialRequest(configs[member], experiment, tags=tags), record_failures=False)
+    preps = [ready.prepared if i == member else prepare_trial(config) for i, config in enumerate(configs)]
+    with _recording(ready, len(configs)) as report:
+        reports = [report if i == member else None for i in range(len(configs))]
+        result = train_batch(preps, reports)[member]
+        _record_outcome(ready, result)
+    return RecordedTrial(ready.recorder.run_id, result, ready.experiment)
+
+
+def _batch_tags(batch_id: Optional[str], index: int) -> dict:
+    """A batch member's place in its batch: what replays it exactly (``run_recorded_in_batch``)."""
+    return {} if batch_id is None else {tracking.BATCH_ID_TAG: batch_id, tracking.BATCH_INDEX_TAG: index}
 
 
 @dataclass
@@ -117,10 +139,10 @@ def _prepare(request: TrialRequest, record_failures: bool) -> _Ready:
 
 
 @contextlib.contextmanager
-def _recording(ready: _Ready, batch_size: int = 1) -> Iterator[Callable[[int, dict], Optional[bool]]]:
+def _recording(ready: _Ready, batch_size: int = 1, batch_tags: Optional[dict] = None) -> Iterator[Callable[[int, dict], Optional[bool]]]:
     """The trial's open run (ended whatever happens) and the per-epoch ``report`` that logs to it."""
     request = ready.request
-    tags = {**(request.tags or {}), **({"trial_batch": batch_size} if batch_size > 1 else {})}
+    tags = {**(request.tags or {}), **({"trial_batch": batch_size, **(batch_tags or {})} if batch_size > 1 else {})}
     with tracking.start_run(ready.cfg.tracking, ready.experiment, request.parent_run_id, request.run_name, tags) as recorder:
         ready.recorder = recorder
         # K runs trained together flush K times as often: spread them so the store sees the same

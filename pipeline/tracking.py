@@ -413,6 +413,22 @@ def download_weights(run_id: str, tracking_uri: Optional[str] = None) -> Path:
     return _download(run_id, WEIGHTS_ARTIFACT, tracking_uri)
 
 
+#: A batch member's tags: which batch (one id per Ray task's batch) and its place in it.
+BATCH_ID_TAG, BATCH_INDEX_TAG = "trial_batch_id", "trial_batch_index"
+
+
+def batch_mates(uri: str, run_id: str) -> list[str]:
+    """The runs that trained in one batch with ``run_id``, in the batch's order and itself
+    included; ``[run_id]`` for a run that trained alone (or before batches were tagged)."""
+    mlflow_client = client(uri)
+    run = mlflow_client.get_run(run_id)
+    batch_id = run.data.tags.get(BATCH_ID_TAG)
+    if batch_id is None:
+        return [run_id]
+    mates = mlflow_client.search_runs([run.info.experiment_id], f"tags.`{BATCH_ID_TAG}` = '{batch_id}'", max_results=5000)
+    return [r.info.run_id for r in sorted(mates, key=lambda r: int(r.data.tags[BATCH_INDEX_TAG]))]
+
+
 def download_config(run_id: str, tracking_uri: Optional[str] = None) -> dict:
     """A run's resolved config (for ``reproduce``)."""
     return yaml.safe_load(_download(run_id, CONFIG_ARTIFACT, tracking_uri).read_text())

@@ -20,7 +20,7 @@ from pipeline.compose import compose
 from pipeline.config import AXES, config_from_dict
 from pipeline.errors import ConfigError
 from pipeline.nn.initializers import load_weights_file
-from pipeline.runner import run_recorded_trial
+from pipeline.runner import TrialRequest, run_recorded_batch, run_recorded_trial
 from pipeline.train import evaluate, prepare_trial
 from tests.conftest import TINY
 
@@ -282,6 +282,24 @@ def test_reproduce_reruns_the_logged_config_with_the_same_curves(tstore, relu_tr
     rows = [line for line in out.splitlines() if line.startswith("| ") and "max abs diff" not in line]
     assert {row.split("|")[1].split()[0] for row in rows} >= {"val_accuracy", "train_loss", "final_accuracy"}
     assert all(row.split("|")[4].strip() == "0" for row in rows)  # CPU: identical, every curve and final
+
+
+def test_a_batched_trial_reproduces_exactly_in_its_batch(tstore, mlflow_client, capsys):
+    """Alone, a batch member's matmuls round differently; re-run with its batch-mates, in their
+    order, every curve is the same to the last bit."""
+    members = [("xavier_normal", 1.0, 0, "tanh"), ("kaiming_normal", 1.5, 1, "relu"), ("orthogonal", 2.0, 2, "relu")]
+    configs = [_config(tstore, f"initializer={i}", f"scale={s}", f"seed={seed}", f"activation={act}", "normalization=batch",
+                       "train.epochs=3", "train.threads=1", "tracking.experiment=batched") for i, s, seed, act in members]
+    batch = run_recorded_batch([TrialRequest(config) for config in configs])
+    runs = [mlflow_client.get_run(done.run_id) for done in batch]
+    assert len({run.data.tags["trial_batch_id"] for run in runs}) == 1
+    assert [run.data.tags["trial_batch_index"] for run in runs] == ["0", "1", "2"]
+    assert tracking.batch_mates(tstore[0].partition("=")[2], batch[1].run_id) == [done.run_id for done in batch]
+    capsys.readouterr()
+    assert main(["reproduce", batch[1].run_id, tstore[0]]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "max abs diff" not in line]
+    assert {row.split("|")[1].split()[0] for row in rows} >= {"val_loss", "train_loss", "final_accuracy"}
+    assert all(row.split("|")[4].strip() == "0" for row in rows), rows
 
 
 def test_a_deleted_key_is_recorded_with_its_default(tstore, mlflow_client, tmp_path):
