@@ -23,8 +23,9 @@ def reproduce(run_id: str, uri: str) -> tuple[RecordedTrial, str]:
     configs, in the batch's order; only it is recorded again), so that the same arithmetic
     rounds the same way.
     """
+    config = _logged_config(run_id, uri)  # first: an unknown run is a one-line error
     mates = tracking.batch_mates(uri, run_id)
-    configs = [_logged_config(mate, uri) for mate in mates]
+    configs = [config if mate == run_id else _logged_config(mate, uri) for mate in mates]
     experiment = tracking.run_experiment(uri, run_id)
     tags = {"reproduced_from": run_id}
     if len(mates) > 1:
