@@ -79,7 +79,7 @@ def prepare_trial(config: dict | Config, device: Optional[str] = None) -> Prepar
     cfg = config if isinstance(config, Config) else config_from_dict(config)
     validate(cfg)
     dev = resolve_device(device or cfg.train.device)
-    _set_threads(cfg.train.threads)
+    _configure_process(cfg.train.threads)
     splits = data.load_dataset(cfg.dataset, dev)
     if cfg.batch_size > len(splits.y_train):
         raise ConfigError(f"batch_size={cfg.batch_size} is larger than the training set ({len(splits.y_train)} samples)")
@@ -123,7 +123,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _set_threads(threads: Optional[int]) -> None:
+def _configure_process(threads: Optional[int]) -> None:
+    """What a trial wants of the process it runs in: its threads, no denormal floats, freed memory kept."""
     if threads:
         torch.set_num_threads(threads)
     # Stalled nets compute with denormal floats and run ~10x slower on CPU (SCIENCE.md s4).
