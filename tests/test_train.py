@@ -142,4 +142,6 @@ def test_a_trial_process_reuses_freed_tensor_memory_without_faulting_it_in_again
     done = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).resolve().parent.parent)
     faults = int(done.stdout.split()[-1])
-    assert faults < 1000, faults  # glibc's defaults: ~90,000 (blocks trimmed or unmapped, then mapped and faulted in again)
+    # glibc's defaults: ~90,000 (blocks trimmed or unmapped, then mapped and faulted in again every step);
+    # kept: 0 usually, up to ~6,000 when the heap settles in a later step than the warm-up.
+    assert faults < 20_000, faults
