@@ -135,8 +135,10 @@ def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 class _Loop:
-    """The dispatch loop: keeps ``slots`` Ray tasks busy (and, asking ahead, one more queued per slot)
-    until ``n_trials`` trials have ended.
+    """The dispatch loop: keeps ``slots`` Ray tasks busy until ``n_trials`` trials have ended.
+
+    Asked trials wait in the driver's queue as tasks, costliest first, and a task goes to Ray only
+    when a slot is free (Ray would not keep their order).
 
     Each Ray task trains one or more (trial, seed) members: with ``study.trial_batching``, members
     whose configs share a ``batch_key`` go together (pipeline/batched.py). While the sampler draws
@@ -149,6 +151,7 @@ class _Loop:
     def __init__(self, plan: StudyPlan, study: optuna.Study, record: StudyRecord, slots: int) -> None:
         self.plan, self.study, self.record, self.slots = plan, study, record, slots
         self.pending: dict[Any, list[tuple[_Pending, int]]] = {}  # Ray ref -> its (trial, seed index) members
+        self.queued: list[list[tuple]] = []  # asked, grouped, not yet sent: costliest first
         self.in_flight: dict[int, _Pending] = {}  # Optuna trial number -> trial
         counted = counted_trials(study)
         self.asked = len(study.get_trials(deepcopy=False))  # every trial so far, any state
@@ -158,17 +161,16 @@ class _Loop:
         self.oracle = cluster.start_oracle(PruneDecider(plan.storage, plan.cfg.study.name, plan.pruner)) if plan.prunes else None
         self.progress = Progress(self.done, plan.n_trials, enabled=plan.cfg.study.progress)
         self.batch_max = plan.cfg.study.trial_batch_max if plan.cfg.study.trial_batching else 1
-        # One task queued behind each running one (where asking ahead changes nothing): a worker
-        # that finishes starts the next at once instead of waiting ~40 ms for the driver's round trip.
-        self.capacity = slots * (2 if self._asks_ahead() else 1)
 
     def run(self) -> None:
-        while self._wanted() > 0 or self.pending:
-            free = self.capacity - len(self.pending)
-            if self._wanted() > 0 and free > 0:
-                self._launch(free)
+        while self._wanted() > 0 or self.pending or self.queued:
+            self._refill()
+            self._send()
             if self.pending:
-                self._collect(cluster.wait(list(self.pending), POLL_S)[0])
+                ready = cluster.wait(list(self.pending), POLL_S)[0]
+                finished = [(ref, self.pending.pop(ref)) for ref in ready]
+                self._send()  # the freed workers start their next task before these results are recorded
+                self._collect(finished)
         self.progress.close()
 
     def abandon(self, reason: str) -> None:
@@ -197,12 +199,38 @@ class _Loop:
         # Conservative: a trial that exists in any state counts, as if it had finished.
         return max(0, blind_trials(self.plan.sampler) - self.asked)
 
-    def _launch(self, free: int) -> None:
-        ahead = min(free * self.batch_max, max(free, self._blind_left()))
+    def _refill(self) -> None:
+        """Ask the sampler for more trials when the queue runs low.
+
+        A blind sampler is asked ahead, enough to batch and to keep a task per slot waiting here,
+        so a worker that finishes starts its next task without waiting for the driver to ask;
+        any other is asked for one trial per free slot, when a slot frees, so that it has seen
+        every finished trial (during TPE's blind start-up, for up to ``trial_batch_max`` per slot).
+        """
+        if self._wanted() <= 0:
+            return
+        free = self.slots - len(self.pending)
+        if self._asks_ahead():
+            if len(self.queued) < self.slots:
+                self.queued += self._ask_tasks(self.slots * max(self.batch_max, 2), self.slots)
+        elif free > 0 and not self.queued:
+            self.queued = self._ask_tasks(min(free * self.batch_max, max(free, self._blind_left())), free)
+
+    def _ask_tasks(self, trials: int, slots: int) -> list[list[tuple]]:
         members = []
-        for _ in range(min(self._wanted(), ahead)):
+        for _ in range(min(self._wanted(), trials)):
             members += self._ask()
-        for group in _task_groups(members, self.batch_max, min(free, self.slots)):
+        return _task_groups(members, self.batch_max, slots)
+
+    def _send(self) -> None:
+        """Send queued tasks to Ray, costliest first, one per free slot.
+
+        The rest wait here, not in Ray: Ray does not start the tasks queued in it in the order
+        they were sent (measured: of four sent costliest first, the costliest started last), and a
+        long task that starts last leaves the other workers idle at the end of a study.
+        """
+        while len(self.pending) < self.slots and self.queued:
+            group = self.queued.pop(0)
             payloads = [self.record.payload(config, pending.trial, index, self.oracle) for pending, index, config in group]
             ref = cluster.submit(trial_task, payloads, self.plan.cfg.cluster, self.plan.cfg.study.retries)
             self.pending[ref] = [(pending, index) for pending, index, _ in group]
@@ -227,9 +255,8 @@ class _Loop:
             pending.failures[index] = reason
         self._tell(pending)
 
-    def _collect(self, ready: list) -> None:
-        for ref in ready:
-            members = self.pending.pop(ref)
+    def _collect(self, finished: list[tuple[Any, list[tuple[_Pending, int]]]]) -> None:
+        for ref, members in finished:
             values, reason = cluster.result(ref)
             for position, (pending, index) in enumerate(members):
                 self._member_done(pending, index, values[position] if values is not None else {"error": reason})

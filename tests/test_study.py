@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from pipeline.cli import main
+from pipeline.batched import task_cost
 from pipeline.study import run_study
 from pipeline import space
 from pipeline.plan import TPE_STARTUP_TRIALS, default_storage, open_storage, plan_study
@@ -220,6 +221,27 @@ def test_trial_batching_trains_members_together_with_the_results_they_get_alone(
     values = {t.params["initializer"] + str(t.params["scale"]): t.value for t in optuna_study(study_args, "batched").trials}
     assert values == pytest.approx({t.params["initializer"] + str(t.params["scale"]): t.value
                                     for t in optuna_study(study_args, "alone").trials}, abs=1e-5)
+
+
+def test_batched_tasks_start_costliest_first(study_args):
+    axes = ["space=empty", "space.batch_size=choice(16, 64, 256)", "space.normalization=choice(none, batch)",
+            "space.initializer=choice(xavier_normal, kaiming_normal)", "study.sampler=random"]
+    run_study(study_args("order", *axes, "study.n_trials=18", "train.epochs=1", "cluster.max_concurrent=1"))
+    _, _, children = mlflow_runs(study_args, "order")
+    tasks: dict[str, list] = {}
+    for child in children:
+        tasks.setdefault(child.data.tags["trial_batch_id"], []).append(child)
+    assert len(tasks) >= 4  # one per (batch size, normalization) drawn
+    started = sorted(tasks.values(), key=lambda runs: min(r.info.start_time for r in runs))
+    costs = [task_cost([_cost_config(r) for r in runs]) for runs in started]
+    # One slot: Ray runs the tasks one after another in the order the driver sent them.
+    assert costs == sorted(costs, reverse=True)
+
+
+def _cost_config(run) -> dict:
+    params = run.data.params
+    return {"model": {"depth": 2, "width": 32}, "train": {"epochs": 1}, "batch_size": int(params["batch_size"]),
+            "normalization": {"name": params["normalization"]}}
 
 
 def test_trial_ended_writes_the_optuna_state_only_where_a_run_does_not_hold_it_yet(tmp_path, monkeypatch):
