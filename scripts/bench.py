@@ -367,6 +367,17 @@ def driver_memory(trials: int) -> dict:
             "growth_mb": max(settled) - settled[0], "child_runs": children, "running_left": running}
 
 
+def _counts(multiple: int):
+    """An argparse type: comma-separated positive trial counts, each a multiple of ``multiple``."""
+    def parse(text: str) -> list[int]:
+        counts = [int(part) if part.strip().isdigit() else -1 for part in text.split(",") if part.strip()]
+        if any(n <= 0 or n % multiple for n in counts):
+            raise argparse.ArgumentTypeError(f"{text!r}: trial counts must be positive integers"
+                                             + (f" and multiples of {multiple}" if multiple > 1 else "") + " ('' for none)")
+        return counts
+    return parse
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
@@ -375,8 +386,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--procs", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workloads", default="16,64", help="random-axes workloads to measure (trial counts), e.g. 16,64")
-    ap.add_argument("--grid", default="64", help="initializer x scale grid workloads (trial counts, multiples of 4)")
+    ap.add_argument("--workloads", default="16,64", type=_counts(1),
+                    help="random-axes workloads to measure (trial counts), e.g. 16,64; '' for none")
+    ap.add_argument("--grid", default="64", type=_counts(len(GRID_INITS)),
+                    help="initializer x scale grid workloads (trial counts, multiples of 4); '' for none")
     ap.add_argument("--no-engine", dest="engine", action="store_false", help="skip the in-process engine comparison")
     ap.add_argument("--no-overhead", dest="overhead", action="store_false", help="skip the 1-epoch overhead measurement")
     ap.add_argument("--no-diagnostics", dest="diagnostics", action="store_false", help="skip the diagnostics cost")
@@ -386,10 +399,10 @@ def main() -> None:
     if args.bare:
         return bare_main(args.trials, args.epochs, args.procs, args.grid_bare)
     report = {"machine": f"{os.cpu_count()} CPUs", "workloads": []}
-    for n in map(int, filter(None, args.workloads.split(","))):
+    for n in args.workloads:
         report["workloads"].append(throughput(n, args.epochs, args.procs, args.repeats))
         _print_workload(report["workloads"][-1])
-    for n in map(int, filter(None, args.grid.split(","))):
+    for n in args.grid:
         report["workloads"].append(throughput(n, args.epochs, args.procs, args.repeats, grid=True))
         _print_workload(report["workloads"][-1])
     if args.engine:
