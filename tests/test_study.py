@@ -223,7 +223,7 @@ def test_trial_batching_trains_members_together_with_the_results_they_get_alone(
                                     for t in optuna_study(study_args, "alone").trials}, abs=1e-5)
 
 
-def test_batched_tasks_start_costliest_first(study_args):
+def test_batched_tasks_start_costliest_first_and_max_concurrent_holds(study_args):
     axes = ["space=empty", "space.batch_size=choice(16, 64, 256)", "space.normalization=choice(none, batch)",
             "space.initializer=choice(xavier_normal, kaiming_normal)", "study.sampler=random"]
     run_study(study_args("order", *axes, "study.n_trials=18", "train.epochs=1", "cluster.max_concurrent=1"))
@@ -236,6 +236,8 @@ def test_batched_tasks_start_costliest_first(study_args):
     costs = [task_cost([_cost_config(r) for r in runs]) for runs in started]
     # One slot: Ray runs the tasks one after another in the order the driver sent them.
     assert costs == sorted(costs, reverse=True)
+    spans = [(min(r.info.start_time for r in runs), max(r.info.end_time for r in runs)) for runs in started]
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))  # never two at once
 
 
 def _cost_config(run) -> dict:
