@@ -282,7 +282,8 @@ class _Loop:
         frozen = self.study.tell(pending.trial, values=values, state=state)
         self.record.trial_ended(frozen, pending.results)
         self.done += 1
-        self.progress.update(self.study, len(self.in_flight))
+        running = len({pending.trial.number for members in self.pending.values() for pending, _ in members})
+        self.progress.update(self.study, running, queued=len(self.in_flight) - running)
         self._check_failure_rate(frozen)
 
     def _check_failure_rate(self, frozen: optuna.trial.FrozenTrial) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import optuna
 import pytest
@@ -238,6 +239,15 @@ def test_batched_tasks_start_costliest_first_and_max_concurrent_holds(study_args
     assert costs == sorted(costs, reverse=True)
     spans = [(min(r.info.start_time for r in runs), max(r.info.end_time for r in runs)) for runs in started]
     assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))  # never two at once
+
+
+def test_the_progress_bar_tells_running_from_queued_trials(study_args, capsys):
+    run_study(study_args("bar", "space=empty", "space.initializer=choice(xavier_normal, kaiming_normal)", "study.sampler=random",
+                         "study.n_trials=5", "train.epochs=1", "study.trial_batching=false", "cluster.max_concurrent=1",
+                         "study.progress=true"))
+    bars = re.findall(r"running=(\d+), queued=(\d+), failed=(\d+)", capsys.readouterr().err)
+    assert bars and all(int(running) <= 1 for running, _, _ in bars)  # one slot: one trial trains at a time
+    assert any(int(queued) >= 1 for _, queued, _ in bars)  # asked ahead, waiting in the driver
 
 
 def _cost_config(run) -> dict:
