@@ -143,7 +143,7 @@ class _Loop:
     Each Ray task trains one or more (trial, seed) members: with ``study.trial_batching``, members
     whose configs share a ``batch_key`` go together (pipeline/batched.py). While the sampler draws
     without looking at results (random, qmc, grid: always; tpe: its first ``TPE_STARTUP_TRIALS``,
-    drawn at random) it is asked for up to ``trial_batch_max`` trials per free slot, so there is
+    drawn at random) it is asked ahead, up to ``trial_batch_max`` trials per slot, so there is
     something to batch; otherwise (tpe after its start-up, nsga2, any study with a pruner) for one
     trial per free slot, as without batching, and only its seeds train together.
     """
