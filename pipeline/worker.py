@@ -46,13 +46,11 @@ def warm_up(tracking_cfg: Optional[dict] = None, experiment: Optional[str] = Non
     """Import what a trial needs, so the first trial of a fresh worker process starts at once;
     with ``tracking_cfg``, open the study's MLflow store too (engine and schema check: ~1 s)."""
     import mlflow.tracking  # noqa: F401
-    import torch
+    import torch  # noqa: F401
 
     from pipeline import data, tracking  # noqa: F401
     from pipeline.config import TrackingConfig
 
-    # A first optimizer imports torch._dynamo (about 2 s): pay it here, not in the first trial.
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     if tracking_cfg is not None and experiment is not None:
         tracking.ensure_experiment(TrackingConfig(**tracking_cfg), experiment)
 
