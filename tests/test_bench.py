@@ -33,3 +33,13 @@ def test_a_small_workload_runs_through_both_sides_and_reports_its_figures(tmp_pa
     assert workload["workload"] == "W4" and workload["bare_s"] > 0
     for side in ("batched", "unbatched"):
         assert 0 < workload[side]["ratio"] and 0 < workload[side]["to_first_trial_s"] < workload[side]["wall_s"]
+
+
+def test_the_device_benchmark_runs_each_sharing_and_batching_mode(tmp_path):
+    """scripts/gpu_bench.py, on the CPU here (the same code runs on a GPU): every (processes, batch) row."""
+    out = tmp_path / "gpu.json"
+    subprocess.run([sys.executable, "scripts/gpu_bench.py", "--device", "cpu", "--trials", "4", "--epochs", "1",
+                    "--procs", "1,2", "--batch", "1,2", "--json", str(out)], cwd=ROOT, check=True, timeout=240)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["procs"], r["batch"]) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(r["trials"] == 4 and r["tpm"] > 0 for r in rows)

@@ -1,0 +1,128 @@
+"""Trials/min on one device, the trial engine alone (no Ray, no MLflow): one trial at a time against
+several trials sharing the device (processes, as fractional ``cluster.gpus_per_trial`` places them)
+and trials trained together (trial batching), and both.
+
+Workload: the bench's grid (scripts/bench.py): initializer (4) x scale, MLP 4x128 on digits, ReLU,
+batch size 64, SGD, 10 epochs, diagnostics on, as a study's trials train. Every process warms up
+(imports, CUDA context, a first trial) before the clock starts; the figure is trials over the wall
+time of the slowest process.
+
+    python scripts/gpu_bench.py                                   # cuda if there is one, else cpu
+    python scripts/gpu_bench.py --procs 1,4,8 --batch 1,16,64 --json out.json
+
+On a machine without Ray and MLflow (a GPU box with PyTorch), it needs only hydra-core, omegaconf
+and scikit-learn (for the digits) beside PyTorch: docs/gpu.md says how to run it there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench import _counts, grid_params  # noqa: E402
+
+
+def trial_configs(trials: int, epochs: int, device: str) -> list[dict]:
+    from pipeline.compose import compose
+
+    return [compose([f"initializer={p['initializer']}", f"scale={p['scale']}", "activation=relu", "normalization=none",
+                     "batch_size=64", f"train.epochs={epochs}", f"train.device={device}", "train.threads=1"])
+            for p in grid_params(trials)]
+
+
+def train_share(configs: list[dict], batch: int) -> None:
+    """Train ``configs`` in tasks of ``batch`` members, as a worker would (one alone: the unbatched engine)."""
+    from pipeline.batched import train_batch
+    from pipeline.train import prepare_trial, train_trial
+
+    for start in range(0, len(configs), batch):
+        task = configs[start:start + batch]
+        if len(task) == 1:
+            train_trial(prepare_trial(task[0]))
+        else:
+            train_batch([prepare_trial(c) for c in task])
+    _synchronize(configs[0]["train"]["device"])
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _process(configs: list[dict], batch: int, ready, results) -> None:
+    """One process sharing the device: warm up, wait for the others, then train its share, timed."""
+    train_share(configs[:min(2, batch)], batch)  # imports, CUDA context, a first optimizer step
+    ready.wait()
+    start = time.perf_counter()
+    train_share(configs, batch)
+    results.put(time.perf_counter() - start)
+
+
+def measure(configs: list[dict], procs: int, batch: int) -> dict:
+    """Wall time of ``procs`` processes training ``configs`` between them in tasks of ``batch``."""
+    ctx = mp.get_context("spawn")
+    ready, results = ctx.Barrier(procs), ctx.Queue()
+    shares = [configs[i::procs] for i in range(procs)]
+    workers = [ctx.Process(target=_process, args=(share, batch, ready, results)) for share in shares if share]
+    for worker in workers:
+        worker.start()
+    times = [results.get() for _ in workers]
+    for worker in workers:
+        worker.join()
+        if worker.exitcode:
+            raise RuntimeError(f"a benchmark process failed (exit code {worker.exitcode})")
+    wall = max(times)
+    return {"procs": procs, "batch": batch, "trials": len(configs), "wall_s": wall, "tpm": 60 * len(configs) / wall}
+
+
+def _grid_trials(text: str) -> int:
+    counts = _counts(4)(text)
+    if len(counts) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: one trial count, a positive multiple of 4")
+    return counts[0]
+
+
+def describe_device(device: str) -> str:
+    import torch
+
+    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"{os.cpu_count()} CPUs"
+    return f"{name}, torch {torch.__version__}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    ap.add_argument("--trials", type=_grid_trials, default="64", help="grid trials (a multiple of 4)")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--procs", type=_counts(1), default="1,4", help="processes sharing the device, e.g. 1,4,8")
+    ap.add_argument("--batch", type=_counts(1), default="1,16", help="members per task (1: one trial at a time)")
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    configs = trial_configs(args.trials, args.epochs, device)
+    print(f"device: {describe_device(device)}; {len(configs)} grid trials x {args.epochs} epochs", flush=True)
+    rows = []
+    for procs in args.procs:
+        for batch in args.batch:
+            rows.append(measure(configs, procs, batch))
+            base = rows[0]["tpm"]
+            print(f"  {procs} process(es) x tasks of {batch:>3}: {rows[-1]['wall_s']:6.1f} s, "
+                  f"{rows[-1]['tpm']:7.0f} trials/min ({rows[-1]['tpm'] / base:.2f}x the first row)", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": describe_device(device), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
