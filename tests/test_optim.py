@@ -51,13 +51,14 @@ def test_every_optimizer_has_a_reference():
 def _cases():
     for name in OPTIMIZERS.names():
         for fused in (False, True) if name in FUSABLE else (False,):
-            for weight_decay in (0.0, 1e-3):
-                yield pytest.param(name, fused, weight_decay, id=f"{name}-{'fused' if fused else 'plain'}-wd{weight_decay}")
+            for weight_decay, momentum in ((0.0, 0.9), (1e-3, 0.9), (0.0, 0.0)):
+                yield pytest.param(name, fused, weight_decay, momentum,
+                                   id=f"{name}-{'fused' if fused else 'plain'}-wd{weight_decay}-m{momentum}")
 
 
-@pytest.mark.parametrize("name, fused, weight_decay", list(_cases()))
-def test_each_optimizer_steps_exactly_as_its_reference(name, fused, weight_decay):
-    cfg = OptimizerConfig(name=name, lr=0.05, momentum=0.9, weight_decay=weight_decay)
+@pytest.mark.parametrize("name, fused, weight_decay, momentum", list(_cases()))
+def test_each_optimizer_steps_exactly_as_its_reference(name, fused, weight_decay, momentum):
+    cfg = OptimizerConfig(name=name, lr=0.05, momentum=momentum, weight_decay=weight_decay)
     torch.manual_seed(0)
     start = [torch.randn(8, 5), torch.randn(8), torch.zeros(3, 8)]  # a zero layer: LARS's rate-1 case
     ours = [t.clone().requires_grad_() for t in start]
