@@ -19,6 +19,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue
 import sys
 import time
 from pathlib import Path
@@ -76,11 +77,13 @@ def measure(configs: list[dict], procs: int, batch: int) -> dict:
     workers = [ctx.Process(target=_process, args=(share, batch, ready, results)) for share in shares if share]
     for worker in workers:
         worker.start()
-    times = [results.get() for _ in workers]
-    for worker in workers:
-        worker.join()
-        if worker.exitcode:
-            raise RuntimeError(f"a benchmark process failed (exit code {worker.exitcode})")
+    try:
+        times = _times(results, workers)
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.terminate()
     wall = max(times)
     return {"procs": procs, "batch": batch, "trials": len(configs), "wall_s": wall, "tpm": 60 * len(configs) / wall}
 
@@ -90,6 +93,22 @@ def _grid_trials(text: str) -> int:
     if len(counts) != 1:
         raise argparse.ArgumentTypeError(f"{text!r}: one trial count, a positive multiple of 4")
     return counts[0]
+
+
+def _times(results, workers: list) -> list[float]:
+    """Each process's timed seconds; a process that died (an error, out of memory) fails the row
+    at once instead of leaving the others waiting at the barrier."""
+    times: list[float] = []
+    while len(times) < len(workers):
+        try:
+            times.append(results.get(timeout=1.0))
+        except queue.Empty:
+            dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+            if dead:
+                for worker in workers:
+                    worker.terminate()
+                raise RuntimeError(f"a benchmark process failed (exit code {dead[0]})") from None
+    return times
 
 
 def describe_device(device: str) -> str:
