@@ -5,6 +5,8 @@
 ``python -m pipeline reproduce RUN_ID``       re-run a recorded trial from its logged config
 ``python -m pipeline report STUDY``           build a study's report (figures + HTML), log it to the study run
 
+``python -m pipeline [COMMAND] --help`` says what each does and lists every config group's choices.
+
 Bad input of any kind (unknown name, malformed override, invalid value, missing data) is one
 line on stderr and exit code 2, before any training and before any MLflow run is opened.
 """
@@ -17,6 +19,7 @@ from pipeline.compose import compose
 from pipeline.errors import ConfigError
 
 USAGE = "usage: python -m pipeline {trial,run,reproduce,report} [overrides | RUN_ID | STUDY]"
+HELP_FLAGS = ("-h", "--help")
 
 
 def trial_command(args: list[str]) -> int:
@@ -86,16 +89,48 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "report": report_command,
 }
 
+#: ``python -m pipeline COMMAND --help``: what it does, and an example.
+COMMAND_HELP = {
+    "run": ("a study: Optuna asks, Ray runs the trials, MLflow records (parent run = study, child = trial)",
+            "python -m pipeline run space.initializer='choice(xavier_normal,kaiming_normal)' study.n_trials=20"),
+    "trial": ("one trial, recorded in MLflow; prints its final accuracy, whether it diverged, and its run id",
+              "python -m pipeline trial initializer=orthogonal scale=0.5 activation=tanh normalization=batch"),
+    "reproduce": ("re-run a recorded trial from its logged config and compare every curve with the record",
+                  "python -m pipeline reproduce RUN_ID [tracking.uri=...]"),
+    "report": ("build a study's report (figures and HTML) and log it to the study's parent run",
+               "python -m pipeline report STUDY [tracking.uri=...] [study.output_dir=...]"),
+}
+
+#: Config groups whose choices the help lists (each is a folder of conf/).
+HELP_GROUPS = ("initializer", "activation", "normalization", "model", "dataset", "optimizer", "space", "experiment")
+
+
+def help_text(command: str | None = None) -> str:
+    """The usage, the commands (or one of them), and every group's choices, read from conf/."""
+    from pipeline.compose import group_options
+
+    commands = [command] if command else list(COMMANDS)
+    lines = [USAGE, ""] + [f"  {name:<10} {COMMAND_HELP[name][0]}\n  {'':<10} e.g. {COMMAND_HELP[name][1]}"
+                           for name in commands]
+    lines += ["", "Overrides are Hydra's key=value; the study axes: initializer, scale, activation, normalization,",
+              "batch_size (and any config key). Choices of each group:"]
+    lines += [f"  {group}: {', '.join(group_options(group))}" for group in HELP_GROUPS]
+    lines += ["", "More: README.md (commands, keys, cluster, results)."]
+    return "\n".join(lines)
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else "run"
-    if command in ("-h", "--help"):
-        print(USAGE)
+    if command in HELP_FLAGS:
+        print(help_text())
         return 0
     if command not in COMMANDS:
         print(f"error: unknown command '{command}'; valid: {', '.join(COMMANDS)} ({USAGE})", file=sys.stderr)
         return 2
+    if any(arg in HELP_FLAGS for arg in argv[1:]):  # Hydra would read "--help" as a malformed override
+        print(help_text(command))
+        return 0
     try:
         return COMMANDS[command](argv[1:])
     except ConfigError as err:

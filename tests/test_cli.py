@@ -10,7 +10,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.cli import COMMANDS, main
+from pipeline.cli import COMMANDS, HELP_GROUPS, main
+from pipeline.compose import group_options
 from pipeline.config import ActivationConfig, ModelConfig, NormalizationConfig
 from pipeline.nn.initializers import save_weights
 from pipeline.nn.models import build_model
@@ -119,6 +120,20 @@ def test_unknown_command_lists_the_valid_ones(capsys):
     assert len(lines) == 1 and lines[0].startswith("error: unknown command 'trail'")
     for command in COMMANDS:
         assert command in lines[0]
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_describes_the_commands_and_every_group_choice_and_runs_nothing(capsys, tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)  # the default store would appear here if anything ran
+    assert main(["--help"] if command is None else [command, "initializer=orthogonal", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m pipeline")
+    for name in COMMANDS if command is None else [command]:
+        assert f"  {name} " in out
+    for group in HELP_GROUPS:
+        assert f"  {group}: {', '.join(group_options(group))}" in out
+    assert "orthogonal" in out and "xavier_normal" in out and "batch" in out
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("args, names", [
