@@ -10,7 +10,7 @@ import copy
 import functools
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -42,6 +42,7 @@ class StudyPlan:
     n_trials: int
     sampler: Any = None
     pruner: Any = None
+    pinned: list[str] = field(default_factory=list)  # command-line overrides of axes the space would sample
 
     @property
     def prunes(self) -> bool:
@@ -162,15 +163,30 @@ def plan_study(args: list[str]) -> StudyPlan:
     config = compose(hydra_overrides)
     cfg = config_from_dict(config)
     validate(cfg)
-    config["space"] = space.apply_overrides(config.get("space") or {}, space_overrides)
+    study_space = space.apply_overrides(config.get("space") or {}, space_overrides)
+    pinned = _pinned(hydra_overrides, study_space, space_overrides)
+    config["space"] = space.apply_overrides(study_space, [f"~space.{_key(o)}" for o in pinned])
     options = {group: group_options(group) for group in space.GROUP_AXES}
     axes = space.parse_space(config["space"], config, options)
-    plan = StudyPlan(cfg, config, hydra_overrides, axes, _storage(cfg), 0)
+    plan = StudyPlan(cfg, config, hydra_overrides, axes, _storage(cfg), 0, pinned=pinned)
     _check_objectives(cfg)
     plan.sampler = SAMPLERS.get(cfg.study.sampler)(plan)
     plan.pruner = PRUNERS.get(cfg.study.pruner)(cfg)
     plan.n_trials = _n_trials(cfg, axes)
     return plan
+
+
+def _pinned(hydra_overrides: list[str], study_space: dict, space_overrides: list[str]) -> list[str]:
+    """Overrides that fix an axis the space would sample (``initializer=orthogonal`` under the
+    default space): the value given wins and the axis is dropped, unless a ``space.<key>=...``
+    override asks for it to be sampled."""
+    asked = {_key(o)[len("space."):] for o in space_overrides}
+    return [o for o in hydra_overrides
+            if "=" in o and not o.startswith("~") and _key(o) in study_space and _key(o) not in asked]
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=")[0]
 
 
 def _storage(cfg: Config) -> str:

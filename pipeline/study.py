@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,9 @@ class StudyFailed(RuntimeError):
 def run_study(cli_overrides: list[str]) -> dict:
     """Plan (everything validated before Ray starts), then run the ask-and-tell loop."""
     plan = plan_study(cli_overrides)
+    if plan.pinned:
+        print(f"note: {' '.join(plan.pinned)} fixed on the command line: not sampled (space.<key>=... samples it)",
+              file=sys.stderr)
     tracking.check_reachable(plan.cfg.tracking.uri)
     # Opening the stores and composing the trials' configs take seconds, and so does starting Ray:
     # overlap them (one thread, in this order: the MLflow store first, for the workers' warm-up).

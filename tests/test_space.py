@@ -74,6 +74,18 @@ def test_split_keeps_space_overrides_away_from_hydra():
     assert ours == ["space.scale=interval(1,2)", "~space.activation"]
 
 
+def test_an_axis_fixed_on_the_command_line_is_not_sampled_unless_the_space_is_named(tmp_path):
+    out = f"study.output_dir={tmp_path}"
+    plan = plan_study(["initializer=orthogonal", "batch_size=32", "optimizer.lr=0.1", out])
+    assert plan.pinned == ["initializer=orthogonal", "batch_size=32"]  # optimizer.lr is no axis of the default space
+    assert [a.key for a in plan.axes] == ["scale", "activation", "normalization"]
+    config = plan.trial_config({"scale": 2.0, "activation": "tanh", "normalization": "batch"}, seed=0)
+    assert (config["initializer"]["name"], config["batch_size"], config["scale"]) == ("orthogonal", 32, 2.0)
+    # Asked for by name, the axis is sampled (the space's values win over the base value).
+    plan = plan_study(["initializer=orthogonal", "space.initializer=choice(xavier_normal, orthogonal)", out])
+    assert plan.pinned == [] and "initializer" in [a.key for a in plan.axes]
+
+
 def test_plan_grid_defaults_n_trials_to_the_grid_size(tmp_path):
     plan = plan_study(["space=axes_grid", "study.sampler=grid", "study.n_trials=null", f"study.output_dir={tmp_path}"])
     assert plan.n_trials == 6
