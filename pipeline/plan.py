@@ -168,12 +168,36 @@ def plan_study(args: list[str]) -> StudyPlan:
     config["space"] = space.apply_overrides(study_space, [f"~space.{_key(o)}" for o in pinned])
     options = {group: group_options(group) for group in space.GROUP_AXES}
     axes = space.parse_space(config["space"], config, options)
+    _check_axis_values(axes, config)
     plan = StudyPlan(cfg, config, hydra_overrides, axes, _storage(cfg), 0, pinned=pinned)
     _check_objectives(cfg)
     plan.sampler = SAMPLERS.get(cfg.study.sampler)(plan)
     plan.pruner = PRUNERS.get(cfg.study.pruner)(cfg)
     plan.n_trials = _n_trials(cfg, axes)
     return plan
+
+
+def _check_axis_values(axes: list[space.Axis], config: dict) -> None:
+    """Every value a plain axis can give must make a valid config (``space.scale=interval(0, 1)``:
+    scale must be > 0), checked now rather than as failed trials. Group axes' names were checked
+    by ``parse_space``; their options are checked when a trial composes them."""
+    for axis in axes:
+        if axis.key in space.GROUP_AXES:
+            continue
+        for value in space.extreme_values(axis):
+            trial = copy.deepcopy(config)
+            _set(trial, axis.key, value)
+            try:
+                validate(config_from_dict(trial))
+            except ConfigError as err:
+                raise ConfigError(f"space.{axis.key}={config['space'][axis.key]} can give {axis.key}={value}: {err}") from None
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree[key]
+    tree[leaf] = value
 
 
 def _pinned(hydra_overrides: list[str], study_space: dict, space_overrides: list[str]) -> list[str]:

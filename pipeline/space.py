@@ -163,6 +163,16 @@ def _check_group_values(key: str, values, options: list[str]) -> None:
             raise ConfigError(f"space.{key}: unknown {key} '{value}'; valid: {', '.join(options)}")
 
 
+def extreme_values(axis: Axis) -> list[Any]:
+    """The values that bound what ``axis`` can give: every choice, or an interval's or range's ends."""
+    dist = axis.distribution
+    if dist is None:
+        return [axis.fixed]
+    if isinstance(dist, CategoricalDistribution):
+        return list(dist.choices)
+    return [dist.low, dist.high]
+
+
 def _with_condition(axis: Axis, sampled: set[str], config: dict) -> Axis:
     condition = CONDITIONS.get(axis.key)
     if condition is None or condition[0] not in sampled:

@@ -1,6 +1,8 @@
 """Study spaces: Hydra's sweep grammar -> Optuna distributions; bad spaces fail before Ray starts."""
 from __future__ import annotations
 
+import re
+
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -84,6 +86,16 @@ def test_an_axis_fixed_on_the_command_line_is_not_sampled_unless_the_space_is_na
     # Asked for by name, the axis is sampled (the space's values win over the base value).
     plan = plan_study(["initializer=orthogonal", "space.initializer=choice(xavier_normal, orthogonal)", out])
     assert plan.pinned == [] and "initializer" in [a.key for a in plan.axes]
+
+
+@pytest.mark.parametrize("override, named", [
+    ("space.scale=interval(0, 1)", "scale=0.0"),  # an interval's end
+    ("space.optimizer.lr=choice(0.1, 0)", "optimizer.lr=0"),  # any choice
+    ("space.model.depth=range(0, 3)", "model.depth=0"),  # a range's start
+])
+def test_a_space_that_can_give_an_invalid_value_is_refused_before_any_trial(tmp_path, override, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        plan_study([override, f"study.output_dir={tmp_path}"])
 
 
 def test_plan_grid_defaults_n_trials_to_the_grid_size(tmp_path):
