@@ -290,7 +290,7 @@ def validate(cfg: Config) -> None:
     from pipeline.nn import activations, initializers, models, norms
 
     cfg.initializer.name = initializers.INITIALIZERS.canonical(cfg.initializer.name)
-    for check in (_check_numbers, initializers.validate_config):
+    for check in (check_numbers, initializers.validate_config):
         check(cfg)
     activations.ACTIVATIONS.canonical(cfg.activation.name)
     norms.NORMALIZATIONS.canonical(cfg.normalization.name)
@@ -300,7 +300,8 @@ def validate(cfg: Config) -> None:
     optim.OPTIMIZERS.canonical(cfg.optimizer.name)
 
 
-def _check_numbers(cfg: Config) -> None:
+def check_numbers(cfg: Config) -> None:
+    """The numbers that must be positive (or in their set), whatever the groups chosen."""
     _positive("scale", cfg.scale)
     _positive("batch_size", cfg.batch_size)
     _positive("train.epochs", cfg.train.epochs)

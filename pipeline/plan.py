@@ -20,7 +20,7 @@ from optuna.distributions import CategoricalDistribution
 from pipeline import objectives, space
 from pipeline.compose import (compose, compose_tree, differs_only_at, group_options, is_value_override, with_subtrees,
                               with_values)
-from pipeline.config import Config, config_from_dict, validate
+from pipeline.config import Config, check_numbers, config_from_dict, validate
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
 
@@ -178,9 +178,12 @@ def plan_study(args: list[str]) -> StudyPlan:
 
 
 def _check_axis_values(axes: list[space.Axis], config: dict) -> None:
-    """Every value a plain axis can give must make a valid config (``space.scale=interval(0, 1)``:
-    scale must be > 0), checked now rather than as failed trials. Group axes' names were checked
-    by ``parse_space``; their options are checked when a trial composes them."""
+    """Every value a plain axis can give must fit the config's types and numeric bounds
+    (``space.scale=interval(0, 1)``: scale must be > 0), checked now rather than as failed trials.
+
+    Only the checks that hold whatever the groups: an option of one initializer (``initializer.mode``)
+    may be valid for the initializers the space samples and not for the base one. Group axes'
+    names were checked by ``parse_space``."""
     for axis in axes:
         if axis.key in space.GROUP_AXES:
             continue
@@ -188,7 +191,7 @@ def _check_axis_values(axes: list[space.Axis], config: dict) -> None:
             trial = copy.deepcopy(config)
             _set(trial, axis.key, value)
             try:
-                validate(config_from_dict(trial))
+                check_numbers(config_from_dict(trial))
             except ConfigError as err:
                 raise ConfigError(f"space.{axis.key}={config['space'][axis.key]} can give {axis.key}={value}: {err}") from None
 

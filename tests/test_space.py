@@ -98,6 +98,13 @@ def test_a_space_that_can_give_an_invalid_value_is_refused_before_any_trial(tmp_
         plan_study([override, f"study.output_dir={tmp_path}"])
 
 
+def test_an_option_valid_for_the_sampled_initializers_but_not_the_base_one_is_kept(tmp_path):
+    # fan_avg is a variance_scaling mode, not a mode of the base kaiming_normal: the space is fine.
+    plan = plan_study(["space=empty", "space.initializer=choice(variance_scaling)",
+                       "space.initializer.mode=choice(fan_in, fan_avg)", f"study.output_dir={tmp_path}"])
+    assert [a.key for a in plan.axes] == ["initializer", "initializer.mode"]
+
+
 def test_plan_grid_defaults_n_trials_to_the_grid_size(tmp_path):
     plan = plan_study(["space=axes_grid", "study.sampler=grid", "study.n_trials=null", f"study.output_dir={tmp_path}"])
     assert plan.n_trials == 6
