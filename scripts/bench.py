@@ -115,6 +115,14 @@ def grid_params(trials: int) -> list[dict]:
             for init in GRID_INITS for scale in grid_scales(trials)]
 
 
+def grid_configs(trials: int, epochs: int, *extra: str) -> list[dict]:
+    """The grid's trials as the trial engine's configs (one thread each), ``extra`` overrides added."""
+    from pipeline.compose import compose
+
+    return [compose([f"initializer={p['initializer']}", f"scale={p['scale']}", "activation=relu", "normalization=none",
+                     "batch_size=64", f"train.epochs={epochs}", "train.threads=1", *extra]) for p in grid_params(trials)]
+
+
 def grid_overrides(trials: int) -> list[str]:
     scales = ", ".join(str(s) for s in grid_scales(trials))
     return ["space=empty", "study.sampler=grid", f"space.initializer=choice({', '.join(GRID_INITS)})",
@@ -200,13 +208,11 @@ def engine(trials: int, epochs: int, repeats: int) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from pipeline.batched import train_batch
-    from pipeline.compose import compose
     from pipeline.train import prepare_trial, train_trial
 
     torch.set_num_threads(1)
     params = grid_params(trials)
-    configs = [compose([f"initializer={p['initializer']}", f"scale={p['scale']}", "activation=relu", "batch_size=64",
-                        f"train.epochs={epochs}", "train.threads=1"]) for p in params]
+    configs = grid_configs(trials, epochs)
     sides = {"bare": lambda: [bare_trial(p, epochs) for p in params],
              "alone": lambda: [train_trial(prepare_trial(c)) for c in configs],
              "batched": lambda: train_batch([prepare_trial(c) for c in configs])}

@@ -28,15 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import _counts, grid_params  # noqa: E402
-
-
-def trial_configs(trials: int, epochs: int, device: str) -> list[dict]:
-    from pipeline.compose import compose
-
-    return [compose([f"initializer={p['initializer']}", f"scale={p['scale']}", "activation=relu", "normalization=none",
-                     "batch_size=64", f"train.epochs={epochs}", f"train.device={device}", "train.threads=1"])
-            for p in grid_params(trials)]
+from bench import _counts, grid_configs  # noqa: E402
 
 
 def train_share(configs: list[dict], batch: int) -> None:
@@ -130,7 +122,7 @@ def main() -> None:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    configs = trial_configs(args.trials, args.epochs, device)
+    configs = grid_configs(args.trials, args.epochs, f"train.device={device}")
     print(f"device: {describe_device(device)}; {len(configs)} grid trials x {args.epochs} epochs", flush=True)
     rows = []
     for procs in args.procs:
