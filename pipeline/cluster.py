@@ -1,9 +1,9 @@
 """Everything Ray: the only module that imports it (its API moves between releases).
 
-Ray owns placement, resources and retries. A study's trials are Ray tasks (``num_cpus`` and
-``num_gpus`` per trial, fractions allowed, ``max_retries`` for worker deaths); pruning questions go
-to a small actor pinned to the driver's node, which holds the Optuna study (Optuna owns pruning
-decisions and trial states). We use Ray core rather than Ray Tune: see README "Design".
+Ray owns placement and resources. A study's trials are Ray generator tasks (``num_cpus`` and
+``num_gpus`` per trial, fractions allowed) that stream their record to the driver; pruning
+questions go to a small actor pinned to the driver's node, which holds the Optuna study (Optuna
+owns pruning decisions and trial states). We use Ray core rather than Ray Tune: see README "Design".
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pipeline.errors import ConfigError
 
 
 _started_here = False
+DIED = "worker died"  # how a task's failure reason starts when its worker (or node) died
 
 
 def start(cfg: ClusterConfig) -> dict[str, float]:
@@ -67,6 +68,7 @@ def shutdown() -> None:
         _stop_monitor()
         ray.shutdown()
     _started_here = False
+DIED = "worker died"  # how a task's failure reason starts when its worker (or node) died
 
 
 def _stop_monitor() -> None:
@@ -99,12 +101,28 @@ def concurrency(cfg: ClusterConfig, resources: dict[str, float]) -> int:
     return min(fit, cfg.max_concurrent) if cfg.max_concurrent else fit
 
 
-def submit(fn: Callable, payload: dict, cfg: ClusterConfig, retries: int):
-    """Run ``fn(payload)`` as a Ray task with the trial's resources; returns an object ref."""
-    remote = ray.remote(fn).options(
-        num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial, max_retries=retries, retry_exceptions=False
-    )
+def submit(fn: Callable, payload: dict, cfg: ClusterConfig):
+    """Run the generator ``fn(payload)`` as a Ray task with the trial's resources; returns a
+    stream of its items (``next_item``), which ``wait`` accepts.
+
+    Ray does not retry it: a retried generator's items would be taken for the first attempt's
+    (Ray skips those it has already seen), so the driver retries a task whose worker died.
+    """
+    remote = ray.remote(fn).options(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial, max_retries=0)
     return remote.remote(payload)
+
+
+def next_item(stream) -> tuple[Optional[dict], Optional[str], bool]:
+    """A ready stream's next item: ``(item, None, False)``; ``(None, reason, died)`` if the task
+    raised (``died``: its worker or node died, or it was cancelled); ``(None, None, False)`` if
+    the stream has ended."""
+    try:
+        ref = next(stream)
+    except StopIteration:
+        return None, None, False
+    value, reason = result(ref)
+    died = reason is not None and reason.startswith(DIED)
+    return value, reason, died
 
 
 def warm_up(fn: Callable, slots: int, cfg: ClusterConfig, *args: Any) -> list:
@@ -124,7 +142,7 @@ def result(ref) -> tuple[Optional[dict], Optional[str]]:
     except ray.exceptions.RayTaskError as err:
         return None, " ".join(str(err.cause if err.cause else err).split())[:2000]
     except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError) as err:
-        return None, f"worker died: {type(err).__name__}"
+        return None, f"{DIED}: {type(err).__name__}"
     except ray.exceptions.RayError as err:
         return None, f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
 
@@ -134,25 +152,16 @@ def cancel(refs: list) -> None:
         ray.cancel(ref, force=True)
 
 
-def settle(refs: list, timeout_s: float) -> None:
-    """Wait until every task of ``refs`` has ended (returned, failed or been killed), at most ``timeout_s``."""
-    if refs:
-        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+def settle(streams: list, timeout_s: float) -> None:
+    """Wait until every task of ``streams`` has ended (returned, failed or been killed), at most ``timeout_s``."""
+    if streams:
+        ray.wait([stream.completed() for stream in streams], num_returns=len(streams), timeout=timeout_s)
 
 
 def worker_context() -> dict[str, Any]:
     """Inside a task: where it runs and which GPUs Ray gave it."""
     ctx = ray.get_runtime_context()
-    return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "gpu_ids": ray.get_gpu_ids(),
-            "attempt": _attempt()}
-
-
-def _attempt() -> Optional[int]:
-    """0 on a task's first run, n on its n-th retry (after a worker died); None if Ray cannot say."""
-    try:
-        return int(ray._private.worker.global_worker.core_worker.get_current_task_attempt_number())
-    except Exception:
-        return None
+    return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "gpu_ids": ray.get_gpu_ids()}
 
 
 @ray.remote(num_cpus=0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import yaml
@@ -26,13 +26,12 @@ ROLE_TAG = "initstudy.role"
 class StudyRecord:
     plan: StudyPlan
     parent: tracking.Run
-    _closed: dict[int, list[str]] = field(default_factory=dict)  # trial number -> stale runs ended
 
     @classmethod
     def open(cls, plan: StudyPlan) -> "StudyRecord":
         """Reuse the study's parent run if it exists (resume), else start one."""
         cfg = plan.cfg
-        _warn_if_store_is_local(cfg)
+        _warn_if_store_is_local(plan)
         found = tracking.find_runs(cfg.tracking, cfg.study.name, {ROLE_TAG: "study", STUDY_TAG: cfg.study.name})
         if found:
             parent = tracking.reopen_run(cfg.tracking.uri, found[0])
@@ -73,44 +72,19 @@ class StudyRecord:
             run.log_params({k: str(v) for k, v in params.items()})
             run.end("FAILED", reason=reason)
 
-    def trial_ended(self, frozen, results: dict[int, dict]) -> None:
-        """Tag every run of the trial with Optuna's final state, where its worker did not already."""
+    def trial_ended(self, frozen, results: dict[int, dict], run_ids: list[str]) -> None:
+        """Tag every run of the trial (``run_ids``: all its attempts) with Optuna's final state,
+        where its worker did not already (a run is tagged with its own result's state as it ends)."""
         tagged = {r["run_id"] for r in results.values() if r.get("run_id") and implied_state(r["pruned"]) == frozen.state.name}
-        for run_id in self._runs_of(frozen.number, results):
+        for run_id in run_ids:
             if run_id not in tagged:
                 tracking.Run(self.plan.cfg.tracking.uri, run_id).set_tags({"optuna_state": frozen.state.name})
 
-    def _runs_of(self, number: int, results: dict[int, dict]) -> list[str]:
-        """The trial's runs: those its workers returned and those ``close_stale_runs`` ended.
-
-        A seed without a result (its worker failed, or the trial never launched) recorded a run
-        whose id the driver never saw: then, and only then, the store is searched (a search per
-        trial cost the driver more than the tags it sets).
-        """
-        closed = self._closed.pop(number, [])
-        if len(results) == len(self.plan.seeds()) and all(r.get("run_id") for r in results.values()):
-            return [r["run_id"] for r in results.values()] + closed
-        tags = {STUDY_TAG: self.plan.cfg.study.name, "optuna_trial": number}
-        return tracking.find_runs(self.plan.cfg.tracking, self.plan.cfg.study.name, tags)
-
-    def close_stale_runs(self, reason: str, trial_number: Optional[int] = None, seed_index: Optional[int] = None,
-                         keep: Optional[str] = None, attempt: Optional[int] = None) -> None:
-        """End runs left RUNNING by a dead worker (or a dead driver) as FAILED, with the reason.
-
-        ``keep`` is the run of the attempt that returned; if that was the task's first attempt
-        (``attempt=0``, from ``cluster.worker_context``), no worker died before it and there is
-        nothing to search for.
-        """
-        if keep is not None and attempt == 0:
-            return
+    def close_stale_runs(self, reason: str) -> None:
+        """End the study's trial runs left RUNNING (by a dead driver, or a stopped study) as FAILED, with the reason."""
         tags: dict[str, Any] = {STUDY_TAG: self.plan.cfg.study.name, ROLE_TAG: "trial"}
-        if trial_number is not None:
-            tags.update(optuna_trial=trial_number, seed_index=seed_index)
         for run_id in tracking.find_runs(self.plan.cfg.tracking, self.plan.cfg.study.name, tags, status="RUNNING"):
-            if run_id != keep:
-                tracking.Run(self.plan.cfg.tracking.uri, run_id).end("FAILED", reason=reason)
-                if trial_number is not None:  # trial_ended tags it with the trial's state too
-                    self._closed.setdefault(trial_number, []).append(run_id)
+            tracking.Run(self.plan.cfg.tracking.uri, run_id).end("FAILED", reason=reason)
 
     def finish(self, study, plan: StudyPlan, stopped_by: Optional[BaseException] = None) -> dict:
         """Print and log the summary table, tag the best trial, build the report, end the parent run.
@@ -151,12 +125,16 @@ class StudyRecord:
         self.parent.end(status, reason=f"{type(err).__name__}: {err}")
 
 
-def _warn_if_store_is_local(cfg) -> None:
-    """On a cluster every node writes its trials' runs: a sqlite file serves one host only."""
-    if cfg.cluster.address and tracking.local_store(cfg.tracking.uri) is not None:
+def _warn_if_store_is_local(plan: StudyPlan) -> None:
+    """The driver writes every run, but a trial that starts from a recorded run reads its weights
+    from the store on the node that runs it: a sqlite file serves one host only."""
+    cfg = plan.cfg
+    pretrained = "pretrained" in f"{plan.base_config['initializer']} {plan.base_config['space'].get('initializer', '')}"
+    if cfg.cluster.address and pretrained and tracking.local_store(cfg.tracking.uri) is not None:
         print(f"warning: tracking.uri={cfg.tracking.uri} is a sqlite file and cluster.address={cfg.cluster.address}: "
-              "every Ray node must see this file at the same path (one machine or a shared filesystem); "
-              "nodes on other hosts fail their trials. Use an MLflow server (docs/cluster.md).", file=sys.stderr)
+              "trials with initializer=pretrained read their run's weights from it on the node that runs them, "
+              "which must see this file at the same path (one machine or a shared filesystem). "
+              "Use an MLflow server (docs/cluster.md).", file=sys.stderr)
 
 
 def _study_params(plan: StudyPlan) -> dict[str, str]:

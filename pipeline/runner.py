@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from pipeline import tracking
 from pipeline.batched import train_batch
@@ -20,6 +20,8 @@ from pipeline.errors import ConfigError
 from pipeline.train import PreparedTrial, TrialResult, prepare_trial, train_trial
 
 EpochHook = Callable[[int, dict], Optional[bool]]
+#: ``tracking.start_run``, or a look-alike that records elsewhere (a study worker's journal: pipeline/journal.py).
+StartRun = Callable[..., Any]
 
 
 @dataclass
@@ -45,7 +47,7 @@ def run_recorded_trial(
     but only after a FAILED run with the reason is recorded.
     """
     request = TrialRequest(config, experiment, parent_run_id, tags, on_epoch, run_name)
-    ready = _prepare(request, record_failures)
+    ready = _prepare(request, record_failures, tracking.start_run)
     with _recording(ready) as report:
         result = train_trial(ready.prepared, report)
         _record_outcome(ready, result)
@@ -64,17 +66,18 @@ class TrialRequest:
     run_name: Optional[str] = None
 
 
-def run_recorded_batch(requests: list[TrialRequest]) -> list[RecordedTrial | ConfigError]:
+def run_recorded_batch(requests: list[TrialRequest], start_run: StartRun = tracking.start_run) -> list[RecordedTrial | ConfigError]:
     """Trials with one ``batched.batch_key``, trained together and each recorded in its own run.
 
     A member whose config is bad gets a FAILED run and its ``ConfigError`` in the returned list;
     the others train on. An error during training fails every member's run and propagates.
+    Runs are opened with ``start_run``.
     """
     outcomes: list[RecordedTrial | ConfigError] = []
     ready: list[_Ready] = []
     for request in requests:
         try:
-            ready.append(_prepare(request, record_failures=True))
+            ready.append(_prepare(request, record_failures=True, start_run=start_run))
             outcomes.append(None)
         except ConfigError as err:
             outcomes.append(err)
@@ -95,7 +98,7 @@ def run_recorded_in_batch(configs: list[dict], member: int, experiment: str, tag
     ``reproduce`` replays a trial that trained in a batch this way: its batch-mates only make the
     same arithmetic happen (a batch's matmuls round differently with other members, or alone).
     """
-    ready = _prepare(TrialRequest(configs[member], experiment, tags=tags), record_failures=False)
+    ready = _prepare(TrialRequest(configs[member], experiment, tags=tags), record_failures=False, start_run=tracking.start_run)
     preps = [ready.prepared if i == member else prepare_trial(config) for i, config in enumerate(configs)]
     with _recording(ready, len(configs)) as report:
         reports = [report if i == member else None for i in range(len(configs))]
@@ -118,24 +121,26 @@ class _Ready:
     cfg: Config
     resolved: dict
     prepared: PreparedTrial
-    recorder: Optional[tracking.Run] = None
+    start_run: StartRun
+    recorder: Optional[Any] = None  # a tracking.Run, or a look-alike
 
 
-def _prepare(request: TrialRequest, record_failures: bool) -> _Ready:
+def _prepare(request: TrialRequest, record_failures: bool, start_run: StartRun) -> _Ready:
     config, name = request.config, request.experiment or request.config["tracking"]["experiment"]
     try:
         cfg = config_from_dict(config)
         # The complete config (keys deleted with ~key come back with their defaults), taken before
         # prepare_trial swaps a pretrained run_id for a local path: what reproduce must re-run.
         complete = config_to_dict(cfg)
-        tracking.check_reachable(cfg.tracking.uri)
+        if start_run is tracking.start_run:  # a journal's store is the driver's business
+            tracking.check_reachable(cfg.tracking.uri)
         prepared = prepare_trial(cfg)
     except ConfigError as err:
         if record_failures:
-            _record_unstarted(config, name, request.parent_run_id, request.run_name, request.tags, err)
+            _record_unstarted(config, name, request, err, start_run)
         raise
     resolved = dict(complete, initializer={**complete["initializer"], "name": cfg.initializer.name})
-    return _Ready(request, name, cfg, resolved, prepared)
+    return _Ready(request, name, cfg, resolved, prepared, start_run)
 
 
 @contextlib.contextmanager
@@ -143,15 +148,14 @@ def _recording(ready: _Ready, batch_size: int = 1, batch_tags: Optional[dict] = 
     """The trial's open run (ended whatever happens) and the per-epoch ``report`` that logs to it."""
     request = ready.request
     tags = {**(request.tags or {}), **({"trial_batch": batch_size, **(batch_tags or {})} if batch_size > 1 else {})}
-    with tracking.start_run(ready.cfg.tracking, ready.experiment, request.parent_run_id, request.run_name, tags) as recorder:
+    with ready.start_run(ready.cfg.tracking, ready.experiment, request.parent_run_id, request.run_name, tags,
+                         reproducible=True) as recorder:
         ready.recorder = recorder
         # K runs trained together flush K times as often: spread them so the store sees the same
         # write rate as one trial (each write costs ~20 ms on sqlite, whatever its size).
         recorder.flush_every_s *= batch_size
         # With the first metric write (at most FLUSH_EVERY_S from now; a short trial's only write).
-        recorder.log_params(tracking.trial_params(ready.resolved), tags={
-            "device": str(ready.prepared.device), "reproduce": f"python -m pipeline reproduce {recorder.run_id}"},
-            buffered=True)
+        recorder.log_params(tracking.trial_params(ready.resolved), tags={"device": str(ready.prepared.device)}, buffered=True)
 
         def report(step: int, metrics: dict) -> Optional[bool]:
             recorder.log_metrics(step, metrics, buffered=True)
@@ -160,11 +164,11 @@ def _recording(ready: _Ready, batch_size: int = 1, batch_tags: Optional[dict] = 
         yield report
 
 
-def _record_unstarted(config: dict, experiment: str, parent_run_id, run_name, tags, err: Exception) -> None:
+def _record_unstarted(config: dict, experiment: str, request: TrialRequest, err: Exception, start_run: StartRun) -> None:
     from pipeline.config import TrackingConfig
 
     tracking_cfg = TrackingConfig(**config["tracking"])
-    with tracking.start_run(tracking_cfg, experiment, parent_run_id, run_name, tags) as run:
+    with start_run(tracking_cfg, experiment, request.parent_run_id, request.run_name, request.tags) as run:
         run.log_params(tracking.trial_params(config))
         run.end("FAILED", reason=f"ConfigError: {err}")
 

@@ -9,17 +9,16 @@ config, sends one Ray task per seed, and tells Optuna the outcome when all seeds
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import cluster, space, tracking
+from pipeline import cluster, journal, space, tracking
 from pipeline.errors import ConfigError
 from pipeline import objectives as obj
 from pipeline.plan import StudyPlan, blind_trials, open_storage, plan_study
@@ -43,6 +42,17 @@ class _Pending:
     seeds: list[int]
     results: dict[int, dict] = field(default_factory=dict)  # seed index -> worker result
     failures: dict[int, str] = field(default_factory=dict)
+    run_ids: list[str] = field(default_factory=list)  # every MLflow run of the trial (retries included)
+
+
+@dataclass
+class _Task:
+    """One Ray task in flight: its (trial, seed index) members, what it was sent, its runs' journals."""
+
+    members: list[tuple[_Pending, int]]
+    payloads: list[dict]
+    attempt: int = 0
+    keys: list[str] = field(default_factory=list)  # its journals, as opened
 
 
 class StudyFailed(RuntimeError):
@@ -64,9 +74,8 @@ def run_study(cli_overrides: list[str]) -> dict:
     with cluster.session(plan.cfg.cluster) as resources:
         slots = cluster.concurrency(plan.cfg.cluster, resources)
         mlflow_ready.result()  # a worker must not open a sqlite store the driver has not made yet
-        # Workers import torch and open the MLflow store while the driver asks for the first trials.
-        worker_tracking = tracking.for_workers(dataclasses.asdict(plan.cfg.tracking))
-        cluster.warm_up(warm_up, slots, plan.cfg.cluster, worker_tracking, plan.cfg.study.name)
+        # Workers import torch while the driver asks for the first trials.
+        cluster.warm_up(warm_up, slots, plan.cfg.cluster)
         study = optuna_ready.result()
         record = StudyRecord.open(plan)
         _recover_interrupted(study, record)
@@ -142,7 +151,9 @@ class _Loop:
     """The dispatch loop: keeps ``slots`` Ray tasks busy until ``n_trials`` trials have ended.
 
     Asked trials wait in the driver's queue as tasks, costliest first, and a task goes to Ray only
-    when a slot is free (Ray would not keep their order).
+    when a slot is free (Ray would not keep their order). Tasks stream their runs' journals back
+    as they train, and the driver writes them to MLflow (pipeline/journal.py): it owns every run,
+    ends those of a dead worker, and sends the task again (``study.retries`` times).
 
     Each Ray task trains one or more (trial, seed) members: with ``study.trial_batching``, members
     whose configs share a ``batch_key`` go together (pipeline/batched.py). While the sampler draws
@@ -154,7 +165,7 @@ class _Loop:
 
     def __init__(self, plan: StudyPlan, study: optuna.Study, record: StudyRecord, slots: int) -> None:
         self.plan, self.study, self.record, self.slots = plan, study, record, slots
-        self.pending: dict[Any, list[tuple[_Pending, int]]] = {}  # Ray ref -> its (trial, seed index) members
+        self.pending: dict[Any, _Task] = {}  # Ray stream -> its task
         self.queued: list[list[tuple]] = []  # asked, grouped, not yet sent: costliest first
         self.in_flight: dict[int, _Pending] = {}  # Optuna trial number -> trial
         counted = counted_trials(study)
@@ -165,6 +176,7 @@ class _Loop:
         self.oracle = cluster.start_oracle(PruneDecider(plan.storage, plan.cfg.study.name, plan.pruner)) if plan.prunes else None
         self.progress = Progress(self.done, plan.n_trials, enabled=plan.cfg.study.progress)
         self.batch_max = plan.cfg.study.trial_batch_max if plan.cfg.study.trial_batching else 1
+        self.replay = journal.Replay(plan.cfg.tracking)
 
     def run(self) -> None:
         while self._wanted() > 0 or self.pending or self.queued:
@@ -172,9 +184,13 @@ class _Loop:
             self._send()
             if self.pending:
                 ready = cluster.wait(list(self.pending), POLL_S)[0]
-                finished = [(ref, self.pending.pop(ref)) for ref in ready]
-                self._send()  # the freed workers start their next task before these results are recorded
-                self._collect(finished)
+                items = [(self.pending[stream], *cluster.next_item(stream)) for stream in ready]
+                for stream, (task, item, _, _) in zip(ready, items):
+                    if item is None or "outcomes" in item:
+                        del self.pending[stream]
+                self._send()  # the freed workers start their next task before the driver writes the record
+                for task, item, reason, died in items:
+                    self._receive(task, item, reason, died)
         self.progress.close()
 
     def abandon(self, reason: str) -> None:
@@ -183,9 +199,11 @@ class _Loop:
         Their Optuna trials stay RUNNING: a rerun of the study marks them FAIL and queues their
         params again (``_recover_interrupted``).
         """
-        refs = list(self.pending)
-        cluster.cancel(refs)
-        cluster.settle(refs, ABANDON_WAIT_S)  # a killed worker writes nothing after this
+        streams = list(self.pending)
+        cluster.cancel(streams)
+        cluster.settle(streams, ABANDON_WAIT_S)
+        for task in self.pending.values():
+            self.replay.end_open(task.keys, reason)
         self.pending.clear()
         self.record.close_stale_runs(reason=reason)
 
@@ -236,8 +254,10 @@ class _Loop:
         while len(self.pending) < self.slots and self.queued:
             group = self.queued.pop(0)
             payloads = [self.record.payload(config, pending.trial, index, self.oracle) for pending, index, config in group]
-            ref = cluster.submit(trial_task, payloads, self.plan.cfg.cluster, self.plan.cfg.study.retries)
-            self.pending[ref] = [(pending, index) for pending, index, _ in group]
+            self._submit(_Task([(pending, index) for pending, index, _ in group], payloads))
+
+    def _submit(self, task: _Task) -> None:
+        self.pending[cluster.submit(trial_task, task.payloads, self.plan.cfg.cluster)] = task
 
     def _ask(self) -> list[tuple[_Pending, int, dict]]:
         """A new trial's (trial, seed index, config) members; none if its configuration is invalid."""
@@ -259,22 +279,44 @@ class _Loop:
             pending.failures[index] = reason
         self._tell(pending)
 
-    def _collect(self, finished: list[tuple[Any, list[tuple[_Pending, int]]]]) -> None:
-        for ref, members in finished:
-            values, reason = cluster.result(ref)
-            for position, (pending, index) in enumerate(members):
-                self._member_done(pending, index, values[position] if values is not None else {"error": reason})
+    def _receive(self, task: _Task, item: Optional[dict], reason: Optional[str], died: bool) -> None:
+        """One item of a task's stream: journals to write, its outcomes, or its failure."""
+        if item is not None and "journal" in item:
+            self._write_journals(task, item["journal"])
+        elif item is not None:
+            self._task_done(task, item["outcomes"])
+        elif died and task.attempt < self.plan.cfg.study.retries:
+            self.replay.end_open(task.keys, f"{reason}; the trial was retried")
+            self._submit(_Task(task.members, task.payloads, task.attempt + 1))
+        else:
+            self._task_failed(task, reason or "the task ended without a result")
+
+    def _write_journals(self, task: _Task, journals: list[tuple[str, list]]) -> None:
+        for key, ops in journals:
+            tags = journal.opening_tags(ops)
+            self.replay.apply(key, ops)
+            if tags is not None:  # a new run: one of the task's members
+                task.keys.append(key)
+                self.in_flight[int(tags["optuna_trial"])].run_ids.append(self.replay.run_id(key))
+
+    def _task_done(self, task: _Task, outcomes: list[dict]) -> None:
+        for (pending, index), value in zip(task.members, outcomes):
+            if "run_key" in value:
+                value = {**value, "run_id": self.replay.run_id(value.pop("run_key"))}
+            self._member_done(pending, index, value)
+        self.replay.forget(task.keys)
+
+    def _task_failed(self, task: _Task, reason: str) -> None:
+        self.replay.end_open(task.keys, reason)
+        for pending, index in task.members:
+            self._member_done(pending, index, {"error": reason})
+        self.replay.forget(task.keys)
 
     def _member_done(self, pending: _Pending, index: int, value: dict) -> None:
-        number = pending.trial.number
         if "error" in value:
             pending.failures[index] = value["error"]
-            self.record.close_stale_runs(trial_number=number, seed_index=index, reason=value["error"])
         else:
             pending.results[index] = value
-            # A first attempt has no earlier run to close: the store is searched only after a retry.
-            self.record.close_stale_runs(trial_number=number, seed_index=index, reason="worker died; the trial was retried",
-                                         keep=value["run_id"], attempt=value.get("attempt"))
         if len(pending.results) + len(pending.failures) == len(pending.seeds):
             self._tell(pending)
 
@@ -284,9 +326,9 @@ class _Loop:
         for key, val in attrs.items():
             pending.trial.set_user_attr(key, val)
         frozen = self.study.tell(pending.trial, values=values, state=state)
-        self.record.trial_ended(frozen, pending.results)
+        self.record.trial_ended(frozen, pending.results, pending.run_ids)
         self.done += 1
-        running = len({pending.trial.number for members in self.pending.values() for pending, _ in members})
+        running = len({pending.trial.number for task in self.pending.values() for pending, _ in task.members})
         self.progress.update(self.study, running, queued=len(self.in_flight) - running)
         self._check_failure_rate(frozen)
 

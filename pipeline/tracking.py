@@ -270,14 +270,16 @@ class Run:
         if not buffered:
             self.flush()
 
-    def log_metrics(self, step: int, metrics: dict[str, float], buffered: bool = False) -> None:
+    def log_metrics(self, step: int, metrics: dict[str, float], buffered: bool = False,
+                    timestamp_ms: Optional[int] = None) -> None:
         """Log now, or (``buffered``) at most every FLUSH_EVERY_S: one store write per few epochs.
 
         Short trials log many epochs per second; a write per epoch would cost more than training.
+        ``timestamp_ms``: when the values were measured, if not now (a worker's journal).
         """
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = timestamp_ms or int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
         if not buffered or time.monotonic() - self._flushed_at >= self.flush_every_s:
             self.flush()
@@ -319,27 +321,44 @@ class Run:
 
         get_artifact_repository(self.artifact_uri, tracking_uri=resolve_uri(self.uri)).log_artifacts(str(local_dir), artifact_dir)
 
-    def end(self, status: str, reason: Optional[str] = None) -> None:
+    def log_files(self, files: dict[str, bytes], artifact_dir: Optional[str] = None) -> None:
+        """Files given as ``{relative path: content}`` (a worker's journal), in one upload."""
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, content in files.items():
+                path = Path(tmp) / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(content)
+            self.log_dir(Path(tmp), artifact_dir)
+
+    def end(self, status: str, reason: Optional[str] = None, end_ms: Optional[int] = None) -> None:
         if self.ended:
             return
         if reason:
             self.set_tags({"failure_reason": reason[:5000]}, buffered=True)
         self.flush()
-        self.client.set_terminated(self.run_id, status=status)
+        self.client.set_terminated(self.run_id, status=status, end_time=end_ms)
         self.ended = True
 
 
 def start_run(tracking: TrackingConfig, experiment: str, parent_run_id: Optional[str] = None,
-              run_name: Optional[str] = None, tags: Optional[dict] = None) -> Run:
-    """A new run in ``experiment`` (created if new), tagged with provenance (and its parent)."""
+              run_name: Optional[str] = None, tags: Optional[dict] = None, reproducible: bool = False,
+              start_ms: Optional[int] = None) -> Run:
+    """A new run in ``experiment`` (created if new), tagged with provenance (and its parent).
+
+    ``reproducible``: a trial's run, tagged with the command that re-runs it. ``start_ms``: when
+    it started, if not now (a worker's journal, written by the driver).
+    """
     if parent_run_id:
         _check_parent_store(tracking.uri)
     experiment_id = ensure_experiment(tracking, experiment)
     all_tags = {**provenance(), **{k: str(v) for k, v in (tags or {}).items()}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client(tracking.uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
-    return Run(tracking.uri, run.info.run_id, run.info.artifact_uri)
+    run = client(tracking.uri).create_run(experiment_id, start_time=start_ms, run_name=run_name, tags=all_tags)
+    handle = Run(tracking.uri, run.info.run_id, run.info.artifact_uri)
+    if reproducible:  # with the run's first write
+        handle.set_tags({"reproduce": f"python -m pipeline reproduce {handle.run_id}"}, buffered=True)
+    return handle
 
 
 def _check_parent_store(uri: str) -> None:

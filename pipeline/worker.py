@@ -1,33 +1,74 @@
 """What runs on a Ray worker for one (trial, seed), and the pruning oracle's decision rule.
 
-Ray calls ``trial_task(payloads)``; it trains and records the trials through the runner the
+Ray calls ``trial_task(payloads)``, a generator: it trains the trials through the runner the
 ``trial`` command uses (several same-shaped trials train together: pipeline/batched.py), asking
-the oracle after each epoch whether to stop. It returns small dicts (no tensors) for the driver
-to tell Optuna.
+the oracle after each epoch whether to stop. The worker does not import MLflow: the runs are
+journals (pipeline/journal.py) whose operations it yields as they are flushed, for the driver to
+write to the store; the last item is the outcomes, small dicts (no tensors) for the driver to
+tell Optuna.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
+import queue
+import threading
+from typing import Iterator, Optional
 
 from pipeline import cluster
 from pipeline.errors import ConfigError
+from pipeline.journal import journal_starter
 from pipeline.runner import TrialRequest, run_recorded_batch
 
+_DONE = object()
 
-def trial_task(payloads: list[dict]) -> list[dict]:
-    """Train and record (trial, seed) pairs on this worker: together if there are several.
 
-    The driver sends several payloads only when their configs share a ``batched.batch_key``. One
-    dict per payload comes back, in order: the run's outcome, or ``{"error": reason}`` for a
-    member whose config was refused (its FAILED run is recorded).
+def trial_task(payloads: list[dict]) -> Iterator[dict]:
+    """Train (trial, seed) pairs on this worker: together if there are several.
+
+    The driver sends several payloads only when their configs share a ``batched.batch_key``.
+    Yields ``{"journal": [(run key, operations), ...]}`` while they train, then
+    ``{"outcomes": [...]}``: one dict per payload, in order, the run's outcome or
+    ``{"error": reason}`` for a member whose config was refused (its FAILED run is journaled).
+    Training runs in a thread so that journals flushed mid-epoch reach the driver at once.
     """
     where = cluster.worker_context()
     configs = [_placed(p["config"], where, p["cpus"]) for p in payloads]
     requests = [TrialRequest(config, p["experiment"], p["parent_run_id"], _tags(p, where), _pruning_hook(p), p["run_name"])
                 for config, p in zip(configs, payloads)]
-    outcomes = run_recorded_batch(requests)
-    return [_outcome(done, config, where) for done, config in zip(outcomes, configs)]
+    outbox: queue.Queue = queue.Queue()
+    done: dict = {}
+    trainer = threading.Thread(target=_train, args=(requests, outbox, done), daemon=True)
+    trainer.start()
+    while True:
+        items = _drain(outbox)
+        journal = [item for item in items if item is not _DONE]
+        if journal:
+            yield {"journal": journal}
+        if _DONE in items:
+            break
+    trainer.join()
+    if "error" in done:
+        raise done["error"]
+    yield {"outcomes": [_outcome(result, config, where) for result, config in zip(done["outcomes"], configs)]}
+
+
+def _train(requests: list[TrialRequest], outbox: queue.Queue, done: dict) -> None:
+    try:
+        done["outcomes"] = run_recorded_batch(requests, journal_starter(lambda key, ops: outbox.put((key, ops))))
+    except BaseException as err:  # raised again by the generator, after the journals that ended the runs
+        done["error"] = err
+    finally:
+        outbox.put(_DONE)
+
+
+def _drain(outbox: queue.Queue) -> list:
+    """At least one item (waiting for it), and every other already there."""
+    items = [outbox.get()]
+    while True:
+        try:
+            items.append(outbox.get_nowait())
+        except queue.Empty:
+            return items
 
 
 def _tags(payload: dict, where: dict) -> dict:
@@ -38,21 +79,15 @@ def _outcome(done, config: dict, where: dict) -> dict:
     if isinstance(done, ConfigError):
         return {"error": f"ConfigError: {done}"}
     r = done.result
-    return {"run_id": done.run_id, "summary": r.summary(), "diverged": r.diverged, "pruned": r.pruned,
-            "epochs": config["train"]["epochs"], "node_id": where["node_id"], "attempt": where["attempt"]}
+    return {"run_key": done.run_id, "summary": r.summary(), "diverged": r.diverged, "pruned": r.pruned,
+            "epochs": config["train"]["epochs"], "node_id": where["node_id"]}
 
 
-def warm_up(tracking_cfg: Optional[dict] = None, experiment: Optional[str] = None) -> None:
-    """Import what a trial needs, so the first trial of a fresh worker process starts at once;
-    with ``tracking_cfg``, open the study's MLflow store too (engine and schema check: ~1 s)."""
-    import mlflow.tracking  # noqa: F401
+def warm_up() -> None:
+    """Import what a trial needs, so the first trial of a fresh worker process starts at once."""
     import torch  # noqa: F401
 
-    from pipeline import data, tracking  # noqa: F401
-    from pipeline.config import TrackingConfig
-
-    if tracking_cfg is not None and experiment is not None:
-        tracking.ensure_experiment(TrackingConfig(**tracking_cfg), experiment)
+    from pipeline import data  # noqa: F401
 
 
 def _placed(config: dict, where: dict, cpus: float) -> dict:

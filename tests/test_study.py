@@ -273,7 +273,8 @@ def test_trial_ended_writes_the_optuna_state_only_where_a_run_does_not_hold_it_y
     writes = []
     set_tags = tracking.Run.set_tags
     monkeypatch.setattr(tracking.Run, "set_tags", lambda self, tags, **kw: (writes.append(self.run_id), set_tags(self, tags, **kw)))
-    record.trial_ended(SimpleNamespace(number=0, state=TrialState.PRUNED), results)  # seed 1 pruned the trial
+    run_ids = [r.run_id for r in runs]
+    record.trial_ended(SimpleNamespace(number=0, state=TrialState.PRUNED), results, run_ids)  # seed 1 pruned the trial
     assert writes == [runs[0].run_id]  # seed 0's run said COMPLETE: corrected; seed 1's already said PRUNED
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert [client.get_run(r.run_id).data.tags["optuna_state"] for r in runs] == ["PRUNED", "PRUNED"]

@@ -125,3 +125,27 @@ def _wait_for(condition, timeout_s: float) -> None:
             pass
         time.sleep(0.5)
     raise AssertionError("condition not met in time")
+
+
+def test_a_running_trials_curve_reaches_the_store_while_it_trains(tmp_path, local_ray):
+    """Workers stream their journals: a long trial's curve is in MLflow before the trial ends."""
+    seen: list = []
+
+    def watch():
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        end = time.time() + 120
+        while time.time() < end and not seen:
+            for run in children(tmp_path, "live"):
+                points = client.get_metric_history(run.info.run_id, "val_accuracy") if run.info.status == "RUNNING" else []
+                if len(points) >= 2:
+                    seen.append((run.info.run_id, len(points)))
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    run_study(study_args(tmp_path, "live", "study.n_trials=1", "train.epochs=1500"))  # ~10 s
+    watcher.join()
+    assert seen, "no curve was seen in the store while its trial ran"
+    run_id, points_while_running = seen[0]
+    finished = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(run_id, "val_accuracy")
+    assert points_while_running < len(finished) == 1501

@@ -1,0 +1,161 @@
+"""A trial's MLflow record written where it trains, and written to the store by the study's driver.
+
+A study's workers do not import MLflow (2 CPU-seconds of every worker's start-up, and a store
+that every node would have to reach): they record into ``JournalRun``s, which have the methods of
+``tracking.Run`` that ``pipeline.runner`` uses. Each flush hands the operations logged since the
+last one to an ``outbox`` as plain data; the worker streams them back to the driver (a Ray
+generator task, pipeline/worker.py), and the driver's ``Replay`` applies them to real runs, with
+the worker's timestamps. The driver is then the only process that writes to the store.
+
+A journal's run is known by its ``key`` until the driver has created the MLflow run; the
+``reproduce`` tag, which names the run, is set by the driver when it creates it.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pipeline import tracking  # imports MLflow only in the functions that talk to a store
+from pipeline.config import TrackingConfig
+
+Outbox = Callable[[str, list], None]  # (run key, operations) -> None
+
+
+class JournalRun:
+    """``tracking.Run``'s interface; operations go to ``outbox`` at each flush instead of a store."""
+
+    def __init__(self, outbox: Outbox, opening: dict) -> None:
+        self.outbox, self.run_id = outbox, f"journal-{uuid.uuid4().hex}"
+        self.ended = False
+        self.flush_every_s = tracking.FLUSH_EVERY_S
+        self._ops: list[tuple] = [("open", {**opening, "start_ms": _now_ms()})]
+        self.flush()  # the driver creates the run now: it is RUNNING in the store while it trains
+
+    def __enter__(self) -> "JournalRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.end("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.end("KILLED", reason="interrupted")
+        else:
+            self.end("FAILED", reason=f"{exc_type.__name__}: {exc}")
+        return False
+
+    def log_params(self, params: dict[str, str], tags: Optional[dict[str, Any]] = None, buffered: bool = False) -> None:
+        self._add(("params", dict(params), _strings(tags or {})), buffered)
+
+    def log_metrics(self, step: int, metrics: dict[str, float], buffered: bool = False) -> None:
+        self._add(("metrics", step, {k: float(v) for k, v in metrics.items()}, _now_ms()), buffered)
+
+    def set_tags(self, tags: dict[str, Any], buffered: bool = False) -> None:
+        self._add(("tags", _strings(tags)), buffered)
+
+    def log_dir(self, local_dir: Path, artifact_dir: Optional[str] = None) -> None:
+        """Every file of ``local_dir``, read now: the driver may run on another host."""
+        files = {str(path.relative_to(local_dir)): path.read_bytes() for path in sorted(Path(local_dir).rglob("*"))
+                 if path.is_file()}
+        self._add(("files", artifact_dir, files), buffered=True)
+
+    def end(self, status: str, reason: Optional[str] = None) -> None:
+        if self.ended:
+            return
+        self._add(("end", status, reason, _now_ms()), buffered=False)
+        self.ended = True
+
+    def flush(self) -> None:
+        ops, self._ops = self._ops, []
+        self._flushed_at = time.monotonic()
+        if ops:
+            self.outbox(self.run_id, ops)
+
+    def _add(self, op: tuple, buffered: bool) -> None:
+        self._ops.append(op)
+        if not buffered or time.monotonic() - self._flushed_at >= self.flush_every_s:
+            self.flush()
+
+
+def journal_starter(outbox: Outbox) -> Callable[..., JournalRun]:
+    """A ``tracking.start_run`` look-alike whose runs are journals sent to ``outbox``."""
+
+    def start_run(tracking_cfg: TrackingConfig, experiment: str, parent_run_id: Optional[str] = None,
+                  run_name: Optional[str] = None, tags: Optional[dict] = None, reproducible: bool = False) -> JournalRun:
+        opening = {"experiment": experiment, "parent_run_id": parent_run_id, "run_name": run_name,
+                   "tags": _strings({**tracking.provenance(), **(tags or {})}),
+                   "reproducible": reproducible}
+        return JournalRun(outbox, opening)
+
+    return start_run
+
+
+def opening_tags(ops: list[tuple]) -> Optional[dict[str, str]]:
+    """The tags a journal's run opens with, if ``ops`` (one flush) opens it; else None."""
+    return ops[0][1]["tags"] if ops and ops[0][0] == "open" else None
+
+
+def _strings(tags: dict) -> dict[str, str]:
+    return {k: str(v) for k, v in tags.items()}
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Replay:
+    """The driver's side: applies journals to MLflow runs in ``tracking_cfg``'s store."""
+
+    def __init__(self, tracking_cfg: TrackingConfig) -> None:
+        self.tracking_cfg = tracking_cfg
+        self.runs: dict[str, Any] = {}  # journal key -> tracking.Run
+        self.failures: dict[str, str] = {}  # journal key -> why its run FAILED
+
+    def apply(self, key: str, ops: list[tuple]) -> None:
+        """One flush of one journal; the run's buffered writes go to the store in one call."""
+        for op in ops:
+            if op[0] == "open":
+                self.runs[key] = tracking.start_run(self.tracking_cfg, **op[1])
+            else:
+                self._apply_one(self.runs[key], key, op)
+        run = self.runs[key]
+        if not run.ended:
+            run.flush()
+
+    def _apply_one(self, run, key: str, op: tuple) -> None:
+        kind = op[0]
+        if kind == "params":
+            run.log_params(op[1], tags=op[2], buffered=True)
+        elif kind == "metrics":
+            run.log_metrics(op[1], op[2], buffered=True, timestamp_ms=op[3])
+        elif kind == "tags":
+            run.set_tags(op[1], buffered=True)
+        elif kind == "files":
+            run.log_files(op[2], op[1])
+        elif kind == "end":
+            if op[2]:
+                self.failures[key] = op[2]
+            run.end(op[1], reason=op[2], end_ms=op[3])
+
+    def run_id(self, key: str) -> Optional[str]:
+        run = self.runs.get(key)
+        return run.run_id if run is not None else None
+
+    def open_runs(self, keys) -> list[str]:
+        """Those of ``keys`` whose runs are open (their worker died before it ended them)."""
+        return [key for key in keys if key in self.runs and not self.runs[key].ended]
+
+    def end_open(self, keys, reason: str) -> list[str]:
+        """End FAILED, with ``reason``, the runs of ``keys`` still open; their MLflow ids."""
+        ended = []
+        for key in self.open_runs(keys):
+            self.runs[key].end("FAILED", reason=reason)
+            ended.append(self.runs[key].run_id)
+        return ended
+
+    def forget(self, keys) -> None:
+        """Drop finished journals: a long study's driver must not keep every run's handle."""
+        for key in keys:
+            self.runs.pop(key, None)
+            self.failures.pop(key, None)
