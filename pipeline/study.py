@@ -281,10 +281,10 @@ class _Loop:
 
     def _receive(self, task: _Task, item: Optional[dict], reason: Optional[str], died: bool) -> None:
         """One item of a task's stream: journals to write, its outcomes, or its failure."""
-        if item is not None and "journal" in item:
+        if item is not None:
             self._write_journals(task, item["journal"])
-        elif item is not None:
-            self._task_done(task, item["outcomes"])
+            if "outcomes" in item:
+                self._task_done(task, item["outcomes"])
         elif died and task.attempt < self.plan.cfg.study.retries:
             self.replay.end_open(task.keys, f"{reason}; the trial was retried")
             self._submit(_Task(task.members, task.payloads, task.attempt + 1))

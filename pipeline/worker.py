@@ -26,8 +26,8 @@ def trial_task(payloads: list[dict]) -> Iterator[dict]:
     """Train (trial, seed) pairs on this worker: together if there are several.
 
     The driver sends several payloads only when their configs share a ``batched.batch_key``.
-    Yields ``{"journal": [(run key, operations), ...]}`` while they train, then
-    ``{"outcomes": [...]}``: one dict per payload, in order, the run's outcome or
+    Yields ``{"journal": [(run key, operations), ...]}`` while they train, then the flushes that
+    end the runs with ``"outcomes"``: one dict per payload, in order, the run's outcome or
     ``{"error": reason}`` for a member whose config was refused (its FAILED run is journaled).
     Training runs in a thread so that journals flushed mid-epoch reach the driver at once.
     """
@@ -39,17 +39,23 @@ def trial_task(payloads: list[dict]) -> Iterator[dict]:
     done: dict = {}
     trainer = threading.Thread(target=_train, args=(requests, outbox, done), daemon=True)
     trainer.start()
+    ending: list = []  # the flushes that end runs: they go with the outcomes, in one item
     while True:
         items = _drain(outbox)
-        journal = [item for item in items if item is not _DONE]
-        if journal:
-            yield {"journal": journal}
+        flushes = [item for item in items if item is not _DONE]
+        ending += [(key, ops) for key, ops in flushes if ops[-1][0] == "end"]
+        now = [(key, ops) for key, ops in flushes if ops[-1][0] != "end"]
+        if now:
+            yield {"journal": now}
         if _DONE in items:
             break
     trainer.join()
     if "error" in done:
+        yield {"journal": ending}  # the runs' ends, with the reason, before the error itself
         raise done["error"]
-    yield {"outcomes": [_outcome(result, config, where) for result, config in zip(done["outcomes"], configs)]}
+    outcomes = [_outcome(result, config, where) for result, config in zip(done["outcomes"], configs)]
+    # One item: the driver frees the slot (sends the next task) before it writes these runs' ends.
+    yield {"journal": ending, "outcomes": outcomes}
 
 
 def _train(requests: list[TrialRequest], outbox: queue.Queue, done: dict) -> None:
