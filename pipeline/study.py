@@ -287,6 +287,7 @@ class _Loop:
                 self._task_done(task, item["outcomes"])
         elif died and task.attempt < self.plan.cfg.study.retries:
             self.replay.end_open(task.keys, f"{reason}; the trial was retried")
+            self.replay.forget(task.keys)
             self._submit(_Task(task.members, task.payloads, task.attempt + 1))
         else:
             self._task_failed(task, reason or "the task ended without a result")

@@ -12,7 +12,6 @@ IRNN (Le et al. 2015).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import nn
