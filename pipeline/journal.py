@@ -31,7 +31,10 @@ class JournalRun:
         self.ended = False
         self.flush_every_s = tracking.FLUSH_EVERY_S
         self._ops: list[tuple] = [("open", {**opening, "start_ms": _now_ms()})]
-        self.flush()  # the driver creates the run now: it is RUNNING in the store while it trains
+        # The first flush comes at most FLUSH_EVERY_S from now, whatever ``flush_every_s`` becomes:
+        # a long trial's run is RUNNING in the store by then, and a short trial's whole record
+        # travels in one flush (the driver then writes it in one create, one batch, one end).
+        self._flushed_at, self._sent = time.monotonic(), False
 
     def __enter__(self) -> "JournalRun":
         return self
@@ -71,10 +74,12 @@ class JournalRun:
         self._flushed_at = time.monotonic()
         if ops:
             self.outbox(self.run_id, ops)
+            self._sent = True
 
     def _add(self, op: tuple, buffered: bool) -> None:
         self._ops.append(op)
-        if not buffered or time.monotonic() - self._flushed_at >= self.flush_every_s:
+        every = self.flush_every_s if self._sent else min(self.flush_every_s, tracking.FLUSH_EVERY_S)
+        if not buffered or time.monotonic() - self._flushed_at >= every:
             self.flush()
 
 

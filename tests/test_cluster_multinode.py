@@ -185,7 +185,7 @@ def test_study_spreads_over_both_nodes_and_records_to_the_server(stack, tmp_path
 @pytest.mark.timeout(400)
 def test_study_survives_losing_the_worker_node(stack, tmp_path):
     t0 = time.time()
-    _submit(stack, "node-loss", _overrides(stack, "node_loss", tmp_path, epochs=100))
+    _submit(stack, "node-loss", _overrides(stack, "node_loss", tmp_path, epochs=400))
     victim = _running_on(stack, "node_loss", stack["worker"], timeout_s=180)
     seen = time.time() - t0
     killed = _script("ray_cluster.sh", "stop-worker", stack["env"], timeout=60)

@@ -73,6 +73,7 @@ def test_a_journaled_trial_records_what_a_trial_recording_itself_does(store):
     stamps = [m.timestamp for m in client.get_metric_history(run_id, "val_accuracy")]
     assert run.info.start_time <= min(stamps) <= max(stamps) <= run.info.end_time
     assert run.info.start_time == flushes[0][1][0][1]["start_ms"]
+    assert len(flushes) == 1  # a short trial's whole record in one flush: one create, one batch, one end
 
 
 def test_a_journaled_trial_that_raises_ends_its_run_failed_with_the_reason(store, monkeypatch):
@@ -105,7 +106,8 @@ def test_runs_a_dead_worker_left_open_are_ended_failed_by_the_driver(store):
     config = compose([*TINY, *store])
     flushes: list = []
     run = journal.journal_starter(lambda k, ops: flushes.append((k, ops)))(config_from_dict(config).tracking, "dead")
-    run.log_metrics(0, {"val_accuracy": 0.5})  # buffered: never flushed, as when the worker dies
+    run.flush()  # its first flush (FLUSH_EVERY_S into a long trial): the run is now in the store
+    run.log_metrics(0, {"val_accuracy": 0.5}, buffered=True)  # never flushed: the worker died
     replay = _replayed(config, flushes)
     assert replay.open_runs([run.run_id]) == [run.run_id]
     ended = replay.end_open([run.run_id], "worker died: WorkerCrashedError")

@@ -60,7 +60,7 @@ def test_killed_worker_is_retried_and_no_run_is_left_running(tmp_path, local_ray
     killed: list[str] = []
     killer = threading.Thread(target=kill_first_running_worker, args=(tmp_path, "wk", killed), daemon=True)
     killer.start()
-    run_study(study_args(tmp_path, "wk", "study.n_trials=3", "train.epochs=150", "study.retries=1"))
+    run_study(study_args(tmp_path, "wk", "study.n_trials=3", "train.epochs=600", "study.retries=1"))
     killer.join()
     assert killed, "no worker was killed: the test did not test anything"
     states = [t.state for t in trials(tmp_path, "wk")]
@@ -76,7 +76,7 @@ def test_killed_worker_without_retries_is_a_failed_trial(tmp_path, local_ray):
     killed: list[str] = []
     killer = threading.Thread(target=kill_first_running_worker, args=(tmp_path, "wk0", killed), daemon=True)
     killer.start()
-    run_study(study_args(tmp_path, "wk0", "study.n_trials=3", "train.epochs=150", "study.retries=0",
+    run_study(study_args(tmp_path, "wk0", "study.n_trials=3", "train.epochs=600", "study.retries=0",
                          "study.max_failure_rate=1.0"))
     killer.join()
     assert killed
