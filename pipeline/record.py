@@ -72,9 +72,13 @@ class StudyRecord:
             run.log_params({k: str(v) for k, v in params.items()})
             run.end("FAILED", reason=reason)
 
-    def trial_ended(self, frozen, results: dict[int, dict], run_ids: list[str]) -> None:
-        """Tag every run of the trial (``run_ids``: all its attempts) with Optuna's final state,
-        where its worker did not already (a run is tagged with its own result's state as it ends)."""
+    def trial_ended(self, frozen, results: dict[int, dict], run_ids: Optional[list[str]] = None) -> None:
+        """Tag every run of the trial (``run_ids``: all its attempts; None: those the store holds,
+        for a trial a dead driver left) with Optuna's final state, where its worker did not
+        already (a run is tagged with its own result's state as it ends)."""
+        if run_ids is None:
+            tags = {STUDY_TAG: self.plan.cfg.study.name, "optuna_trial": frozen.number}
+            run_ids = tracking.find_runs(self.plan.cfg.tracking, self.plan.cfg.study.name, tags)
         tagged = {r["run_id"] for r in results.values() if r.get("run_id") and implied_state(r["pruned"]) == frozen.state.name}
         for run_id in run_ids:
             if run_id not in tagged:

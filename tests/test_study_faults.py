@@ -109,6 +109,8 @@ def test_killed_driver_then_same_command_resumes_without_loss(tmp_path):
     assert all(t.params in rerun for t in interrupted)  # what was running is run again
     runs = children(tmp_path, "dk")
     assert not [r for r in runs if r.info.status == "RUNNING"]
+    left = [r for r in runs if int(r.data.tags["optuna_trial"]) in {t.number for t in interrupted}]
+    assert all(r.info.status == "FAILED" and r.data.tags["optuna_state"] == "FAIL" for r in left)
     parents = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
         [MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("dk").experiment_id],
         "tags.`initstudy.role` = 'study'")
