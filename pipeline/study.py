@@ -8,11 +8,10 @@ config, sends one Ray task per seed, and tells Optuna the outcome when all seeds
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import math
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -31,7 +30,6 @@ from pipeline.worker import PruneDecider, trial_task, warm_up
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 POLL_S = 0.5
-WRITE_POLL_S = 0.005  # how often the loop looks for finished record writes while some are queued
 ABANDON_WAIT_S = 10.0  # how long a stopping study waits for its cancelled tasks' workers to die
 
 
@@ -155,10 +153,7 @@ class _Loop:
     Asked trials wait in the driver's queue as tasks, costliest first, and a task goes to Ray only
     when a slot is free (Ray would not keep their order). Tasks stream their runs' journals back
     as they train, and the driver writes them to MLflow (pipeline/journal.py): it owns every run,
-    ends those of a dead worker, and sends the task again (``study.retries`` times). Every MLflow
-    write of the loop runs on one thread of its own, in order (``_write``), so that the loop sends
-    a freed worker its next task while runs are written; what depends on a write (telling Optuna
-    the outcome, which names the runs) runs here once the write is done.
+    ends those of a dead worker, and sends the task again (``study.retries`` times).
 
     Each Ray task trains one or more (trial, seed) members: with ``study.trial_batching``, members
     whose configs share a ``batch_key`` go together (pipeline/batched.py). While the sampler draws
@@ -182,42 +177,21 @@ class _Loop:
         self.progress = Progress(self.done, plan.n_trials, enabled=plan.cfg.study.progress)
         self.batch_max = plan.cfg.study.trial_batch_max if plan.cfg.study.trial_batching else 1
         self.replay = journal.Replay(plan.cfg.tracking)
-        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="record")
-        self.writes: collections.deque[tuple[Future, Any]] = collections.deque()  # in order: (write, then what)
 
     def run(self) -> None:
-        try:
-            while self._wanted() > 0 or self.pending or self.queued or self.writes:
-                self._refill()
-                self._send()
-                if self.pending:
-                    ready = cluster.wait(list(self.pending), WRITE_POLL_S if self.writes else POLL_S)[0]
-                    self._receive_all(ready)
-                self._after_writes(wait=not self.pending)
-        finally:
-            self.writer.shutdown(wait=True)
+        while self._wanted() > 0 or self.pending or self.queued:
+            self._refill()
+            self._send()
+            if self.pending:
+                ready = cluster.wait(list(self.pending), POLL_S)[0]
+                items = [(self.pending[stream], *cluster.next_item(stream)) for stream in ready]
+                for stream, (task, item, _, _) in zip(ready, items):
+                    if item is None or "outcomes" in item:
+                        del self.pending[stream]
+                self._send()  # the freed workers start their next task before the driver writes the record
+                for task, item, reason, died in items:
+                    self._receive(task, item, reason, died)
         self.progress.close()
-
-    def _receive_all(self, ready: list) -> None:
-        items = [(self.pending[stream], *cluster.next_item(stream)) for stream in ready]
-        for stream, (task, item, _, _) in zip(ready, items):
-            if item is None or "outcomes" in item:
-                del self.pending[stream]
-        self._send()  # the freed workers start their next task before the driver writes the record
-        for task, item, reason, died in items:
-            self._receive(task, item, reason, died)
-
-    def _write(self, fn, *args, then=None) -> None:
-        """Queue an MLflow write; ``then(result)`` runs in the loop once it is done, in order."""
-        self.writes.append((self.writer.submit(fn, *args), then))
-
-    def _after_writes(self, wait: bool = False) -> None:
-        """Run what waits on finished writes, in order (a failed write raises here)."""
-        while self.writes and (wait or self.writes[0][0].done()):
-            future, then = self.writes.popleft()
-            result = future.result()
-            if then is not None:
-                then(result)
 
     def abandon(self, reason: str) -> None:
         """Stop the tasks in flight and end their runs FAILED: a stopped study leaves none RUNNING.
@@ -228,7 +202,6 @@ class _Loop:
         streams = list(self.pending)
         cluster.cancel(streams)
         cluster.settle(streams, ABANDON_WAIT_S)
-        self.writer.shutdown(wait=True)  # the writes queued so far, before the runs are ended here
         for task in self.pending.values():
             self.replay.end_open(task.keys, reason)
         self.pending.clear()
@@ -302,60 +275,43 @@ class _Loop:
 
     def _fail_unlaunched(self, pending: _Pending, reason: str) -> None:
         for index, seed in enumerate(pending.seeds):
-            self._write(self.record.failed_run, pending.trial.number, index, seed, pending.params, reason)
+            self.record.failed_run(pending.trial.number, index, seed, pending.params, reason)
             pending.failures[index] = reason
         self._tell(pending)
 
     def _receive(self, task: _Task, item: Optional[dict], reason: Optional[str], died: bool) -> None:
         """One item of a task's stream: journals to write, its outcomes, or its failure."""
         if item is not None:
-            self._write(self._write_journals, task, item["journal"], then=self._runs_opened)
+            self._write_journals(task, item["journal"])
             if "outcomes" in item:
-                self._write(self._run_ids, task, item["outcomes"], then=lambda outcomes: self._task_done(task, outcomes))
+                self._task_done(task, item["outcomes"])
         elif died and task.attempt < self.plan.cfg.study.retries:
-            self._write(self._end_runs, task, f"{reason}; the trial was retried")
+            self.replay.end_open(task.keys, f"{reason}; the trial was retried")
+            self.replay.forget(task.keys)
             self._submit(_Task(task.members, task.payloads, task.attempt + 1))
         else:
-            reason = reason or "the task ended without a result"
-            self._write(self._end_runs, task, reason, then=lambda _: self._task_failed(task, reason))
+            self._task_failed(task, reason or "the task ended without a result")
 
-    # On the writer's thread: the record (self.replay), and nothing the loop reads.
-
-    def _write_journals(self, task: _Task, journals: list[tuple[str, list]]) -> list[tuple[int, str]]:
-        """Write the journals; the (trial number, run id) of each run they opened."""
-        opened = []
+    def _write_journals(self, task: _Task, journals: list[tuple[str, list]]) -> None:
         for key, ops in journals:
             tags = journal.opening_tags(ops)
             self.replay.apply(key, ops)
             if tags is not None:  # a new run: one of the task's members
                 task.keys.append(key)
-                opened.append((int(tags["optuna_trial"]), self.replay.run_id(key)))
-        return opened
-
-    def _run_ids(self, task: _Task, outcomes: list[dict]) -> list[dict]:
-        """The outcomes with their runs' MLflow ids; the task's journals are done with."""
-        named = [{**value, "run_id": self.replay.run_id(value["run_key"])} if "run_key" in value else value
-                 for value in outcomes]
-        self.replay.forget(task.keys)
-        return named
-
-    def _end_runs(self, task: _Task, reason: str) -> None:
-        self.replay.end_open(task.keys, reason)
-        self.replay.forget(task.keys)
-
-    # Back in the loop, once the writes are done.
-
-    def _runs_opened(self, opened: list[tuple[int, str]]) -> None:
-        for number, run_id in opened:
-            self.in_flight[number].run_ids.append(run_id)
+                self.in_flight[int(tags["optuna_trial"])].run_ids.append(self.replay.run_id(key))
 
     def _task_done(self, task: _Task, outcomes: list[dict]) -> None:
         for (pending, index), value in zip(task.members, outcomes):
+            if "run_key" in value:
+                value = {**value, "run_id": self.replay.run_id(value.pop("run_key"))}
             self._member_done(pending, index, value)
+        self.replay.forget(task.keys)
 
     def _task_failed(self, task: _Task, reason: str) -> None:
+        self.replay.end_open(task.keys, reason)
         for pending, index in task.members:
             self._member_done(pending, index, {"error": reason})
+        self.replay.forget(task.keys)
 
     def _member_done(self, pending: _Pending, index: int, value: dict) -> None:
         if "error" in value:
@@ -371,7 +327,7 @@ class _Loop:
         for key, val in attrs.items():
             pending.trial.set_user_attr(key, val)
         frozen = self.study.tell(pending.trial, values=values, state=state)
-        self._write(self.record.trial_ended, frozen, pending.results, pending.run_ids)
+        self.record.trial_ended(frozen, pending.results, pending.run_ids)
         self.done += 1
         running = len({pending.trial.number for task in self.pending.values() for pending, _ in task.members})
         self.progress.update(self.study, running, queued=len(self.in_flight) - running)
