@@ -15,6 +15,11 @@ from pipeline.config import register_schemas
 from pipeline.errors import ConfigError
 
 CONF_DIR = Path(os.environ.get("INITSTUDY_CONF", Path(__file__).resolve().parent.parent / "conf"))
+# Hydra's own config groups (logging, launcher, sweeper, help...) serve @hydra.main apps; the
+# compose API loads them all the same and drops them from its result. Skipped: 157 -> 119 ms a
+# composition (a study composes a dozen while Ray starts).
+_HYDRA_OWN_GROUPS = [f"~hydra/{group}" for group in
+                     ("job_logging", "hydra_logging", "help", "hydra_help", "launcher", "sweeper", "output", "env")]
 
 
 def compose(overrides: list[str], config_name: str = "config") -> dict:
@@ -31,7 +36,7 @@ def compose_tree(overrides: list[str], config_name: str = "config") -> Any:
     _register_schemas_once()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name, overrides=overrides)
+            return hydra_compose(config_name, overrides=[*_HYDRA_OWN_GROUPS, *overrides])
     except Exception as err:  # hydra/omegaconf errors: parse, unknown key, wrong type
         raise ConfigError(_one_line(err)) from err
 
