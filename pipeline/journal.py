@@ -23,7 +23,7 @@ from pipeline.config import TrackingConfig
 Outbox = Callable[[str, list], None]  # (run key, operations) -> None
 
 
-class JournalRun:
+class JournalRun(tracking.EndsOnExit):
     """``tracking.Run``'s interface; operations go to ``outbox`` at each flush instead of a store."""
 
     def __init__(self, outbox: Outbox, opening: dict) -> None:
@@ -35,18 +35,6 @@ class JournalRun:
         # a long trial's run is RUNNING in the store by then, and a short trial's whole record
         # travels in one flush (the driver then writes it in one create, one batch, one end).
         self._flushed_at, self._sent = time.monotonic(), False
-
-    def __enter__(self) -> "JournalRun":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self.end("FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.end("KILLED", reason="interrupted")
-        else:
-            self.end("FAILED", reason=f"{exc_type.__name__}: {exc}")
-        return False
 
     def log_params(self, params: dict[str, str], tags: Optional[dict[str, Any]] = None, buffered: bool = False) -> None:
         self._add(("params", dict(params), _strings(tags or {})), buffered)

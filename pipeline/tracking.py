@@ -235,7 +235,24 @@ def _git_commit() -> str:
         return "unknown"
 
 
-class Run:
+class EndsOnExit:
+    """A run (or a look-alike with ``end``) that, as a context manager, is always ended: FINISHED,
+    KILLED on Ctrl-C, FAILED with the exception as its reason."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.end("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.end("KILLED", reason="interrupted")
+        else:
+            self.end("FAILED", reason=f"{exc_type.__name__}: {exc}")
+        return False
+
+
+class Run(EndsOnExit):
     """A handle on one MLflow run. As a context manager it always ends the run."""
 
     def __init__(self, uri: str, run_id: str, artifact_uri: Optional[str] = None) -> None:
@@ -248,18 +265,6 @@ class Run:
         self._pending_tags: list = []
         self._flushed_at = time.monotonic()
         self.flush_every_s = FLUSH_EVERY_S  # runs trained together share the store's write rate
-
-    def __enter__(self) -> "Run":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self.end("FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.end("KILLED", reason="interrupted")
-        else:
-            self.end("FAILED", reason=f"{exc_type.__name__}: {exc}")
-        return False
 
     def log_params(self, params: dict[str, str], tags: Optional[dict[str, Any]] = None, buffered: bool = False) -> None:
         """Params (and ``tags``), now or (``buffered``) in the next metric write."""
