@@ -67,15 +67,15 @@ def run_study(cli_overrides: list[str]) -> dict:
               file=sys.stderr)
     tracking.check_reachable(plan.cfg.tracking.uri)
     # Opening the stores and composing the trials' configs take seconds, and so does starting Ray:
-    # overlap them (one thread, in this order: the MLflow store first, for the workers' warm-up).
+    # overlap them (one thread: the MLflow store, then the Optuna study and the compositions).
     setup = ThreadPoolExecutor(max_workers=1)
     mlflow_ready = setup.submit(_open_mlflow_store, plan)
     optuna_ready = setup.submit(_open_optuna_study_and_precompose, plan)
     with cluster.session(plan.cfg.cluster) as resources:
         slots = cluster.concurrency(plan.cfg.cluster, resources)
-        mlflow_ready.result()  # a worker must not open a sqlite store the driver has not made yet
-        # Workers import torch while the driver asks for the first trials.
+        # Workers import torch while the driver opens its stores and asks for the first trials.
         cluster.warm_up(warm_up, slots, plan.cfg.cluster)
+        mlflow_ready.result()
         study = optuna_ready.result()
         record = StudyRecord.open(plan)
         _recover_interrupted(study, record)
