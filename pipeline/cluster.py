@@ -68,7 +68,6 @@ def shutdown() -> None:
         _stop_monitor()
         ray.shutdown()
     _started_here = False
-DIED = "worker died"  # how a task's failure reason starts when its worker (or node) died
 
 
 def _stop_monitor() -> None:
@@ -114,7 +113,7 @@ def submit(fn: Callable, payload: dict, cfg: ClusterConfig):
 
 def next_item(stream) -> tuple[Optional[dict], Optional[str], bool]:
     """A ready stream's next item: ``(item, None, False)``; ``(None, reason, died)`` if the task
-    raised (``died``: its worker or node died, or it was cancelled); ``(None, None, False)`` if
+    raised (``died``: its worker or node died); ``(None, None, False)`` if
     the stream has ended."""
     try:
         ref = next(stream)

@@ -103,7 +103,6 @@ class Replay:
     def __init__(self, tracking_cfg: TrackingConfig) -> None:
         self.tracking_cfg = tracking_cfg
         self.runs: dict[str, Any] = {}  # journal key -> tracking.Run
-        self.failures: dict[str, str] = {}  # journal key -> why its run FAILED
 
     def apply(self, key: str, ops: list[tuple]) -> None:
         """One flush of one journal; the run's buffered writes go to the store in one call."""
@@ -111,12 +110,12 @@ class Replay:
             if op[0] == "open":
                 self.runs[key] = tracking.start_run(self.tracking_cfg, **op[1])
             else:
-                self._apply_one(self.runs[key], key, op)
+                self._apply_one(self.runs[key], op)
         run = self.runs[key]
         if not run.ended:
             run.flush()
 
-    def _apply_one(self, run, key: str, op: tuple) -> None:
+    def _apply_one(self, run, op: tuple) -> None:
         kind = op[0]
         if kind == "params":
             run.log_params(op[1], tags=op[2], buffered=True)
@@ -127,8 +126,6 @@ class Replay:
         elif kind == "files":
             run.log_files(op[2], op[1])
         elif kind == "end":
-            if op[2]:
-                self.failures[key] = op[2]
             run.end(op[1], reason=op[2], end_ms=op[3])
 
     def run_id(self, key: str) -> Optional[str]:
@@ -151,4 +148,3 @@ class Replay:
         """Drop finished journals: a long study's driver must not keep every run's handle."""
         for key in keys:
             self.runs.pop(key, None)
-            self.failures.pop(key, None)
