@@ -9,6 +9,7 @@ time of the slowest process.
 
     python scripts/gpu_bench.py                                   # cuda if there is one, else cpu
     python scripts/gpu_bench.py --procs 1,4,8 --batch 1,16,64 --json out.json
+    python scripts/gpu_bench.py --set model.width=1024 --set batch_size=256   # a larger model
 
 On a machine without Ray and MLflow (a GPU box with PyTorch), it needs only hydra-core, omegaconf
 and scikit-learn (for the digits) beside PyTorch: docs/gpu.md says how to run it there.
@@ -117,22 +118,30 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--procs", type=_counts(1), default="1,4", help="processes sharing the device, e.g. 1,4,8")
     ap.add_argument("--batch", type=_counts(1), default="1,16", help="members per task (1: one trial at a time)")
-    ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every trial (repeatable), e.g. model.width=1024")
+    ap.add_argument("--json", help="also write the figures to this file (after each row)")
     args = ap.parse_args()
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    configs = grid_configs(args.trials, args.epochs, f"train.device={device}")
-    print(f"device: {describe_device(device)}; {len(configs)} grid trials x {args.epochs} epochs", flush=True)
+    configs = grid_configs(args.trials, args.epochs, f"train.device={device}", *args.set)
+    print(f"device: {describe_device(device)}; {len(configs)} grid trials x {args.epochs} epochs"
+          f"{''.join(' ' + o for o in args.set)}", flush=True)
     rows = []
     for procs in args.procs:
         for batch in args.batch:
-            rows.append(measure(configs, procs, batch))
+            try:
+                rows.append(measure(configs, procs, batch))
+            except RuntimeError as error:  # one mode failing (memory, say) leaves the other rows to measure
+                print(f"  {procs} process(es) x tasks of {batch:>3}: failed: {error}", flush=True)
+                continue
             base = rows[0]["tpm"]
             print(f"  {procs} process(es) x tasks of {batch:>3}: {rows[-1]['wall_s']:6.1f} s, "
                   f"{rows[-1]['tpm']:7.0f} trials/min ({rows[-1]['tpm'] / base:.2f}x the first row)", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": describe_device(device), "rows": rows}, indent=2))
+            if args.json:  # row by row, so that a run cut short still leaves its figures
+                figures = {"device": describe_device(device), "overrides": args.set, "rows": rows}
+                Path(args.json).write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,10 @@ def test_the_device_benchmark_runs_each_sharing_and_batching_mode(tmp_path):
     """scripts/gpu_bench.py, on the CPU here (the same code runs on a GPU): every (processes, batch) row."""
     out = tmp_path / "gpu.json"
     subprocess.run([sys.executable, "scripts/gpu_bench.py", "--device", "cpu", "--trials", "4", "--epochs", "1",
-                    "--procs", "1,2", "--batch", "1,2", "--json", str(out)], cwd=ROOT, check=True, timeout=240)
-    rows = json.loads(out.read_text())["rows"]
+                    "--procs", "1,2", "--batch", "1,2", "--set", "model.width=16", "--json", str(out)],
+                   cwd=ROOT, check=True, timeout=240)
+    figures = json.loads(out.read_text())
+    assert figures["overrides"] == ["model.width=16"]
+    rows = figures["rows"]
     assert [(r["procs"], r["batch"]) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
     assert all(r["trials"] == 4 and r["tpm"] > 0 for r in rows)
