@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import yaml
 
@@ -68,12 +69,18 @@ def local_store(uri: str) -> Optional[Path]:
 
 
 def client(uri: str):
+    uri = resolve_uri(uri)
+    _seed_store(uri)
+    return _client(uri)
+
+
+@functools.lru_cache(maxsize=64)
+def _client(resolved_uri: str):
+    """One client per store and process: a study's driver opens a handle per run (~1 ms each)."""
     from mlflow.tracking import MlflowClient
 
     _quiet_logs()
-    uri = resolve_uri(uri)
-    _seed_store(uri)
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=resolved_uri)
 
 
 def new_store(uri: str, write_ahead: bool = True) -> None:
@@ -327,12 +334,14 @@ class Run(EndsOnExit):
         get_artifact_repository(self.artifact_uri, tracking_uri=resolve_uri(self.uri)).log_artifacts(str(local_dir), artifact_dir)
 
     def log_files(self, files: dict[str, bytes], artifact_dir: Optional[str] = None) -> None:
-        """Files given as ``{relative path: content}`` (a worker's journal), in one upload."""
+        """Files given as ``{relative path: content}`` (a worker's journal), in one upload; where the
+        run's artifacts live in a local directory, written there at once (no temporary copy)."""
+        local = _local_directory(self.artifact_uri)
+        if local is not None:
+            _write_files(local / (artifact_dir or ""), files)
+            return
         with tempfile.TemporaryDirectory() as tmp:
-            for name, content in files.items():
-                path = Path(tmp) / name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(content)
+            _write_files(Path(tmp), files)
             self.log_dir(Path(tmp), artifact_dir)
 
     def end(self, status: str, reason: Optional[str] = None, end_ms: Optional[int] = None) -> None:
@@ -343,6 +352,23 @@ class Run(EndsOnExit):
         self.flush()
         self.client.set_terminated(self.run_id, status=status, end_time=end_ms)
         self.ended = True
+
+
+def _write_files(root: Path, files: dict[str, bytes]) -> None:
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+
+
+def _local_directory(artifact_uri: Optional[str]) -> Optional[Path]:
+    """The directory of a ``file:`` (or plain path) artifact URI; None for a server's or a cloud's."""
+    if artifact_uri is None:
+        return None
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(url2pathname(parsed.path))
+    return Path(artifact_uri) if parsed.scheme == "" else None
 
 
 def start_run(tracking: TrackingConfig, experiment: str, parent_run_id: Optional[str] = None,

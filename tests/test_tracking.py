@@ -373,3 +373,16 @@ def test_a_cluster_studys_new_sqlite_store_keeps_the_default_journal(tmp_path):
                            *([f"cluster.address={address}"] if address else [])])
         _open_mlflow_store(plan)
         assert _journal_mode(tmp_path / f"{mode}.db") == mode
+
+
+@pytest.mark.parametrize("uri, directory", [
+    ("file:///data/art/1/abc/artifacts", "/data/art/1/abc/artifacts"),
+    ("file://localhost/data/my%20runs/artifacts", "/data/my runs/artifacts"),
+    ("/data/art/artifacts", "/data/art/artifacts"),
+    ("mlflow-artifacts:/1/abc/artifacts", None),  # a server's: uploaded through MLflow
+    ("s3://bucket/1/abc/artifacts", None),
+    (None, None),
+])
+def test_journaled_files_are_written_in_place_only_where_artifacts_are_a_local_directory(uri, directory):
+    found = tracking._local_directory(uri)
+    assert (str(found) if found is not None else None) == directory
