@@ -285,19 +285,11 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def validate(cfg: Config) -> None:
-    """Raise ``ConfigError`` naming the first bad value, before any work starts."""
-    from pipeline import data, optim
-    from pipeline.nn import activations, initializers, models, norms
+    """Raise ``ConfigError`` naming the first bad value, before any work starts (no PyTorch needed)."""
+    from pipeline import catalog  # it imports this module's schemas
 
-    cfg.initializer.name = initializers.INITIALIZERS.canonical(cfg.initializer.name)
-    for check in (check_numbers, initializers.validate_config):
-        check(cfg)
-    activations.ACTIVATIONS.canonical(cfg.activation.name)
-    norms.NORMALIZATIONS.canonical(cfg.normalization.name)
-    models.MODELS.canonical(cfg.model.name)
-    data.DATASETS.canonical(cfg.dataset.name)
-    data.validate_config(cfg.dataset)
-    optim.OPTIMIZERS.canonical(cfg.optimizer.name)
+    check_numbers(cfg)
+    catalog.validate(cfg)
 
 
 def check_numbers(cfg: Config) -> None:

@@ -38,12 +38,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.catalog import DATASETS, informative_features
+from pipeline.catalog import validate_dataset as validate_config
 from pipeline.config import DatasetConfig
 from pipeline.errors import ConfigError
-from pipeline.registry import Registry
 
 #: ``dataset.input_norm`` values: per-feature statistics fitted on the training split only.
-INPUT_NORMS = ("none", "zscore", "minmax")
 
 #: Where the file datasets are looked for when ``dataset.root`` is null: ``<this>/<name>``.
 DEFAULT_ROOT = "~/.cache/initstudy"
@@ -85,7 +85,7 @@ class Splits:
 
 #: name -> ``loader(cfg) -> RawData``. A loader reads only the config fields it was registered with
 #: (``_dataset(name, uses=...)``): those fields are the key of the per-process raw cache.
-DATASETS: Registry[Callable[[DatasetConfig], RawData]] = Registry("dataset")
+# DATASETS (pipeline/catalog.py): each declared name is registered below.
 _RAW_FIELDS: dict[str, tuple[str, ...]] = {}
 
 
@@ -132,22 +132,6 @@ def load_dataset(cfg: DatasetConfig, device: str | torch.device = "cpu") -> Spli
         tensors[f"x_{split}"] = torch.from_numpy(_apply_norm(x, shift, scale))
         tensors[f"y_{split}"] = torch.from_numpy(np.array(y, dtype=np.int64))  # a copy: cache stays intact
     return Splits(**tensors, num_classes=num_classes, input_shape=tuple(raw.x.shape[1:])).to(device)
-
-
-def validate_config(cfg: DatasetConfig) -> None:
-    """Check every dataset value that needs no file access; raise ``ConfigError`` on the first bad one."""
-    name = DATASETS.canonical(cfg.name)
-    if cfg.input_norm not in INPUT_NORMS:
-        raise ConfigError(f"dataset.input_norm={cfg.input_norm} is invalid; valid: {', '.join(INPUT_NORMS)}")
-    for key in ("val_fraction", "test_fraction"):
-        if not 0 < getattr(cfg, key) < 1:
-            raise ConfigError(f"dataset.{key}={getattr(cfg, key)} is invalid; it must be in (0, 1)")
-    if cfg.max_train is not None and cfg.max_train < 1:
-        raise ConfigError(f"dataset.max_train={cfg.max_train} is invalid; it must be >= 1 (or null for all)")
-    if cfg.classes is not None:
-        _check_classes(list(cfg.classes))
-    if name == "synthetic":
-        _check_synthetic(cfg)
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator, device: str | torch.device) -> list[Tensor]:
@@ -274,11 +258,6 @@ def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.Ran
     return floored.astype(int)
 
 
-def _check_classes(classes: list[int]) -> None:
-    if len(classes) < 2 or len(set(classes)) != len(classes) or min(classes) < 0:
-        raise ConfigError(f"dataset.classes={classes} is invalid; give at least two distinct labels >= 0 (or null for all)")
-
-
 def _select_classes(parts: dict[str, tuple], classes: list[int], num_classes: int) -> dict[str, tuple]:
     """Keep only ``classes`` in every split, relabelled to their position in ``classes``."""
     if max(classes) >= num_classes:
@@ -381,24 +360,6 @@ def synthetic_class_sep(difficulty: float) -> float:
     return 2.0 - 1.9 * difficulty
 
 
-def _check_synthetic(cfg: DatasetConfig) -> None:
-    if not 0 <= cfg.difficulty <= 1:
-        raise ConfigError(f"dataset.difficulty={cfg.difficulty} is invalid; it must be in [0, 1]")
-    for key in ("n_samples", "n_features", "n_classes"):
-        if getattr(cfg, key) < (2 if key == "n_classes" else 1):
-            raise ConfigError(f"dataset.{key}={getattr(cfg, key)} is too small")
-    if _informative(cfg.n_features, cfg.n_classes) > cfg.n_features:
-        raise ConfigError(
-            f"dataset.n_features={cfg.n_features} is too small for {cfg.n_classes} classes; "
-            f"need >= {math.ceil(math.log2(2 * cfg.n_classes))}"
-        )
-
-
-def _informative(n_features: int, n_classes: int) -> int:
-    """Half the features carry signal, at least enough hypercube vertices for 2 clusters per class."""
-    return max(math.ceil(math.log2(2 * n_classes)), n_features // 2)
-
-
 @_dataset("synthetic", uses=("n_samples", "n_features", "n_classes", "difficulty", "split_seed"))
 def _synthetic(cfg: DatasetConfig) -> RawData:
     """sklearn ``make_classification``: Gaussian clusters on hypercube vertices, shape (n_features,)."""
@@ -406,7 +367,7 @@ def _synthetic(cfg: DatasetConfig) -> RawData:
 
     x, y = make_classification(
         n_samples=cfg.n_samples, n_features=cfg.n_features, n_classes=cfg.n_classes,
-        n_informative=_informative(cfg.n_features, cfg.n_classes), n_redundant=0, n_clusters_per_class=2,
+        n_informative=informative_features(cfg.n_features, cfg.n_classes), n_redundant=0, n_clusters_per_class=2,
         class_sep=synthetic_class_sep(cfg.difficulty), flip_y=0.0,  # no label noise: difficulty is the one knob
         random_state=cfg.split_seed,
     )

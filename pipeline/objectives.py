@@ -59,3 +59,10 @@ def outcome(results: dict[int, dict], failures: dict[int, str], seeds: list[int]
 
 def _std(values: list[float]) -> Optional[float]:
     return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def implied_state(pruned: bool) -> str:
+    """The Optuna state a study trial's own result implies, tagged as the run ends (in the same
+    store write): the driver then writes the tag again only where the trial's other seeds made
+    it differ (a seed failed: FAIL; another seed pruned: PRUNED)."""
+    return "PRUNED" if pruned else "COMPLETE"

@@ -14,14 +14,14 @@ fifth of a Ray worker's start-up. SGD and Adam here hold the same state as ``tor
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 from torch.optim.adam import adam as adam_update
 from torch.optim.sgd import sgd as sgd_update
 
+from pipeline.catalog import OPTIMIZERS
 from pipeline.config import OptimizerConfig
-from pipeline.registry import Registry
 
 
 class Optimizer:
@@ -97,7 +97,7 @@ class Adam(Optimizer):
                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
 
-OPTIMIZERS: Registry[Callable[[Iterable, OptimizerConfig], Optimizer]] = Registry("optimizer")
+# OPTIMIZERS (pipeline/catalog.py): each declared name is registered below.
 
 
 class LARS(Optimizer):

@@ -15,7 +15,7 @@ import yaml
 
 from pipeline import tracking
 from pipeline.plan import StudyPlan
-from pipeline.runner import implied_state
+from pipeline.objectives import implied_state
 from pipeline.summary import study_summary
 
 STUDY_TAG = "initstudy.study"

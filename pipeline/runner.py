@@ -17,6 +17,7 @@ from pipeline import tracking
 from pipeline.batched import train_batch
 from pipeline.config import Config, config_from_dict, config_to_dict
 from pipeline.errors import ConfigError
+from pipeline.objectives import implied_state
 from pipeline.train import PreparedTrial, TrialResult, prepare_trial, train_trial
 
 EpochHook = Callable[[int, dict], Optional[bool]]
@@ -67,7 +68,7 @@ class TrialRequest:
 
 
 def run_recorded_batch(requests: list[TrialRequest], start_run: StartRun = tracking.start_run) -> list[RecordedTrial | ConfigError]:
-    """Trials with one ``batched.batch_key``, trained together and each recorded in its own run.
+    """Trials with one ``batching.batch_key``, trained together and each recorded in its own run.
 
     A member whose config is bad gets a FAILED run and its ``ConfigError`` in the returned list;
     the others train on. An error during training fails every member's run and propagates.
@@ -187,10 +188,3 @@ def _record_outcome(ready: _Ready, result: TrialResult) -> None:
     recorder.set_tags(tags, buffered=True)
     model = ready.prepared.model if tracking_cfg.log_weights else None
     tracking.log_trial_artifacts(recorder, ready.resolved, result.layer_table, model, plot=tracking_cfg.layer_plot)
-
-
-def implied_state(pruned: bool) -> str:
-    """The Optuna state a study trial's own result implies, tagged as the run ends (in the same
-    store write): the driver then writes the tag again only where the trial's other seeds made
-    it differ (a seed failed: FAIL; another seed pruned: PRUNED)."""
-    return "PRUNED" if pruned else "COMPLETE"

@@ -24,7 +24,7 @@ from pipeline import objectives as obj
 from pipeline.plan import StudyPlan, blind_trials, open_storage, plan_study
 from pipeline.progress import Progress
 from pipeline.record import StudyRecord
-from pipeline.batched import batch_key, task_cost
+from pipeline.batching import batch_key, task_cost
 from pipeline.worker import PruneDecider, trial_task, warm_up
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

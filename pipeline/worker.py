@@ -17,7 +17,6 @@ from typing import Iterator, Optional
 from pipeline import cluster
 from pipeline.errors import ConfigError
 from pipeline.journal import journal_starter
-from pipeline.runner import TrialRequest, run_recorded_batch
 
 _DONE = object()
 
@@ -25,12 +24,14 @@ _DONE = object()
 def trial_task(payloads: list[dict]) -> Iterator[dict]:
     """Train (trial, seed) pairs on this worker: together if there are several.
 
-    The driver sends several payloads only when their configs share a ``batched.batch_key``.
+    The driver sends several payloads only when their configs share a ``batching.batch_key``.
     Yields ``{"journal": [(run key, operations), ...]}`` while they train, then the flushes that
     end the runs with ``"outcomes"``: one dict per payload, in order, the run's outcome or
     ``{"error": reason}`` for a member whose config was refused (its FAILED run is journaled).
     Training runs in a thread so that journals flushed mid-epoch reach the driver at once.
     """
+    from pipeline.runner import TrialRequest  # PyTorch: imported where trials train, never in the driver
+
     where = cluster.worker_context()
     configs = [_placed(p["config"], where, p["cpus"]) for p in payloads]
     requests = [TrialRequest(config, p["experiment"], p["parent_run_id"], _tags(p, where), _pruning_hook(p), p["run_name"])
@@ -58,7 +59,9 @@ def trial_task(payloads: list[dict]) -> Iterator[dict]:
     yield {"journal": ending, "outcomes": outcomes}
 
 
-def _train(requests: list[TrialRequest], outbox: queue.Queue, done: dict) -> None:
+def _train(requests: list, outbox: queue.Queue, done: dict) -> None:
+    from pipeline.runner import run_recorded_batch
+
     try:
         done["outcomes"] = run_recorded_batch(requests, journal_starter(lambda key, ops: outbox.put((key, ops))))
     except BaseException as err:  # raised again by the generator, after the journals that ended the runs

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from pipeline.batched import batch_key, task_cost, train_batch
+from pipeline.batched import train_batch
+from pipeline.batching import batch_key, task_cost
 from pipeline.compose import compose
 from pipeline.study import _task_groups
 from pipeline.train import prepare_trial, train_trial

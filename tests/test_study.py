@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from pipeline.cli import main
-from pipeline.batched import task_cost
+from pipeline.batching import task_cost
 from pipeline.study import run_study
 from pipeline import space
 from pipeline.plan import TPE_STARTUP_TRIALS, default_storage, open_storage, plan_study

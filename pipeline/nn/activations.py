@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.catalog import ACTIVATIONS
 from pipeline.config import ActivationConfig
-from pipeline.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Activation:
     build: Callable[[ActivationConfig], nn.Module]
     gain: Callable[[ActivationConfig], float]
     saturated: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # bool mask of outputs
-    widen: Callable[[ActivationConfig], int] = lambda cfg: 1  # features in per feature out
+    # How much wider the layer before it is (maxout's pieces): ``catalog.activation_widening``.
 
 
 class Maxout(nn.Module):
@@ -62,7 +62,7 @@ def maxout_gain(pieces: int) -> float:
     return 1.0 / math.sqrt(moment)
 
 
-ACTIVATIONS: Registry[Activation] = Registry("activation")
+# ACTIVATIONS (pipeline/catalog.py) maps each declared name to its ``Activation``, registered below.
 
 
 def second_moment_gain(fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
@@ -101,20 +101,11 @@ ACTIVATIONS.add("relu6", Activation(lambda c: nn.ReLU6(), _moment_gain(nn.ReLU6(
 ACTIVATIONS.add("gelu", Activation(lambda c: nn.GELU(), _moment_gain(nn.GELU())))
 ACTIVATIONS.add("silu", Activation(lambda c: nn.SiLU(), _moment_gain(nn.SiLU())), "swish")
 ACTIVATIONS.add("softplus", Activation(lambda c: nn.Softplus(), _moment_gain(nn.Softplus())))
-ACTIVATIONS.add("maxout", Activation(lambda c: Maxout(c.pieces), lambda c: maxout_gain(c.pieces), widen=lambda c: c.pieces))
+ACTIVATIONS.add("maxout", Activation(lambda c: Maxout(c.pieces), lambda c: maxout_gain(c.pieces)))
 
 
 def build_activation(cfg: ActivationConfig) -> nn.Module:
     return ACTIVATIONS.get(cfg.name).build(cfg)
-
-
-def activation_widening(cfg: ActivationConfig) -> int:
-    """How many times wider the layer feeding this activation must be (maxout: ``pieces``)."""
-    if cfg.name == "maxout" and cfg.pieces < 1:
-        from pipeline.errors import ConfigError
-
-        raise ConfigError(f"activation.pieces={cfg.pieces} is invalid; it must be >= 1")
-    return ACTIVATIONS.get(cfg.name).widen(cfg)
 
 
 def activation_gain(cfg: ActivationConfig) -> float:

@@ -35,10 +35,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from pipeline.config import Config, InitializerConfig
+from pipeline.catalog import (BIAS_INITIALIZERS, DISTRIBUTIONS, INITIALIZERS, KAIMING_MODES, VARIANCE_MODES, check_bias,
+                              check_choice, check_pretrained_source)
+from pipeline.catalog import validate_initializer as validate_config
+from pipeline.config import InitializerConfig
 from pipeline.diagnostics import probing
 from pipeline.errors import ConfigError
-from pipeline.registry import Registry
 
 __all__ = [
     "BIAS_INITIALIZERS",
@@ -61,13 +63,8 @@ __all__ = [
 
 #: std of N(0, 1) truncated at +-2, so N(0, (s/c)^2) truncated at +-2s/c has std s (Keras, timm).
 TRUNC_NORMAL_STD_CORRECTION = 0.87962566103423978
-#: The schemes a bias can use (a bias is 1-D: it has no fans and cannot be orthogonal).
-BIAS_INITIALIZERS = ("zeros", "constant", "normal", "uniform", "torch_default")
 #: The layers whose weight and bias ``apply_init`` sets.
 INIT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-KAIMING_MODES = ("fan_in", "fan_out")
-VARIANCE_MODES = ("fan_in", "fan_out", "fan_avg")
-DISTRIBUTIONS = ("normal", "truncated_normal", "uniform")
 #: LSUV (Mishkin & Matas 2015): stop once |Var(layer output) - 1| < tol, after at most max_iter rescalings.
 LSUV_TOL = 0.02
 LSUV_MAX_ITER = 20
@@ -96,7 +93,7 @@ class InitArgs:
 
 WeightInit = Callable[[Tensor, InitArgs], None]
 
-INITIALIZERS: Registry[WeightInit] = Registry("initializer")
+# INITIALIZERS (pipeline/catalog.py) maps each declared name to its ``WeightInit``, registered below.
 
 
 # --- fans and the one variance-scaling primitive -----------------------------------------------
@@ -109,7 +106,7 @@ def _require_2d(tensor: Tensor, name: str) -> None:
 
 def _fan(tensor: Tensor, mode: str, name: str, valid: tuple[str, ...]) -> float:
     """fan_in, fan_out or their mean, in PyTorch's layout (out, in, *kernel)."""
-    _check_choice("initializer.mode", mode, valid, name)
+    check_choice("initializer.mode", mode, valid, name)
     _require_2d(tensor, name)
     fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(tensor)
     return {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
@@ -252,7 +249,7 @@ def _lsuv(tensor: Tensor, args: InitArgs) -> None:
 def _variance_scaling(tensor: Tensor, args: InitArgs) -> None:
     """Keras 3's VarianceScaling: Var = factor / n (n by mode), then our scale on the std."""
     cfg = args.cfg
-    _check_choice("initializer.distribution", cfg.distribution, DISTRIBUTIONS, "variance_scaling")
+    check_choice("initializer.distribution", cfg.distribution, DISTRIBUTIONS, "variance_scaling")
     n = _fan(tensor, cfg.mode, "variance_scaling", VARIANCE_MODES)
     _FILLS[cfg.distribution](tensor, math.sqrt(cfg.factor / n) * args.scale, args.generator)
 
@@ -310,7 +307,7 @@ def init_bias(
         fan_in: The layer's fan_in (``torch_default`` draws from U(+-1/sqrt(fan_in)), as nn.Linear).
         generator: Source of the random numbers.
     """
-    _check_bias(cfg.bias)
+    check_bias(cfg.bias)
     value = cfg.bias_value
     with torch.no_grad():
         if cfg.bias == "zeros":
@@ -528,7 +525,7 @@ def load_pretrained(model: nn.Module, cfg: InitializerConfig, scale: float) -> N
 
 
 def _pretrained_path(cfg: InitializerConfig) -> Path:
-    _check_pretrained_source(cfg)
+    check_pretrained_source(cfg)
     if cfg.path is not None:
         return Path(cfg.path)
     from pipeline import tracking  # MLflow is imported only when a run is the source
@@ -573,102 +570,3 @@ def _scale_loaded_weights(model: nn.Module, scale: float, loaded: set[str]) -> N
         key = f"{name}.weight" if name else "weight"
         if isinstance(module, INIT_LAYERS) and key in loaded:
             module.weight.mul_(scale)
-
-
-# --- validation ------------------------------------------------------------------------------------
-
-
-def validate_config(cfg: Config) -> None:
-    """Check ``cfg.initializer`` before any work starts.
-
-    Only the options the chosen scheme reads are checked (a default ``std`` does not matter to
-    ``orthogonal``); ``gain`` and the bias always are.
-
-    Raises:
-        ConfigError: One line naming the bad value and the valid ones.
-    """
-    init = cfg.initializer
-    name = INITIALIZERS.canonical(init.name)
-    for check in _SCHEME_CHECKS.get(name, ()):
-        check(init, name)
-    _check_gain(init.gain)
-    _check_bias(init.bias)
-    _check_recurrent(init.recurrent)
-    if init.bias in ("normal", "uniform"):
-        _positive(f"initializer.bias_value (bias={init.bias})", init.bias_value)
-
-
-def _check_recurrent(name: Optional[str]) -> None:
-    if name is None:
-        return
-    valid = [n for n in INITIALIZERS.names() if n != "pretrained"]
-    if name not in INITIALIZERS or INITIALIZERS.canonical(name) == "pretrained":
-        raise ConfigError(f"initializer.recurrent={name} is invalid; valid: {', '.join(valid)} (or null: same as initializer)")
-
-
-def _check_choice(key: str, value: str, valid: tuple[str, ...], name: str) -> None:
-    if value not in valid:
-        raise ConfigError(f"{key}={value} is invalid for {name}; valid: {', '.join(valid)}")
-
-
-def _positive(key: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{key}={value} is invalid; it must be a number > 0")
-
-
-def _check_gain(gain: object) -> None:
-    if gain == "auto":
-        return
-    try:
-        value = float(gain) if not isinstance(gain, bool) else math.nan
-    except (TypeError, ValueError):
-        value = math.nan
-    if not value > 0:
-        raise ConfigError(f"initializer.gain={gain} is invalid; valid: auto or a number > 0")
-
-
-def _check_bias(name: str) -> None:
-    if name in BIAS_INITIALIZERS:
-        return
-    reason = ""
-    if name in INITIALIZERS and INITIALIZERS.canonical(name) == "pretrained":
-        reason = ": pretrained loads whole models, biases included"
-    elif name in INITIALIZERS:
-        reason = f": {name} needs a tensor of at least 2 dimensions and a bias is 1-D"
-    raise ConfigError(f"initializer.bias={name} is invalid{reason}; valid: {', '.join(BIAS_INITIALIZERS)}")
-
-
-def _check_kaiming(cfg: InitializerConfig, name: str) -> None:
-    _check_choice("initializer.mode", cfg.mode, KAIMING_MODES, name)
-
-
-def _check_variance_scaling(cfg: InitializerConfig, name: str) -> None:
-    _check_choice("initializer.mode", cfg.mode, VARIANCE_MODES, name)
-    _check_choice("initializer.distribution", cfg.distribution, DISTRIBUTIONS, name)
-    _positive("initializer.factor", cfg.factor)
-
-
-def _check_pretrained_source(cfg: InitializerConfig) -> None:
-    given = [key for key in ("path", "run_id") if getattr(cfg, key) is not None]
-    if len(given) != 1:
-        got = "both" if given else "neither"
-        raise ConfigError(
-            f"initializer=pretrained needs exactly one of initializer.path or initializer.run_id; got {got}"
-        )
-
-
-def _check_pretrained(cfg: InitializerConfig, name: str) -> None:
-    _check_pretrained_source(cfg)
-    if cfg.path is not None and not Path(cfg.path).is_file():
-        raise ConfigError(f"initializer.path={cfg.path} does not exist (initializer=pretrained needs a weights file)")
-
-
-#: canonical name -> the checks of the options that scheme reads
-_SCHEME_CHECKS: dict[str, tuple[Callable[[InitializerConfig, str], None], ...]] = {
-    "normal": (lambda cfg, name: _positive("initializer.std", cfg.std),),
-    "uniform": (lambda cfg, name: _positive("initializer.bound", cfg.bound),),
-    "kaiming_uniform": (_check_kaiming,),
-    "kaiming_normal": (_check_kaiming,),
-    "variance_scaling": (_check_variance_scaling,),
-    "pretrained": (_check_pretrained,),
-}

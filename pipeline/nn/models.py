@@ -16,15 +16,15 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from pipeline.catalog import MODELS, activation_widening
 from pipeline.config import ActivationConfig, ModelConfig, NormalizationConfig
 from pipeline.errors import ConfigError
-from pipeline.nn.activations import activation_widening, build_activation
+from pipeline.nn.activations import build_activation
 from pipeline.nn.norms import build_norm
-from pipeline.registry import Registry
 
 ModelFactory = Callable[[ModelConfig, ActivationConfig, NormalizationConfig, tuple, int], nn.Module]
 
-MODELS: Registry[ModelFactory] = Registry("model")
+# MODELS (pipeline/catalog.py): each declared name is registered below.
 
 
 class Block(nn.Module):

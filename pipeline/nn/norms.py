@@ -9,13 +9,13 @@ from typing import Callable
 
 from torch import nn
 
+from pipeline.catalog import NORMALIZATIONS
 from pipeline.config import NormalizationConfig
 from pipeline.errors import ConfigError
-from pipeline.registry import Registry
 
 NormFactory = Callable[[NormalizationConfig, int, int], nn.Module]
 
-NORMALIZATIONS: Registry[NormFactory] = Registry("normalization")
+# NORMALIZATIONS (pipeline/catalog.py): each declared name is registered below.
 
 
 @NORMALIZATIONS.register("none")

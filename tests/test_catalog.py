@@ -1,0 +1,74 @@
+"""pipeline/catalog.py: what a config may name, known without PyTorch, is exactly what is implemented;
+and a study's driver, which checks every trial with it, never imports PyTorch."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import catalog
+from pipeline.compose import compose
+from pipeline.config import config_from_dict, validate
+from pipeline.errors import ConfigError
+from pipeline.registry import Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+DECLARED = {r.kind: r for r in (catalog.INITIALIZERS, catalog.ACTIVATIONS, catalog.NORMALIZATIONS, catalog.MODELS,
+                                catalog.DATASETS, catalog.OPTIMIZERS)}
+
+
+@pytest.mark.parametrize("kind", sorted(DECLARED))
+def test_every_declared_name_and_alias_has_its_implementation(kind):
+    registry = DECLARED[kind]
+    for name in registry.names(aliases=True):
+        assert registry.get(name) is registry.get(registry.canonical(name))  # imports its module on first use
+    # (and ``add`` refuses a name the catalog does not declare: tested below)
+
+
+def test_an_implementation_must_register_a_declared_name_with_its_declared_aliases():
+    registry = Registry("widget", "nowhere")
+    registry.declare("spanner", "wrench")
+    with pytest.raises(ValueError, match="not declared .* pipeline/catalog.py"):
+        registry.add("hammer", object())
+    with pytest.raises(ValueError, match="not declared .* pipeline/catalog.py"):
+        registry.add("spanner", object())  # its alias left out
+    registry.add("spanner", 1, "wrench")
+    assert registry.get("wrench") == 1 and registry.names(aliases=True) == ["spanner", "wrench"]
+    with pytest.raises(ValueError, match="twice"):
+        registry.add("spanner", 2, "wrench")
+    with pytest.raises(ConfigError, match="unknown widget 'saw'; valid: spanner, wrench"):
+        registry.canonical("saw")
+
+
+def test_a_declared_name_is_known_before_its_module_is_imported_and_get_imports_it():
+    code = ("import sys\n"
+            "from pipeline.catalog import INITIALIZERS\n"
+            "assert INITIALIZERS.canonical('glorot_uniform') == 'xavier_uniform'\n"
+            "assert 'torch' not in sys.modules and 'pipeline.nn.initializers' not in sys.modules\n"
+            "INITIALIZERS.get('orthogonal')\n"
+            "assert 'pipeline.nn.initializers' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_maxout_pieces_are_checked_with_the_rest_of_the_config():
+    cfg = config_from_dict(compose(["activation=maxout", "activation.pieces=0"]))
+    with pytest.raises(ConfigError, match="activation.pieces=0 is invalid"):
+        validate(cfg)
+    assert catalog.activation_widening(config_from_dict(compose(["activation=maxout", "activation.pieces=3"])).activation) == 3
+    assert catalog.activation_widening(config_from_dict(compose(["activation=swish"])).activation) == 1
+
+
+def test_a_study_driver_never_imports_pytorch(tmp_path):
+    """Validation, batching keys, Ray, Optuna, MLflow, the summary and the report: all without
+    torch in the driver (1.5 s of its start-up, before Ray could start); the workers train."""
+    code = ("import sys\n"
+            "from pipeline.cli import main\n"
+            f"rc = main(['run', 'study.n_trials=4', 'train.epochs=1', 'study.name=light', 'study.trial_batch_max=2',\n"
+            f"           'tracking.uri=sqlite:///{tmp_path}/mlflow.db', 'tracking.artifact_root={tmp_path}/artifacts',\n"
+            f"           'study.output_dir={tmp_path}/studies'])\n"
+            "print('rc', rc, 'torch' in sys.modules, 'pipeline.nn.models' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip().splitlines()[-1] == "rc 0 False False", done.stderr[-2000:]
+    assert (tmp_path / "studies" / "light" / "report" / "report.html").is_file()
