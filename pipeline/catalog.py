@@ -40,6 +40,7 @@ for _registry, _names in ((NORMALIZATIONS, ("none", "batch", "layer", "group")),
                           (OPTIMIZERS, ("sgd", "adam", "lars"))):
     for _name in _names:
         _registry.declare(_name)
+del _name, _aliases, _registry, _names
 
 #: The schemes a bias can use (a bias is 1-D: it has no fans and cannot be orthogonal).
 BIAS_INITIALIZERS = ("zeros", "constant", "normal", "uniform", "torch_default")
