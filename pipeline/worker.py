@@ -93,10 +93,9 @@ def _outcome(done, config: dict, where: dict) -> dict:
 
 
 def warm_up() -> None:
-    """Import what a trial needs, so the first trial of a fresh worker process starts at once."""
-    import torch  # noqa: F401
-
-    from pipeline import data  # noqa: F401
+    """Import what a trial needs (torch, the data, the trial runner and its registries' modules),
+    so the first trial of a fresh worker process starts at once."""
+    from pipeline import data, runner  # noqa: F401
 
 
 def _placed(config: dict, where: dict, cpus: float) -> dict:

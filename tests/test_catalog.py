@@ -72,3 +72,20 @@ def test_a_study_driver_never_imports_pytorch(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.stdout.strip().splitlines()[-1] == "rc 0 False False", done.stderr[-2000:]
     assert (tmp_path / "studies" / "light" / "report" / "report.html").is_file()
+
+
+def test_a_warmed_up_worker_imports_nothing_more_of_ours_for_its_first_trial(tmp_path):
+    """The driver never imports the trial runner, so a worker must: its warm-up (while the driver
+    sets up) imports every module of ours that a trial uses, not the first trial (0.3 s)."""
+    code = ("import sys\n"
+            "from pipeline.compose import compose\n"
+            "from pipeline.journal import journal_starter\n"
+            f"config = compose(['train.epochs=1', 'tracking.layer_plot=false', 'tracking.uri=sqlite:///{tmp_path}/m.db'])\n"
+            "from pipeline.worker import warm_up\n"  # what the driver sent a worker: a composed config
+            "warm_up()\n"
+            "before = set(sys.modules)\n"
+            "from pipeline.runner import TrialRequest, run_recorded_batch\n"
+            "run_recorded_batch([TrialRequest(config, 'warm')], journal_starter(lambda key, ops: None))\n"
+            "print(sorted(m for m in set(sys.modules) - before if m.startswith('pipeline')))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stderr[-2000:]
