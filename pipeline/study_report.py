@@ -111,7 +111,7 @@ def _trial_run(uri: str, record: tracking.RunRecord, tmp: Path) -> plots.TrialRu
     )
     if record.metrics:  # a run that failed before training logged nothing: no curves, no table
         run.curves = tracking.metric_histories(uri, record.run_id, CURVES)
-        run.layers = _read_layers(tracking.download_artifact(uri, record.run_id, LAYERS_ARTIFACT, tmp))
+        run.layers = _read_layers(tracking.download_artifact(uri, record.run_id, LAYERS_ARTIFACT, tmp, record.artifact_uri))
     return run
 
 

@@ -386,3 +386,16 @@ def test_a_cluster_studys_new_sqlite_store_keeps_the_default_journal(tmp_path):
 def test_journaled_files_are_written_in_place_only_where_artifacts_are_a_local_directory(uri, directory):
     found = tracking._local_directory(uri)
     assert (str(found) if found is not None else None) == directory
+
+
+def test_an_artifact_read_through_the_runs_artifact_uri_is_the_one_mlflow_downloads(tanh_trial, tstore, mlflow_client,
+                                                                                      tmp_path):
+    """The report opens each run's artifacts from its artifact URI (a local directory: read in
+    place), not through MLflow's ``runs:/`` route (the run read twice, logged models looked up)."""
+    uri, run_id = tstore[0].partition("=")[2], tanh_trial[1].run_id
+    artifact_uri = mlflow_client.get_run(run_id).info.artifact_uri
+    direct = tracking.download_artifact(uri, run_id, "diagnostics/layers.csv", tmp_path / "a", artifact_uri)
+    routed = tracking.download_artifact(uri, run_id, "diagnostics/layers.csv", tmp_path / "b")
+    assert direct is not None and routed is not None and direct.read_bytes() == routed.read_bytes()
+    assert tracking.download_artifact(uri, run_id, "no/such.csv", tmp_path / "c", artifact_uri) is None
+    assert tracking.download_artifact(uri, run_id, "no/such.csv", tmp_path / "d") is None
