@@ -54,8 +54,7 @@ def validate(cfg: Config) -> None:
     """Every name of ``cfg`` and the options their entries read; raises ``ConfigError`` on the first bad one."""
     cfg.initializer.name = INITIALIZERS.canonical(cfg.initializer.name)
     validate_initializer(cfg)
-    ACTIVATIONS.canonical(cfg.activation.name)
-    activation_widening(cfg.activation)
+    activation_widening(cfg.activation)  # checks the activation's name, and maxout's pieces
     NORMALIZATIONS.canonical(cfg.normalization.name)
     MODELS.canonical(cfg.model.name)
     validate_dataset(cfg.dataset)
