@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import os
 from typing import Any, Callable, Iterator, Optional
@@ -43,10 +44,29 @@ def _init_args(cfg: ClusterConfig) -> dict[str, Any]:
     common = {"logging_level": "WARNING", "log_to_driver": True, "configure_logging": True}
     if cfg.address:
         return {"address": cfg.address, **common}
+    _quiet_token_notice()
     # Local workers inherit the driver's environment: make sure they find this package and conf/
     # (cheaper than a runtime_env, which costs an agent round-trip at start-up).
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_project_root(), os.environ.get("PYTHONPATH")]))
     return {"num_cpus": cfg.num_cpus or os.cpu_count(), "include_dashboard": False, **common}
+
+
+TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class _DropTokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(TOKEN_NOTICE)
+
+
+def _quiet_token_notice() -> None:
+    """Ray (2.60) turns token authentication on for a local instance and says so as a WARNING at
+    every start: noise on every study's stderr for an instance that lives and dies with the
+    command. Authentication stays on; only that notice is dropped (setting RAY_AUTH_MODE would
+    silence it too, but Ray reads it once, when it is imported)."""
+    notices = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenNotice) for f in notices.filters):
+        notices.addFilter(_DropTokenNotice())
 
 
 def _project_root() -> str:

@@ -242,3 +242,19 @@ def test_a_node_that_cannot_see_the_sqlite_store_fails_its_trial_clearly(tmp_pat
     with pytest.raises(ConfigError, match="no such file on host .* MLflow server"):
         tracking.start_run(elsewhere, "study", parent_run_id="0" * 32, run_name="trial-0-seed-0")
     assert not (tmp_path / "on-the-driver-host").exists()  # nothing created where it would mislead
+
+
+def test_a_local_instance_keeps_token_authentication_without_a_warning_at_every_start(tmp_path):
+    """Ray warns at every local start that it turned token authentication on: we drop that notice
+    (it was on every study's stderr), not the authentication."""
+    probe = ("from pipeline import cluster; from pipeline.config import ClusterConfig; import ray\n"
+             "def mode():\n"
+             "    from ray._raylet import AuthenticationMode, get_authentication_mode\n"
+             "    return 'token' if get_authentication_mode() == AuthenticationMode.TOKEN else 'no token'\n"
+             "cluster.start(ClusterConfig(num_cpus=1))\n"
+             "print(ray.get(ray.remote(mode).options(num_cpus=0.1).remote())); cluster.shutdown()")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["token"]  # the workers run with token authentication
+    assert "Token authentication" not in done.stderr
