@@ -19,7 +19,6 @@ import html
 import logging
 import statistics
 import tempfile
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Callable, Optional
 from pipeline import report as plots
 from pipeline import tracking
 from pipeline.config import AXES
+from pipeline.importances import Importances, NothingToWeigh
 
 import matplotlib.pyplot as plt  # noqa: E402  (after pipeline.report chose the Agg backend)
 
@@ -74,12 +74,18 @@ def build_report(study: str, uri: str, output_dir: str, storage: Optional[str] =
         ConfigError: the store holds no such study (the message lists the studies it holds).
     """
     parent, children = tracking.study_runs(uri, study)
-    runs = load_runs(uri, children)
     optuna_study, optuna_note = load_optuna(study, storage or parent.params.get("storage"), output_dir)
-    objective = (parent.params.get("study.objectives") or "val_accuracy").split(",")[0]
-    out = _fresh_dir(Path(output_dir, study, REPORT_DIR))
-    references = json.loads(parent.tags.get("reference_scales") or "{}")
-    drawn = [_draw(spec, out) for spec in figure_specs(runs, optuna_study, optuna_note, objective, references)]
+    importances = _start_importances(optuna_study)  # in a helper process, while this one reads and draws
+    try:
+        runs = load_runs(uri, children)
+        objective = (parent.params.get("study.objectives") or "val_accuracy").split(",")[0]
+        out = _fresh_dir(Path(output_dir, study, REPORT_DIR))
+        references = json.loads(parent.tags.get("reference_scales") or "{}")
+        specs = figure_specs(runs, optuna_study, optuna_note, objective, references, importances)
+        drawn = [_draw(spec, out) for spec in specs]
+    finally:
+        if isinstance(importances, Importances):
+            importances.close()
     page = _html(study, uri, parent, runs, optuna_study, objective, drawn)
     (out / HTML_FILE).write_text(page, encoding="utf-8")
     if log_to_run:
@@ -167,8 +173,9 @@ def load_optuna(study: str, storage: Optional[str], output_dir: str):
 
 
 def figure_specs(runs: list[plots.TrialRun], optuna_study, optuna_note: str, objective: str,
-                 references: Optional[dict[str, float]] = None) -> list[FigureSpec]:
-    """Every figure of the report, in page order."""
+                 references: Optional[dict[str, float]] = None, importances=None) -> list[FigureSpec]:
+    """Every figure of the report, in page order. ``importances``: from ``_start_importances``, if
+    the caller started them early (else they are computed when their figure is drawn)."""
     return [
         FigureSpec("trial_outcomes", "Outcomes", "Trial outcomes",
                    "How many trials completed, diverged (a non-finite training loss in some seed), were pruned by "
@@ -209,7 +216,7 @@ def figure_specs(runs: list[plots.TrialRun], optuna_study, optuna_note: str, obj
         FigureSpec("param_importances", "Optuna", "Parameter importances",
                    f"Optuna's fANOVA importance of each study axis for the objective {objective} (the share of its "
                    "variance each axis explains, over the complete trials; seed 0 of the evaluator's forest).",
-                   lambda: _importances(optuna_study, optuna_note, objective)),
+                   lambda: _importances(optuna_study, optuna_note, objective, importances)),
         FigureSpec("optimization_history", "Optuna", "Optimization history",
                    f"The objective ({objective}, mean over seeds) of every complete trial in the order Optuna asked "
                    "for them, with the best value so far; pruned and failed trials are marked along the bottom.",
@@ -217,28 +224,29 @@ def figure_specs(runs: list[plots.TrialRun], optuna_study, optuna_note: str, obj
     ]
 
 
-def _importances(optuna_study, note: str, objective: str):
-    import optuna
-    from optuna.importance import FanovaImportanceEvaluator
+def _start_importances(optuna_study):
+    """An ``Importances`` being computed, or the ``NoFigure`` that says why there are none."""
+    if optuna_study is None:
+        return None
+    try:
+        return Importances(optuna_study)
+    except NothingToWeigh as err:
+        return plots.NoFigure(str(err))
 
+
+def _importances(optuna_study, note: str, objective: str, started=None):
+    """The importances figure; ``started``: what ``_start_importances`` gave (None: start them now)."""
     if optuna_study is None:
         raise plots.NoFigure(note)
-    complete = [t for t in optuna_study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and t.values]
-    if len(complete) < 2:
-        raise plots.NoFigure(f"parameter importances need at least 2 complete trials; this study has {len(complete)}")
-    varying = sorted(k for k in {k for t in complete for k in t.params}
-                     if len({repr(t.params.get(k)) for t in complete}) > 1)
-    if not varying:
-        raise plots.NoFigure("no study axis varies across the complete trials")
+    if started is None:
+        started = _start_importances(optuna_study)
+    if isinstance(started, plots.NoFigure):
+        raise started
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ExperimentalWarning and friends
-            importances = optuna.importance.get_param_importances(
-                optuna_study, evaluator=FanovaImportanceEvaluator(seed=0), params=varying,
-                target=lambda t: t.values[0])
+        found = started.result()
     except Exception as err:  # e.g. a resumed study whose space changed (dynamic distributions)
         raise plots.NoFigure(f"Optuna could not compute the importances: {type(err).__name__}: {err}") from err
-    return plots.plot_param_importances(importances, objective)
+    return plots.plot_param_importances(found, objective)
 
 
 def _history(optuna_study, note: str, objective: str):

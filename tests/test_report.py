@@ -203,3 +203,46 @@ def test_scale_figure_marks_predicted_critical_scales_beside_the_measured_best()
     plots.plt.close(fig)
     assert "tanh: predicted critical 1" in labels and "relu: predicted critical 1.414" in labels
     assert "tanh: measured best 1" in labels and "relu: measured best 1.414" in labels
+
+
+def _weighable_study() -> optuna.Study:
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("scale", 0.1, 10, log=True) * 0.01
+                   + (t.suggest_categorical("activation", ["relu", "tanh"]) == "tanh"), n_trials=12)
+    return study
+
+
+def _in_line(study: optuna.Study) -> dict:
+    from optuna.importance import FanovaImportanceEvaluator
+
+    return dict(optuna.importance.get_param_importances(
+        study, evaluator=FanovaImportanceEvaluator(seed=0), params=["activation", "scale"], target=lambda t: t.values[0]))
+
+
+def test_importances_from_the_helper_process_equal_optunas_in_line():
+    from pipeline.importances import Importances
+
+    study = _weighable_study()
+    found = Importances(study).result()
+    assert found == _in_line(study) and found["activation"] > found["scale"]
+
+
+def test_a_failed_importances_helper_falls_back_to_computing_them_here(monkeypatch, caplog):
+    from pipeline import importances
+
+    monkeypatch.setattr(importances, "HELPER_MODULE", "pipeline.no_such_helper")
+    study = _weighable_study()
+    with caplog.at_level("WARNING", logger="pipeline.importances"):
+        found = importances.Importances(study).result()
+    assert found == _in_line(study)
+    assert "helper failed" in caplog.text and "no_such_helper" in caplog.text
+
+
+def test_closing_importances_stops_the_helper_and_removes_its_payload():
+    from pipeline.importances import Importances
+
+    started = Importances(_weighable_study())
+    helper, payload = started._helper, started._file
+    assert helper.poll() is None and payload.exists()  # still importing scikit-learn
+    started.close()
+    assert helper.poll() is not None and not payload.exists()
