@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipeline import compose_cache
 from pipeline.config import register_schemas
 from pipeline.errors import ConfigError
 
@@ -28,11 +29,24 @@ def compose(overrides: list[str], config_name: str = "config") -> dict:
 
 
 def compose_tree(overrides: list[str], config_name: str = "config") -> Any:
-    """The composed, unresolved ``DictConfig`` (struct mode, as Hydra leaves it); see ``with_values``."""
+    """The composed, unresolved ``DictConfig`` (struct mode, as Hydra leaves it); see ``with_values``.
+
+    A composition Hydra made before from the same ``conf/``, schemas and versions comes from the
+    cache (pipeline/compose_cache.py): ~2 ms instead of ~0.1-0.2 s. Each call returns a new tree.
+    """
+    _check_group_choices(overrides)
+    key = compose_cache.key(CONF_DIR, config_name, [*_HYDRA_OWN_GROUPS, *overrides])
+    tree = compose_cache.load(key)
+    if tree is None:
+        tree = _hydra_compose(overrides, config_name)
+        compose_cache.store(key, tree)
+    return tree
+
+
+def _hydra_compose(overrides: list[str], config_name: str) -> Any:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    _check_group_choices(overrides)
     _register_schemas_once()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
