@@ -62,7 +62,8 @@ class StudyPlan:
         """Compose every combination of the space's group choices now (up to the cache's size).
 
         The study does this while Ray starts: otherwise the first asks wait ~0.15 s per group
-        choice (Hydra), on the dispatch loop's path to the first trials.
+        choice that Hydra composes (~2 ms for one in the composition cache, pipeline/compose_cache.py),
+        on the dispatch loop's path to the first trials.
         """
         groups = [a for a in self.axes if a.key in space.GROUP_AXES and isinstance(a.distribution, CategoricalDistribution)]
         for combo in itertools.islice(itertools.product(*(a.distribution.choices for a in groups)), GROUP_TREES):
