@@ -33,6 +33,7 @@ from urllib.request import url2pathname
 
 import yaml
 
+from pipeline.compose_cache import user_cache_dir
 from pipeline.config import AXES, TrackingConfig
 from pipeline.errors import ConfigError
 
@@ -134,7 +135,7 @@ def _store_template() -> Optional[Path]:
     try:
         from mlflow.store.db import utils as db_utils
 
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "initstudy")
+        cache = user_cache_dir()
         template = cache / f"mlflow-schema-{db_utils._get_latest_schema_revision()}.db"
     except Exception:  # an MLflow without these helpers
         return None
