@@ -32,6 +32,10 @@ class NothingToWeigh(ValueError):
     """Too few complete trials, or no axis that varies across them: why there is no figure."""
 
 
+class EvaluatorError(RuntimeError):
+    """Optuna's evaluator raised (in the helper): its type and message."""
+
+
 def inputs(optuna_study) -> dict:
     """What the evaluator needs from a study: its complete trials, its directions, the axes that vary.
 
@@ -84,7 +88,10 @@ class Importances:
                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def result(self) -> dict[str, float]:
-        """The importances: the helper's, or computed here if it failed (its error is logged)."""
+        """The importances: the helper's, or computed here if the helper could not run (logged).
+
+        Raises ``EvaluatorError`` when Optuna's evaluator raised in the helper (e.g. a resumed
+        study whose space changed): computing again here would raise the same."""
         try:
             found = self._helpers_result()
         finally:
@@ -103,7 +110,10 @@ class Importances:
             log.warning("the importances helper failed (exit %s): %s; computing them in this process",
                         self._helper.returncode, err.decode(errors="replace").strip()[-500:])
             return None
-        return pickle.loads(out)
+        outcome, value = pickle.loads(out)
+        if outcome == "error":
+            raise EvaluatorError(value)
+        return value
 
     def close(self) -> None:
         """Stop the helper if it still runs and remove its payload (idempotent)."""
@@ -118,7 +128,11 @@ class Importances:
 
 def _main(payload_file: str) -> None:
     payload = pickle.loads(Path(payload_file).read_bytes())
-    sys.stdout.buffer.write(pickle.dumps(compute(**payload)))
+    try:
+        outcome = ("ok", compute(**payload))
+    except Exception as err:  # the evaluator's own refusal: the parent reports it, no retry
+        outcome = ("error", f"{type(err).__name__}: {err}")
+    sys.stdout.buffer.write(pickle.dumps(outcome))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 from pipeline import report as plots
 from pipeline import tracking
 from pipeline.config import AXES
-from pipeline.importances import Importances, NothingToWeigh
+from pipeline.importances import EvaluatorError, Importances, NothingToWeigh
 
 import matplotlib.pyplot as plt  # noqa: E402  (after pipeline.report chose the Agg backend)
 
@@ -245,7 +245,8 @@ def _importances(optuna_study, note: str, objective: str, started=None):
     try:
         found = started.result()
     except Exception as err:  # e.g. a resumed study whose space changed (dynamic distributions)
-        raise plots.NoFigure(f"Optuna could not compute the importances: {type(err).__name__}: {err}") from err
+        why = str(err) if isinstance(err, EvaluatorError) else f"{type(err).__name__}: {err}"
+        raise plots.NoFigure(f"Optuna could not compute the importances: {why}") from err
     return plots.plot_param_importances(found, objective)
 
 

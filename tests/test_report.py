@@ -246,3 +246,23 @@ def test_closing_importances_stops_the_helper_and_removes_its_payload():
     assert helper.poll() is None and payload.exists()  # still importing scikit-learn
     started.close()
     assert helper.poll() is not None and not payload.exists()
+
+
+def test_an_evaluator_error_in_the_helper_is_the_figures_note_without_a_second_try(caplog):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from pipeline import importances
+    from pipeline.study_report import _importances
+
+    study = optuna.create_study(direction="maximize")  # a resumed study whose space changed: dynamic
+    for i, scale in enumerate([(FloatDistribution(0.1, 10), 1.0), (FloatDistribution(0.1, 10), 2.0),
+                               (CategoricalDistribution(["a", "b"]), "a"), (CategoricalDistribution(["a", "b"]), "b")]):
+        study.add_trial(optuna.trial.create_trial(
+            params={"scale": scale[1], "act": "xy"[i % 2]}, value=0.1 * i,
+            distributions={"scale": scale[0], "act": CategoricalDistribution(["x", "y"])}))
+    with caplog.at_level("WARNING", logger="pipeline.importances"):
+        with pytest.raises(plots.NoFigure, match="Optuna could not compute the importances: ValueError: .*dynamic"):
+            _importances(study, "", "val_accuracy")
+    assert "helper failed" not in caplog.text
+    with pytest.raises(importances.EvaluatorError):  # from the helper, not computed again here
+        importances.Importances(study).result()
