@@ -12,7 +12,9 @@ later override is checked as Hydra would).
 
 Where: ``$XDG_CACHE_HOME/initstudy/composed`` (default ``~/.cache/initstudy/composed``), at most
 ``MAX_FILES`` trees (the oldest go first). ``INITSTUDY_COMPOSE_CACHE=off`` turns it off. A cache
-that cannot be read or written is skipped silently: Hydra composes, as without it.
+that cannot be read or written is skipped silently: Hydra composes, as without it. A composition
+that names a Hydra search path (``hydra.searchpath``, in an override or a file of ``conf/``) is
+never cached: the files it adds lie outside what the key covers.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 MAX_FILES = 512
+SEARCH_PATH = "searchpath"  # Hydra's hydra.searchpath: configs from folders the key does not cover
 _SCHEMAS = Path(__file__).resolve().parent / "config.py"
 
 
@@ -42,10 +45,13 @@ def enabled() -> bool:
 
 def key(conf_dir: Path, config_name: str, overrides: list[str]) -> Optional[str]:
     """The cache key of one composition (None: the cache is off)."""
-    if not enabled():
+    if not enabled() or any(SEARCH_PATH in o for o in overrides):
         return None
     conf_dir = Path(conf_dir).resolve()
-    inputs = [_fingerprint(conf_dir, _stats(conf_dir)), config_name, *overrides]
+    fingerprint = _fingerprint(conf_dir, _stats(conf_dir))
+    if fingerprint is None:
+        return None
+    inputs = [fingerprint, config_name, *overrides]
     return hashlib.sha256("\0".join(inputs).encode()).hexdigest()
 
 
@@ -93,14 +99,18 @@ def _size_and_mtime(path: Path) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=8)
-def _fingerprint(conf_dir: Path, stats: tuple) -> str:
+def _fingerprint(conf_dir: Path, stats: tuple) -> Optional[str]:
     """A digest of every input file's name and contents and of the versions that compose, computed
-    once per set of file stats (a file that changes, changes its stats). Where ``conf/`` lies is
-    not part of it: two checkouts with the same files compose the same trees."""
+    once per set of file stats (a file that changes, changes its stats); None if a file of
+    ``conf/`` names a search path. Where ``conf/`` lies is not part of it: two checkouts with the
+    same files compose the same trees."""
     digest = hashlib.sha256()
     for path, *_ in stats:
+        content = Path(path).read_bytes()
+        if path != str(_SCHEMAS) and SEARCH_PATH.encode() in content:
+            return None
         name = "schemas" if path == str(_SCHEMAS) else str(Path(path).relative_to(conf_dir))
-        digest.update(name.encode() + b"\0" + Path(path).read_bytes() + b"\0")
+        digest.update(name.encode() + b"\0" + content + b"\0")
     digest.update(_versions().encode())
     return digest.hexdigest()
 

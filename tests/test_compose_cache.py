@@ -100,3 +100,13 @@ def test_the_cache_keeps_at_most_max_files(cache_home, monkeypatch):
     for scale in range(7):
         compose.compose_tree([f"scale={scale + 1}"])
     assert 2 <= len(list(cache_home.glob("*.pkl"))) <= 4
+
+
+def test_a_hydra_search_path_is_never_cached(cache_home, conf_copy):
+    """Its folders' files are outside the key: an edit there would go unseen."""
+    assert compose_cache.key(conf_copy, "config", ["hydra.searchpath=[file:///elsewhere]"]) is None
+    primary = conf_copy / "config.yaml"
+    primary.write_text(primary.read_text() + "\n# hydra:\n#   searchpath: [file:///elsewhere]\n")
+    assert compose_cache.key(conf_copy, "config", []) is None
+    compose.compose_tree([])
+    assert not list(cache_home.glob("*.pkl"))
