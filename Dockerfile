@@ -32,7 +32,7 @@ RUN mkdir pipeline && touch pipeline/__init__.py \
 COPY --chown=ray:users pipeline/ pipeline/
 COPY --chown=ray:users conf/ conf/
 COPY --chown=ray:users scripts/ scripts/
-# Editable: conf/ is found beside the package (pipeline/compose.py), as in a checkout.
+# Editable: conf/ is found beside the package (pipeline/config/composition.py), as in a checkout.
 RUN pip install --no-cache-dir --no-deps -e . && python -m pipeline --help
 
 # Ray's launchers (ray up, KubeRay) replace this with `ray start ...`; a bare `docker run` says how to use it.

@@ -1,4 +1,4 @@
-"""The commands: thin wrappers that compose a config (pipeline/compose.py) and run it.
+"""The commands: thin wrappers that compose a config (pipeline/config/) and call one layer.
 
 ``python -m pipeline trial [overrides]``      one trial, recorded in MLflow
 ``python -m pipeline run [overrides]``        a study (Optuna trials on Ray workers)
@@ -12,18 +12,19 @@ line on stderr and exit code 2, before any training and before any MLflow run is
 """
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from typing import Callable
 
-from pipeline.compose import compose
-from pipeline.errors import ConfigError
+from pipeline.config import ConfigError, compose
 
 USAGE = "usage: python -m pipeline {trial,run,reproduce,report} [overrides | RUN_ID | STUDY]"
 HELP_FLAGS = ("-h", "--help")
 
 
 def trial_command(args: list[str]) -> int:
-    from pipeline.runner import run_recorded_trial
+    from pipeline.record import run_recorded_trial
 
     config = compose(args)
     done = run_recorded_trial(config)
@@ -42,7 +43,7 @@ def _trial_summary(done) -> str:
 
 
 def reproduce_command(args: list[str]) -> int:
-    from pipeline.reproduce import reproduce
+    from pipeline.record.reproduce import reproduce
 
     if not args:
         raise ConfigError("reproduce needs a RUN_ID; e.g. python -m pipeline reproduce 3f2a... [tracking.uri=...]")
@@ -62,15 +63,38 @@ def run_command(args: list[str]) -> int:
     from pipeline.study import StudyFailed, run_study
 
     try:
-        run_study(args)
+        done = run_study(args)
     except StudyFailed as err:
+        if err.done is not None:
+            _study_report(err.done)
         print(f"error: {err}", file=sys.stderr)
         return 1
+    _study_report(done)
     return 0
 
 
+def _study_report(done) -> None:
+    """Build the report of a study that has ended (``study.report``); its failure is a warning
+    and a tag on the study's run, not a failed study."""
+    if not done.report:
+        return
+    from pipeline.config import one_line
+    from pipeline.record import names
+    from pipeline.record.runs import tag_run
+    from pipeline.report import build_report
+
+    try:
+        path = build_report(done.name, done.tracking_uri, done.output_dir, storage=done.storage)
+        print(f"report: {path}", file=sys.stdout)
+    except Exception as err:
+        reason = f"{type(err).__name__}: {one_line(err, 500)}"
+        tag_run(done.tracking_uri, done.parent_run_id, {names.REPORT_ERROR_TAG: reason})
+        print(f"warning: the study report failed ({reason}); rebuild it with "
+              f"python -m pipeline report {done.name}", file=sys.stderr)
+
+
 def report_command(args: list[str]) -> int:
-    from pipeline.study_report import build_report
+    from pipeline.report import build_report
 
     if not args or "=" in args[0]:
         raise ConfigError("report needs a STUDY name first; e.g. python -m pipeline report demo "
@@ -107,7 +131,7 @@ HELP_GROUPS = ("initializer", "activation", "normalization", "model", "dataset",
 
 def help_text(command: str | None = None) -> str:
     """The usage, the commands (or one of them), and every group's choices, read from conf/."""
-    from pipeline.compose import group_options
+    from pipeline.config import group_options
 
     commands = [command] if command else list(COMMANDS)
     lines = [USAGE, ""] + [f"  {name:<10} {COMMAND_HELP[name][0]}\n  {'':<10} e.g. {COMMAND_HELP[name][1]}"
@@ -136,3 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def console() -> None:
+    """The ``initstudy`` console script and ``python -m pipeline``: run the command, then leave.
+
+    Everything is recorded and Ray is shut down by then; unloading torch, Ray and MLflow module by
+    module at interpreter exit costs another second, so the process ends at once (output flushed).
+    """
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(rc)

@@ -117,7 +117,7 @@ def grid_params(trials: int) -> list[dict]:
 
 def grid_configs(trials: int, epochs: int, *extra: str) -> list[dict]:
     """The grid's trials as the trial engine's configs (one thread each), ``extra`` overrides added."""
-    from pipeline.compose import compose
+    from pipeline.config.composition import compose
 
     return [compose([f"initializer={p['initializer']}", f"scale={p['scale']}", "activation=relu", "normalization=none",
                      "batch_size=64", f"train.epochs={epochs}", "train.threads=1", *extra]) for p in grid_params(trials)]
@@ -207,8 +207,8 @@ def engine(trials: int, epochs: int, repeats: int) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from pipeline.batched import train_batch
-    from pipeline.train import prepare_trial, train_trial
+    from pipeline.engine.batched import train_batch
+    from pipeline.engine.train import prepare_trial, train_trial
 
     torch.set_num_threads(1)
     params = grid_params(trials)
@@ -235,7 +235,7 @@ def ceiling(params: dict, config: dict, epochs: int, bare_per_trial_s: float) ->
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.train import prepare_trial, train_trial
+    from pipeline.engine.train import prepare_trial, train_trial
 
     counts = {}
     for side, run in (("bare", lambda: bare_trial(params, epochs)), ("engine", lambda: train_trial(prepare_trial(config)))):
@@ -298,8 +298,8 @@ def diagnostics_cost(repeats: int) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from pipeline.compose import compose
-    from pipeline.train import run_trial
+    from pipeline.config.composition import compose
+    from pipeline.engine.train import run_trial
 
     torch.set_num_threads(1)
     out = {}
@@ -321,9 +321,9 @@ def diagnostics_cost(repeats: int) -> dict:
 def _batched_diagnostics_cost(repeats: int, members: int = 16) -> dict:
     """The same for a batch of grid trials trained together (the default schedule): batching
     cheapens training steps more than the probe, so the probe's share grows."""
-    from pipeline.batched import train_batch
-    from pipeline.compose import compose
-    from pipeline.train import prepare_trial
+    from pipeline.engine.batched import train_batch
+    from pipeline.config.composition import compose
+    from pipeline.engine.train import prepare_trial
 
     params = grid_params(members)
     configs = {diag: [compose([f"initializer={p['initializer']}", f"scale={p['scale']}", "train.threads=1",

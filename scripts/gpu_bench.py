@@ -34,8 +34,8 @@ from bench import _counts, grid_configs  # noqa: E402
 
 def train_share(configs: list[dict], batch: int) -> None:
     """Train ``configs`` in tasks of ``batch`` members, as a worker would (one alone: the unbatched engine)."""
-    from pipeline.batched import train_batch
-    from pipeline.train import prepare_trial, train_trial
+    from pipeline.engine.batched import train_batch
+    from pipeline.engine.train import prepare_trial, train_trial
 
     for start in range(0, len(configs), batch):
         task = configs[start:start + batch]

@@ -68,10 +68,10 @@ import math
 import statistics
 import sys
 
-from pipeline import tracking
+from pipeline.record.readback import study_runs
 
 name, uri = sys.argv[1], sys.argv[2]
-parent, children = tracking.study_runs(uri, name)
+parent, children = study_runs(uri, name)
 axes = [k[len("space."):] for k in parent.params if k.startswith("space.")]
 
 

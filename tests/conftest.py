@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.compose import compose
+from pipeline.config.composition import compose
 
 # A small, fast trial: the shape of every test config unless a test says otherwise.
 TINY = ["model.depth=2", "model.width=32", "train.epochs=2", "train.probe_size=64"]
@@ -28,7 +28,7 @@ def local_ray():
     """One local Ray per test module: its studies reuse it (and its warm worker processes)."""
     import ray
 
-    from pipeline import cluster
+    from pipeline.study import cluster
     from pipeline.config import ClusterConfig
 
     cluster.start(ClusterConfig(num_cpus=2))

@@ -11,10 +11,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.cli import COMMANDS, HELP_GROUPS, main
-from pipeline.compose import group_options
+from pipeline.config.composition import group_options
 from pipeline.config import ActivationConfig, ModelConfig, NormalizationConfig
-from pipeline.nn.initializers import save_weights
-from pipeline.nn.models import build_model
+from pipeline.engine.weights import save_weights
+from pipeline.engine.nn.models import build_model
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent

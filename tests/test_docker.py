@@ -129,9 +129,9 @@ def test_recipes_name_the_same_images():
 
 def test_kuberay_entrypoint_is_a_study_whose_overrides_compose():
     from pipeline.cli import COMMANDS
-    from pipeline.compose import compose
+    from pipeline.config.composition import compose
     from pipeline.config import config_from_dict, validate
-    from pipeline.plan import split_overrides
+    from pipeline.study.plan import split_overrides
 
     job = next(d for d in _kuberay_docs() if d["kind"] == "RayJob")
     argv = shlex.split(job["spec"]["entrypoint"])

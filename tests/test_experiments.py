@@ -16,13 +16,15 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline import diagnostics, space
-from pipeline.compose import CONF_DIR
-from pipeline.nn.initializers import INIT_LAYERS, LSUV_TOL, save_weights
-from pipeline.plan import plan_study
-from pipeline.study import run_study
-from pipeline.train import prepare_trial, run_trial, train_trial
-from pipeline.plan import default_storage, open_storage
+from pipeline.engine import diagnostics
+from pipeline.study import space
+from pipeline.config.composition import CONF_DIR
+from pipeline.engine.nn.initializers import INIT_LAYERS, LSUV_TOL
+from pipeline.engine.weights import save_weights
+from pipeline.study.plan import plan_study
+from pipeline.study.loop import run_study
+from pipeline.engine.train import prepare_trial, run_trial, train_trial
+from pipeline.study.storage import default_storage, open_storage
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -93,12 +95,15 @@ def test_depth_20_tiny_scale_vanishes_large_explodes_moderate_keeps_the_signal(p
 
 
 def test_deep_relu_needs_he_xavier_vanishes_in_backprop(plan):
-    p = plan("activation_matching", "train.epochs=4", "train.probe_size=128")
-    he, xavier = (trial(p, activation="relu", initializer=i) for i in ("kaiming_normal", "xavier_normal"))
-    assert init(xavier, "grad_norm_ratio") < 1e-3 < 0.3 < init(he, "grad_norm_ratio") < 3  # SCIENCE: 4e-5 vs ~1
+    # One thread: a reduction's order must not depend on what ran before in this process. He's
+    # accuracy after 4 epochs varies by seed (0.17-0.57), hence the mean of two.
+    p = plan("activation_matching", "train.epochs=4", "train.probe_size=128", "train.threads=1")
+    he = [trial(p, seed, activation="relu", initializer="kaiming_normal") for seed in (0, 1)]
+    xavier = trial(p, activation="relu", initializer="xavier_normal")
+    assert init(xavier, "grad_norm_ratio") < 1e-3 < 0.3 < init(he[0], "grad_norm_ratio") < 3  # 4e-5 vs ~1
     assert init(xavier, "act_std_ratio") < 1e-3
     assert xavier.final_val_accuracy < 0.2  # stalls at chance under SGD
-    assert he.final_val_accuracy > xavier.final_val_accuracy + 0.15
+    assert sum(r.final_val_accuracy for r in he) / len(he) > xavier.final_val_accuracy + 0.15
 
 
 def test_deep_tanh_trains_with_xavier_deep_sigmoid_does_not(plan):
@@ -170,13 +175,17 @@ def test_batch_norm_shrinks_the_spread_of_accuracy_across_scales(plan):
 
 
 def test_large_lr_needs_a_large_batch_unless_batch_norm(plan):
+    # Means over two seeds at lr 0.1: where lr 0.05 tips a batch of 16 over varies with the CPU's
+    # rounding (one seed's run is chaotic there); at 0.1 the gap is wide on every machine tried.
     p = plan("batch_size_lr", "train.epochs=2", "train.probe_size=128")
-    small_batch = trial(p, normalization="none", optimizer__lr=0.05, batch_size=16)
-    large_batch = trial(p, normalization="none", optimizer__lr=0.05, batch_size=256)
-    with_norm = trial(p, normalization="batch", optimizer__lr=0.05, batch_size=16)
-    assert small_batch.diverged or small_batch.final_val_accuracy < 0.3
-    assert not large_batch.diverged and large_batch.final_val_accuracy > 0.6
-    assert not with_norm.diverged and with_norm.final_val_accuracy > 0.6
+
+    def mean_accuracy(**params) -> float:
+        runs = [trial(p, seed, optimizer__lr=0.1, **params) for seed in (0, 1)]
+        return sum(0.0 if r.diverged else r.final_val_accuracy for r in runs) / len(runs)
+
+    assert mean_accuracy(normalization="none", batch_size=16) < 0.3
+    assert mean_accuracy(normalization="none", batch_size=256) > 0.5
+    assert mean_accuracy(normalization="batch", batch_size=16) > 0.8
 
 
 # --- pretrained ------------------------------------------------------------------------------------

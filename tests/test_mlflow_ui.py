@@ -99,13 +99,13 @@ def study(local_ray, mlflow_server, tmp_path_factory):
     """A tiny study recorded on the server: 3 trials, 2 epochs, a 2-layer MLP 32 units wide."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.study import run_study
+    from pipeline.cli import main
 
     out = tmp_path_factory.mktemp("ui_study")
-    run_study([f"study.name={STUDY}", "study.n_trials=3", "study.sampler=random", "study.seed=0",
+    assert 0 == main(["run", f"study.name={STUDY}", "study.n_trials=3", "study.sampler=random", "study.seed=0",
                f"study.output_dir={out}/studies", "study.progress=false", f"tracking.uri={mlflow_server}",
                "cluster.num_cpus=2", "model.depth=2", "model.width=32", "train.epochs=2", "train.probe_size=64",
-               "tracking.log_weights=false"])
+               "tracking.log_weights=false"])  # the command builds the report once the study is over
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name(STUDY)
     children = client.search_runs([experiment.experiment_id], "tags.`initstudy.role` = 'trial'")
@@ -239,8 +239,8 @@ def test_run_page_shows_the_params_and_the_val_accuracy_chart(driver, study, sho
              "the run's title")
     _close_assistant(driver)
     value = run.data.params["initializer"]
-    row = _element(driver, f"//tr[td[normalize-space(.)='initializer']] | "
-                           f"//div[@role='row'][.//*[normalize-space(text())='initializer']]", "the initializer param row")
+    row = _element(driver, "//tr[td[normalize-space(.)='initializer']] | "
+                           "//div[@role='row'][.//*[normalize-space(text())='initializer']]", "the initializer param row")
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", row)
     assert value in row.text, row.text
     driver.save_screenshot(str(shots / "run_params.png"))

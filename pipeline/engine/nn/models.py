@@ -1,0 +1,118 @@
+"""Models built from the registries: an MLP and a small CNN.
+
+Both are a stack of ``Block``s (layer -> normalization -> activation, optionally residual) and a
+linear head. Diagnostics rely on that shape: ``model.blocks`` are the hidden layers, each with
+``.layer`` (its pre-activation is the layer's output), ``.norm`` and ``.act``.
+
+``MODELS`` maps a name to ``factory(model_cfg, activation_cfg, norm_cfg, input_shape, num_classes)``.
+The recurrent models (``rnn``, ``gru``) live in ``recurrent.py``: their signal runs through time
+steps rather than blocks, and they expose ``layers`` and ``recurrent = True`` instead.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from pipeline.config.catalog import MODELS, activation_widening
+from pipeline.config import ActivationConfig, ModelConfig, NormalizationConfig
+from pipeline.config.errors import ConfigError
+from pipeline.engine.nn.activations import build_activation
+from pipeline.engine.nn.norms import build_norm
+
+ModelFactory = Callable[[ModelConfig, ActivationConfig, NormalizationConfig, tuple, int], nn.Module]
+
+# MODELS (pipeline/config/catalog.py): each declared name is registered below.
+
+
+class Block(nn.Module):
+    """One hidden layer: ``act(norm(layer(x)))``, plus ``x`` when residual.
+
+    While ``capture`` is a dict (the diagnostics probe sets one), a forward pass keeps in it the
+    layer's output ``pre_act`` (in the graph), the activation's input ``act_in`` and output ``out``:
+    cheaper than three forward hooks, which also put every call on PyTorch's slow path.
+    """
+
+    def __init__(self, layer: nn.Module, norm: nn.Module, act: nn.Module, residual: bool) -> None:
+        super().__init__()
+        self.layer, self.norm, self.act = layer, norm, act
+        self.residual = residual
+        self.capture: Optional[dict] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre_act = self.layer(x)
+        act_in = self.norm(pre_act)
+        h = self.act(act_in)
+        if self.capture is not None:
+            self.capture.update(pre_act=pre_act, act_in=act_in.detach(), out=h.detach())
+        return x + h if self.residual else h
+
+
+class Network(nn.Module):
+    """``head(pool(blocks(x)))``; ``pool`` flattens (MLP) or averages positions (CNN)."""
+
+    def __init__(self, stem: nn.Module, blocks: list[Block], pool: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.stem, self.pool, self.head = stem, pool, head
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.pool(h))
+
+    def hidden_weights(self) -> list[torch.Tensor]:
+        return [block.layer.weight for block in self.blocks]
+
+
+@MODELS.register("mlp")
+def build_mlp(
+    cfg: ModelConfig, act: ActivationConfig, norm: NormalizationConfig, input_shape: tuple, num_classes: int
+) -> Network:
+    """``depth`` hidden layers of ``width`` units; residual links skip the width->width layers."""
+    in_features, wide = math.prod(input_shape), cfg.width * activation_widening(act)
+    blocks = []
+    for i in range(cfg.depth):
+        fan_in = in_features if i == 0 else cfg.width
+        linear = nn.Linear(fan_in, wide)  # (B, fan_in) -> (B, width * maxout pieces)
+        blocks.append(Block(linear, build_norm(norm, wide), build_activation(act), cfg.residual and i > 0))
+    return Network(nn.Flatten(), blocks, nn.Identity(), nn.Linear(cfg.width, num_classes))
+
+
+@MODELS.register("cnn")
+def build_cnn(
+    cfg: ModelConfig, act: ActivationConfig, norm: NormalizationConfig, input_shape: tuple, num_classes: int
+) -> Network:
+    """``depth`` conv blocks of ``channels``; every second block halves the length/size while it is >= 8.
+
+    1-D inputs (C, L) get Conv1d, images (C, H, W) Conv2d; a global average pool feeds the head.
+    """
+    if len(input_shape) not in (2, 3):
+        raise ConfigError(f"model=cnn needs (C, L) or (C, H, W) inputs, got shape {tuple(input_shape)}; use model=mlp")
+    spatial_dims = len(input_shape) - 1
+    conv = nn.Conv1d if spatial_dims == 1 else nn.Conv2d
+    channels, size, blocks = input_shape[0], min(input_shape[1:]), []
+    wide = cfg.channels * activation_widening(act)
+    for i in range(cfg.depth):
+        stride = 2 if i % 2 == 1 and size >= 8 else 1
+        layer = conv(channels, wide, cfg.kernel_size, stride=stride, padding=cfg.kernel_size // 2)
+        residual = cfg.residual and stride == 1 and channels == cfg.channels
+        blocks.append(Block(layer, build_norm(norm, wide, spatial_dims), build_activation(act), residual))
+        channels, size = cfg.channels, math.ceil(size / stride)
+    pool = nn.Sequential(nn.AdaptiveAvgPool1d(1) if spatial_dims == 1 else nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return Network(nn.Identity(), blocks, pool, nn.Linear(cfg.channels, num_classes))
+
+
+from pipeline.engine.nn.recurrent import build_recurrent  # noqa: E402  (registered beside the others)
+
+MODELS.add("rnn", build_recurrent("rnn"))
+MODELS.add("gru", build_recurrent("gru"))
+
+
+def build_model(
+    cfg: ModelConfig, act: ActivationConfig, norm: NormalizationConfig, input_shape: tuple, num_classes: int
+) -> nn.Module:
+    return MODELS.get(cfg.name)(cfg, act, norm, tuple(input_shape), num_classes)

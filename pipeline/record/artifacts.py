@@ -1,0 +1,107 @@
+"""A trial's artifacts: written in one upload as its run ends, and fetched back (reproduce,
+pretrained starts, the report)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+import yaml
+
+from pipeline.config import ConfigError, TrackingConfig, one_line
+from pipeline.record import names
+from pipeline.record.runs import local_directory
+from pipeline.record.store import quiet_logs
+from pipeline.record.uris import local_store, resolve_uri
+
+# libyaml's dumper writes the same text as yaml.safe_dump, ~5x faster (a trial config: 0.7 ms).
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def log_trial_artifacts(recorder, config: dict, layer_table: list[dict], model=None, plot: bool = True) -> None:
+    """The resolved config, the per-layer diagnostics (CSV and plot) and the final weights, in one upload.
+
+    ``recorder``: a ``runs.Run`` or a journal's run (pipeline/record/journal.py).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / names.CONFIG_ARTIFACT).write_text(yaml.dump(config, Dumper=_YAML_DUMPER, sort_keys=False))
+        if layer_table:
+            (root / names.LAYERS_ARTIFACT).parent.mkdir(parents=True, exist_ok=True)
+            _write_csv(root / names.LAYERS_ARTIFACT, layer_table)
+            if plot:
+                from pipeline.record.trial_plot import plot_signal_by_depth
+
+                plot_signal_by_depth(layer_table, root / names.LAYER_PLOT_ARTIFACT)
+        if model is not None:
+            from pipeline.engine.weights import save_weights
+
+            save_weights(model, root / names.WEIGHTS_ARTIFACT)
+        recorder.log_dir(root)
+
+
+def _write_csv(path: Path, rows: Iterable[dict]) -> None:
+    rows = list(rows)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def download_weights(run_id: str, tracking_uri: Optional[str] = None) -> Path:
+    """A local copy of a run's final weights (for ``initializer=pretrained initializer.run_id=...``)."""
+    return _download(run_id, names.WEIGHTS_ARTIFACT, tracking_uri)
+
+
+def download_config(run_id: str, tracking_uri: Optional[str] = None) -> dict:
+    """A run's resolved config (for ``reproduce``)."""
+    return yaml.safe_load(_download(run_id, names.CONFIG_ARTIFACT, tracking_uri).read_text())
+
+
+def _download(run_id: str, artifact: str, tracking_uri: Optional[str]) -> Path:
+    import mlflow.artifacts
+
+    uri = resolve_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", TrackingConfig().uri))
+    quiet_logs()
+    if local_store(uri) is not None and not local_store(uri).exists():
+        # MLflow would create an empty store just to say the run is not in it.
+        raise ConfigError(
+            f"cannot fetch '{artifact}' of MLflow run {run_id}: there is no MLflow store at {uri} (check tracking.uri)"
+        )
+    try:
+        dst = tempfile.mkdtemp(prefix="initstudy-")
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact, dst_path=dst, tracking_uri=uri
+        )
+    except Exception as err:
+        raise ConfigError(f"cannot fetch '{artifact}' of MLflow run {run_id} from {uri}: {one_line(err, 300)}") from err
+    return Path(local)
+
+
+def download_artifact(
+    uri: str, run_id: str, artifact: str, dst: Path, artifact_uri: Optional[str] = None
+) -> Optional[Path]:
+    """A local copy of one artifact of a run under ``dst`` (where the run's ``artifact_uri`` is a
+    local directory: the file itself, to read only), or None if the run has no such artifact.
+
+    A local file is not copied through MLflow's ``runs:/`` route, which reads the run twice and
+    looks for logged models first (~35 ms a run: most of a report's reading on sqlite).
+    """
+    local_dir = local_directory(artifact_uri)
+    if local_dir is not None:
+        path = local_dir / artifact
+        return path if path.is_file() else None
+    import mlflow.artifacts
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per run swamps the log
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact, dst_path=str(dst), tracking_uri=resolve_uri(uri)
+        )
+    except Exception:  # missing artifact (failed trial, diagnostics off): the report notes the gap
+        return None
+    return Path(local)

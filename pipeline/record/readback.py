@@ -1,0 +1,106 @@
+"""Reading recorded studies and runs back, as plain data (the report, reproduce)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from pipeline.config import ConfigError
+from pipeline.record import names
+from pipeline.record.runs import MAX_SEARCH_RESULTS, filter_string
+from pipeline.record.store import client
+from pipeline.record.uris import check_store_exists, resolve_uri
+
+
+@dataclass
+class RunRecord:
+    """One run as plain data: what the report needs, no MLflow objects."""
+
+    run_id: str
+    name: str
+    status: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    metrics: dict[str, float]  # the latest value of each metric
+    artifact_uri: Optional[str] = None
+
+
+def _record(run) -> RunRecord:
+    return RunRecord(
+        run.info.run_id,
+        run.info.run_name or "",
+        run.info.status,
+        dict(run.data.params),
+        dict(run.data.tags),
+        dict(run.data.metrics),
+        run.info.artifact_uri,
+    )
+
+
+def study_names(uri: str) -> list[str]:
+    """Names of the experiments that hold a study (a run tagged ``initstudy.role=study``)."""
+    mlflow_client = client(uri)
+    experiments, token = {}, None
+    while True:  # every page of experiments
+        page = mlflow_client.search_experiments(max_results=1000, page_token=token)
+        experiments.update({e.experiment_id: e.name for e in page})
+        token = page.token
+        if not token:
+            break
+    if not experiments:
+        return []
+    runs = _search_all(mlflow_client, list(experiments), filter_string({names.ROLE_TAG: names.STUDY_ROLE}))
+    return sorted({experiments[r.info.experiment_id] for r in runs})
+
+
+def study_runs(uri: str, study: str) -> tuple[RunRecord, list[RunRecord]]:
+    """The parent run of ``study`` and its trial runs (one per trial and seed).
+
+    Raises:
+        ConfigError: the store does not exist, or holds no study of that name (the message lists
+            the studies it does hold).
+    """
+    check_store_exists(uri)
+    mlflow_client = client(uri)
+    found = mlflow_client.get_experiment_by_name(study)
+    parents = _search_all(mlflow_client, [found.experiment_id], filter_string({names.ROLE_TAG: names.STUDY_ROLE})) if found else []
+    if not parents:
+        held = study_names(uri)
+        listing = f"studies here: {', '.join(held)}" if held else "no study is recorded there yet"
+        raise ConfigError(f"unknown study '{study}' in {resolve_uri(uri)}; {listing}")
+    children = _search_all(mlflow_client, [found.experiment_id], filter_string({names.ROLE_TAG: names.TRIAL_ROLE}))
+    return _record(parents[0]), [_record(r) for r in children]
+
+
+def _search_all(mlflow_client, experiment_ids: list[str], filter_text: str) -> list:
+    runs, token = [], None
+    while True:
+        page = mlflow_client.search_runs(experiment_ids, filter_text, max_results=MAX_SEARCH_RESULTS, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def metric_histories(uri: str, run_id: str, keys: Iterable[str]) -> dict[str, list[tuple[int, float]]]:
+    """``{key: [(step, value), ...]}`` sorted by step, for each of ``keys`` the run has logged."""
+    mlflow_client = client(uri)
+    histories = {}
+    for key in keys:
+        points = mlflow_client.get_metric_history(run_id, key)
+        if points:
+            histories[key] = sorted((m.step, m.value) for m in points)
+    return histories
+
+
+def batch_mates(uri: str, run_id: str) -> list[str]:
+    """The runs that trained in one batch with ``run_id``, in the batch's order and itself
+    included; ``[run_id]`` for a run that trained alone."""
+    mlflow_client = client(uri)
+    run = mlflow_client.get_run(run_id)
+    batch_id = run.data.tags.get(names.BATCH_ID_TAG)
+    if batch_id is None:
+        return [run_id]
+    query = filter_string({names.BATCH_ID_TAG: batch_id})
+    mates = mlflow_client.search_runs([run.info.experiment_id], query, max_results=MAX_SEARCH_RESULTS)
+    return [r.info.run_id for r in sorted(mates, key=lambda r: int(r.data.tags[names.BATCH_INDEX_TAG]))]
