@@ -10,12 +10,13 @@
 Bad input of any kind (unknown name, malformed override, invalid value, missing data) is one
 line on stderr and exit code 2, before any training and before any MLflow run is opened.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from pipeline.config import ConfigError, compose
 
@@ -51,8 +52,10 @@ def reproduce_command(args: list[str]) -> int:
     # Only the store is chosen here; anything else would be silently ignored, so refuse it.
     others = [o for o in overrides if o.partition("=")[0] not in ("tracking", "tracking.uri")]
     if others:
-        raise ConfigError(f"reproduce re-runs the logged config as it was; it takes only tracking.uri=... "
-                          f"(or tracking=<name>), got: {' '.join(others)}")
+        raise ConfigError(
+            f"reproduce re-runs the logged config as it was; it takes only tracking.uri=... "
+            f"(or tracking=<name>), got: {' '.join(others)}"
+        )
     done, comparison = reproduce(run_id, compose(overrides)["tracking"]["uri"])
     print(_trial_summary(done))
     print(comparison)
@@ -89,16 +92,20 @@ def _study_report(done) -> None:
     except Exception as err:
         reason = f"{type(err).__name__}: {one_line(err, 500)}"
         tag_run(done.tracking_uri, done.parent_run_id, {names.REPORT_ERROR_TAG: reason})
-        print(f"warning: the study report failed ({reason}); rebuild it with "
-              f"python -m pipeline report {done.name}", file=sys.stderr)
+        print(
+            f"warning: the study report failed ({reason}); rebuild it with python -m pipeline report {done.name}",
+            file=sys.stderr,
+        )
 
 
 def report_command(args: list[str]) -> int:
     from pipeline.report import build_report
 
     if not args or "=" in args[0]:
-        raise ConfigError("report needs a STUDY name first; e.g. python -m pipeline report demo "
-                          "[tracking.uri=...] [study.output_dir=...]")
+        raise ConfigError(
+            "report needs a STUDY name first; e.g. python -m pipeline report demo "
+            "[tracking.uri=...] [study.output_dir=...]"
+        )
     study, overrides = args[0], args[1:]
     config = compose(overrides)
     path = build_report(study, config["tracking"]["uri"], config["study"]["output_dir"])
@@ -115,14 +122,22 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 
 #: ``python -m pipeline COMMAND --help``: what it does, and an example.
 COMMAND_HELP = {
-    "run": ("a study: Optuna asks, Ray runs the trials, MLflow records (parent run = study, child = trial)",
-            "python -m pipeline run space.initializer='choice(xavier_normal,kaiming_normal)' study.n_trials=20"),
-    "trial": ("one trial, recorded in MLflow; prints its final accuracy, whether it diverged, and its run id",
-              "python -m pipeline trial initializer=orthogonal scale=0.5 activation=tanh normalization=batch"),
-    "reproduce": ("re-run a recorded trial from its logged config and compare every curve with the record",
-                  "python -m pipeline reproduce RUN_ID [tracking.uri=...]"),
-    "report": ("build a study's report (figures and HTML) and log it to the study's parent run",
-               "python -m pipeline report STUDY [tracking.uri=...] [study.output_dir=...]"),
+    "run": (
+        "a study: Optuna asks, Ray runs the trials, MLflow records (parent run = study, child = trial)",
+        "python -m pipeline run space.initializer='choice(xavier_normal,kaiming_normal)' study.n_trials=20",
+    ),
+    "trial": (
+        "one trial, recorded in MLflow; prints its final accuracy, whether it diverged, and its run id",
+        "python -m pipeline trial initializer=orthogonal scale=0.5 activation=tanh normalization=batch",
+    ),
+    "reproduce": (
+        "re-run a recorded trial from its logged config and compare every curve with the record",
+        "python -m pipeline reproduce RUN_ID [tracking.uri=...]",
+    ),
+    "report": (
+        "build a study's report (figures and HTML) and log it to the study's parent run",
+        "python -m pipeline report STUDY [tracking.uri=...] [study.output_dir=...]",
+    ),
 }
 
 #: Config groups whose choices the help lists (each is a folder of conf/).
@@ -134,10 +149,14 @@ def help_text(command: str | None = None) -> str:
     from pipeline.config import group_options
 
     commands = [command] if command else list(COMMANDS)
-    lines = [USAGE, ""] + [f"  {name:<10} {COMMAND_HELP[name][0]}\n  {'':<10} e.g. {COMMAND_HELP[name][1]}"
-                           for name in commands]
-    lines += ["", "Overrides are Hydra's key=value; the study axes: initializer, scale, activation, normalization,",
-              "batch_size (and any config key). Choices of each group:"]
+    lines = [USAGE, ""] + [
+        f"  {name:<10} {COMMAND_HELP[name][0]}\n  {'':<10} e.g. {COMMAND_HELP[name][1]}" for name in commands
+    ]
+    lines += [
+        "",
+        "Overrides are Hydra's key=value; the study axes: initializer, scale, activation, normalization,",
+        "batch_size (and any config key). Choices of each group:",
+    ]
     lines += [f"  {group}: {', '.join(group_options(group))}" for group in HELP_GROUPS]
     lines += ["", "More: README.md (commands, keys, cluster, results)."]
     return "\n".join(lines)

@@ -11,7 +11,8 @@ name: once the submodule is imported, Python binds that name to it on the packag
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def exports(package: str, where: dict[str, str]) -> Callable[[str], Any]:

@@ -11,6 +11,7 @@ Prints trials/min for each side and their ratio, the fixed per-trial overhead, t
 command to first trial running, the cost of diagnostics as a share of trial time and, with
 --memory-trials, the driver's memory growth and the number of child runs recorded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,12 @@ def _init(weight, params: dict, gen) -> None:
         nn.init.orthogonal_(weight, gain=s, generator=gen)
         return
     fan_in, fan_out = weight.shape[1], weight.shape[0]
-    std = {"xavier_normal": math.sqrt(2 / (fan_in + fan_out)), "kaiming_normal": math.sqrt(2 / fan_in),
-           "lecun_normal": math.sqrt(1 / fan_in), "normal": 0.01}[name]
+    std = {
+        "xavier_normal": math.sqrt(2 / (fan_in + fan_out)),
+        "kaiming_normal": math.sqrt(2 / fan_in),
+        "lecun_normal": math.sqrt(1 / fan_in),
+        "normal": 0.01,
+    }[name]
     nn.init.normal_(weight, 0.0, std * s, generator=gen)
 
 
@@ -96,9 +101,17 @@ def _digits():
 
 def random_params(trials: int) -> list[dict]:
     rng = random.Random(0)
-    return [{"initializer": rng.choice(INITS), "scale": 2 ** rng.uniform(-2, 2), "activation": rng.choice(ACTS),
-             "normalization": rng.choice(["none", "batch"]), "batch_size": rng.choice([32, 64, 128]), "seed": i}
-            for i in range(trials)]
+    return [
+        {
+            "initializer": rng.choice(INITS),
+            "scale": 2 ** rng.uniform(-2, 2),
+            "activation": rng.choice(ACTS),
+            "normalization": rng.choice(["none", "batch"]),
+            "batch_size": rng.choice([32, 64, 128]),
+            "seed": i,
+        }
+        for i in range(trials)
+    ]
 
 
 #: The grid workload: initializer x scale (4 x trials/4), ReLU, no normalization, batch size 64.
@@ -111,22 +124,52 @@ def grid_scales(trials: int) -> list[float]:
 
 
 def grid_params(trials: int) -> list[dict]:
-    return [{"initializer": init, "scale": scale, "activation": "relu", "normalization": "none", "batch_size": 64, "seed": 0}
-            for init in GRID_INITS for scale in grid_scales(trials)]
+    return [
+        {
+            "initializer": init,
+            "scale": scale,
+            "activation": "relu",
+            "normalization": "none",
+            "batch_size": 64,
+            "seed": 0,
+        }
+        for init in GRID_INITS
+        for scale in grid_scales(trials)
+    ]
 
 
 def grid_configs(trials: int, epochs: int, *extra: str) -> list[dict]:
     """The grid's trials as the trial engine's configs (one thread each), ``extra`` overrides added."""
     from pipeline.config.composition import compose
 
-    return [compose([f"initializer={p['initializer']}", f"scale={p['scale']}", "activation=relu", "normalization=none",
-                     "batch_size=64", f"train.epochs={epochs}", "train.threads=1", *extra]) for p in grid_params(trials)]
+    return [
+        compose(
+            [
+                f"initializer={p['initializer']}",
+                f"scale={p['scale']}",
+                "activation=relu",
+                "normalization=none",
+                "batch_size=64",
+                f"train.epochs={epochs}",
+                "train.threads=1",
+                *extra,
+            ]
+        )
+        for p in grid_params(trials)
+    ]
 
 
 def grid_overrides(trials: int) -> list[str]:
     scales = ", ".join(str(s) for s in grid_scales(trials))
-    return ["space=empty", "study.sampler=grid", f"space.initializer=choice({', '.join(GRID_INITS)})",
-            f"space.scale=choice({scales})", "activation=relu", "normalization=none", "batch_size=64"]
+    return [
+        "space=empty",
+        "study.sampler=grid",
+        f"space.initializer=choice({', '.join(GRID_INITS)})",
+        f"space.scale=choice({scales})",
+        "activation=relu",
+        "normalization=none",
+        "batch_size=64",
+    ]
 
 
 def bare_main(trials: int, epochs: int, procs: int, grid: bool = False) -> None:
@@ -143,15 +186,39 @@ def timed(cmd: list[str], env=None) -> float:
 
 
 def bare_wall(trials: int, epochs: int, procs: int, grid: bool = False) -> float:
-    return timed([sys.executable, __file__, "--bare", "--trials", str(trials), "--epochs", str(epochs), "--procs", str(procs),
-                  *(["--grid-bare"] if grid else [])])
+    return timed(
+        [
+            sys.executable,
+            __file__,
+            "--bare",
+            "--trials",
+            str(trials),
+            "--epochs",
+            str(epochs),
+            "--procs",
+            str(procs),
+            *(["--grid-bare"] if grid else []),
+        ]
+    )
 
 
 def pipeline_cmd(tmp: Path, name: str, trials: int, epochs: int, extra=()) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "run", f"study.name={name}", f"study.n_trials={trials}",
-            f"train.epochs={epochs}", "study.sampler=random", *extra, "study.progress=false", "study.report=false",
-            f"study.output_dir={tmp}/studies", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-            f"tracking.artifact_root={tmp}/artifacts"]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        f"study.name={name}",
+        f"study.n_trials={trials}",
+        f"train.epochs={epochs}",
+        "study.sampler=random",
+        *extra,
+        "study.progress=false",
+        "study.report=false",
+        f"study.output_dir={tmp}/studies",
+        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        f"tracking.artifact_root={tmp}/artifacts",
+    ]
 
 
 def pipeline_wall(tmp: Path, name: str, trials: int, epochs: int, extra=()) -> dict:
@@ -189,15 +256,28 @@ def throughput(trials: int, epochs: int, procs: int, repeats: int, grid: bool = 
         runs["bare"].append(bare_wall(trials, epochs, procs, grid))
         for side, flag in (("batched", "true"), ("unbatched", "false")):
             with tempfile.TemporaryDirectory() as tmp:
-                runs[side].append(pipeline_wall(Path(tmp), f"bench{i}", trials, epochs, [*extra, f"study.trial_batching={flag}"]))
+                runs[side].append(
+                    pipeline_wall(Path(tmp), f"bench{i}", trials, epochs, [*extra, f"study.trial_batching={flag}"])
+                )
     bare = statistics.median(runs["bare"])
-    out = {"workload": f"{'grid' if grid else 'W'}{trials}", "trials": trials, "epochs": epochs, "bare_s": bare,
-           "bare_tpm": 60 * trials / bare, "runs": runs}
+    out = {
+        "workload": f"{'grid' if grid else 'W'}{trials}",
+        "trials": trials,
+        "epochs": epochs,
+        "bare_s": bare,
+        "bare_tpm": 60 * trials / bare,
+        "runs": runs,
+    }
     for side in ("batched", "unbatched"):
         wall = statistics.median(r["wall"] for r in runs[side])
         phase = statistics.median(r["phase"] for r in runs[side])
-        out[side] = {"wall_s": wall, "tpm": 60 * trials / wall, "ratio": bare / wall, "phase_tpm": 60 * trials / phase,
-                     "to_first_trial_s": statistics.median(r["to_first"] for r in runs[side])}
+        out[side] = {
+            "wall_s": wall,
+            "tpm": 60 * trials / wall,
+            "ratio": bare / wall,
+            "phase_tpm": 60 * trials / phase,
+            "to_first_trial_s": statistics.median(r["to_first"] for r in runs[side]),
+        }
     return out
 
 
@@ -213,14 +293,18 @@ def engine(trials: int, epochs: int, repeats: int) -> dict:
     torch.set_num_threads(1)
     params = grid_params(trials)
     configs = grid_configs(trials, epochs)
-    sides = {"bare": lambda: [bare_trial(p, epochs) for p in params],
-             "alone": lambda: [train_trial(prepare_trial(c)) for c in configs],
-             "batched": lambda: train_batch([prepare_trial(c) for c in configs])}
+    sides = {
+        "bare": lambda: [bare_trial(p, epochs) for p in params],
+        "alone": lambda: [train_trial(prepare_trial(c)) for c in configs],
+        "batched": lambda: train_batch([prepare_trial(c) for c in configs]),
+    }
     sides["bare"]()  # warm-up: imports, data, the first optimizer
     out = {name: statistics.median(_time(run) for _ in range(repeats)) for name, run in sides.items()}
-    print(f"engine, one thread, nothing recorded ({trials} grid trials x {epochs} epochs): bare loop {out['bare']:.1f} s, "
-          f"trial engine one by one {out['alone']:.1f} s, batched {out['batched']:.1f} s "
-          f"({out['bare'] / out['batched']:.2f}x the bare loop's trials/min)")
+    print(
+        f"engine, one thread, nothing recorded ({trials} grid trials x {epochs} epochs): bare loop {out['bare']:.1f} s, "
+        f"trial engine one by one {out['alone']:.1f} s, batched {out['batched']:.1f} s "
+        f"({out['bare'] / out['batched']:.2f}x the bare loop's trials/min)"
+    )
     out["ceiling"] = ceiling(params[0], configs[0], epochs, out["bare"] / trials)
     return out
 
@@ -238,19 +322,29 @@ def ceiling(params: dict, config: dict, epochs: int, bare_per_trial_s: float) ->
     from pipeline.engine.train import prepare_trial, train_trial
 
     counts = {}
-    for side, run in (("bare", lambda: bare_trial(params, epochs)), ("engine", lambda: train_trial(prepare_trial(config)))):
+    for side, run in (
+        ("bare", lambda: bare_trial(params, epochs)),
+        ("engine", lambda: train_trial(prepare_trial(config))),
+    ):
         with FlopCounterMode(display=False) as counter:
             run()
         counts[side] = counter.get_total_flops()
     h, w = torch.randn(32, 64, 128), torch.randn(32, 128, 128)  # 32 members, batch 64, width 128
     rate = 2 * h.numel() * w.shape[-1] / statistics.median(_time(lambda: torch.bmm(h, w)) for _ in range(200))
     floor = counts["engine"] / rate
-    out = {"bare_gflop": counts["bare"] / 1e9, "engine_gflop": counts["engine"] / 1e9, "bmm_gflops": rate / 1e9,
-           "engine_floor_s": floor, "max_speedup": bare_per_trial_s / floor}
-    print(f"arithmetic ceiling: a trial is {out['bare_gflop']:.2f} GFLOP of matmuls in the bare loop, "
-          f"{out['engine_gflop']:.2f} in the engine (evaluation each epoch, diagnostics probe); batched matmuls run at "
-          f"{out['bmm_gflops']:.0f} GFLOP/s on one thread here, so a trial takes at least {1000 * floor:.0f} ms against "
-          f"{1000 * bare_per_trial_s:.0f} ms in the bare loop: batching can reach {out['max_speedup']:.2f}x at most on this CPU")
+    out = {
+        "bare_gflop": counts["bare"] / 1e9,
+        "engine_gflop": counts["engine"] / 1e9,
+        "bmm_gflops": rate / 1e9,
+        "engine_floor_s": floor,
+        "max_speedup": bare_per_trial_s / floor,
+    }
+    print(
+        f"arithmetic ceiling: a trial is {out['bare_gflop']:.2f} GFLOP of matmuls in the bare loop, "
+        f"{out['engine_gflop']:.2f} in the engine (evaluation each epoch, diagnostics probe); batched matmuls run at "
+        f"{out['bmm_gflops']:.0f} GFLOP/s on one thread here, so a trial takes at least {1000 * floor:.0f} ms against "
+        f"{1000 * bare_per_trial_s:.0f} ms in the bare loop: batching can reach {out['max_speedup']:.2f}x at most on this CPU"
+    )
     return out
 
 
@@ -273,13 +367,22 @@ def overhead(procs: int, repeats: int) -> dict:
     p = statistics.median(r["wall"] for r in pipe)
     phase = statistics.median(r["phase"] for r in pipe) * procs / 32
     slope, alone = (b64 - b) * procs / 32, _bare_trial_in_process(repeats)
-    out = {"per_trial_s": (p - b) * procs / 32, "pipeline_s": p, "bare_s": b, "phase_per_trial_s": phase,
-           "bare_per_trial_s": slope, "bare_in_process_s": alone, "running_overhead_s": phase - slope,
-           "running_overhead_in_process_s": phase - alone}
-    print(f"fixed overhead per trial (32 x 1-epoch trials, {procs} slots, start-up included): {out['per_trial_s']:.3f} s "
-          f"[pipeline {p:.1f} s vs bare {b:.1f} s]; once trials run, a 1-epoch trial takes {phase:.3f} s a slot "
-          f"against {slope:.3f} s in the bare loop (whole-process slope; {alone:.3f} s timed in-process): "
-          f"{out['running_overhead_s']:.3f} s of overhead ({out['running_overhead_in_process_s']:.3f} s)")
+    out = {
+        "per_trial_s": (p - b) * procs / 32,
+        "pipeline_s": p,
+        "bare_s": b,
+        "phase_per_trial_s": phase,
+        "bare_per_trial_s": slope,
+        "bare_in_process_s": alone,
+        "running_overhead_s": phase - slope,
+        "running_overhead_in_process_s": phase - alone,
+    }
+    print(
+        f"fixed overhead per trial (32 x 1-epoch trials, {procs} slots, start-up included): {out['per_trial_s']:.3f} s "
+        f"[pipeline {p:.1f} s vs bare {b:.1f} s]; once trials run, a 1-epoch trial takes {phase:.3f} s a slot "
+        f"against {slope:.3f} s in the bare loop (whole-process slope; {alone:.3f} s timed in-process): "
+        f"{out['running_overhead_s']:.3f} s of overhead ({out['running_overhead_in_process_s']:.3f} s)"
+    )
     return out
 
 
@@ -304,8 +407,12 @@ def diagnostics_cost(repeats: int) -> dict:
     torch.set_num_threads(1)
     out = {}
     for schedule in ("log", "every"):
-        configs = {diag: compose([f"train.diagnostics={str(diag).lower()}", f"train.probe_schedule={schedule}",
-                                  "train.threads=1"]) for diag in (True, False)}
+        configs = {
+            diag: compose(
+                [f"train.diagnostics={str(diag).lower()}", f"train.probe_schedule={schedule}", "train.threads=1"]
+            )
+            for diag in (True, False)
+        }
         for config in configs.values():
             run_trial(config)  # warm-up
         times = {True: [], False: []}
@@ -321,13 +428,25 @@ def diagnostics_cost(repeats: int) -> dict:
 def _batched_diagnostics_cost(repeats: int, members: int = 16) -> dict:
     """The same for a batch of grid trials trained together (the default schedule): batching
     cheapens training steps more than the probe, so the probe's share grows."""
-    from pipeline.engine.batched import train_batch
     from pipeline.config.composition import compose
+    from pipeline.engine.batched import train_batch
     from pipeline.engine.train import prepare_trial
 
     params = grid_params(members)
-    configs = {diag: [compose([f"initializer={p['initializer']}", f"scale={p['scale']}", "train.threads=1",
-                               f"train.diagnostics={str(diag).lower()}"]) for p in params] for diag in (True, False)}
+    configs = {
+        diag: [
+            compose(
+                [
+                    f"initializer={p['initializer']}",
+                    f"scale={p['scale']}",
+                    "train.threads=1",
+                    f"train.diagnostics={str(diag).lower()}",
+                ]
+            )
+            for p in params
+        ]
+        for diag in (True, False)
+    }
     for batch in configs.values():
         train_batch([prepare_trial(c) for c in batch[:2]])  # warm-up
     times = {True: [], False: []}
@@ -358,7 +477,9 @@ def _rss_mb(pid: int):
 def driver_memory(trials: int) -> dict:
     """Driver RSS over a study of many tiny trials, sampled every 0.5 s (Linux: /proc)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = pipeline_cmd(Path(tmp), "memory", trials, 1, ["model.depth=1", "model.width=8", "tracking.log_weights=false"])
+        cmd = pipeline_cmd(
+            Path(tmp), "memory", trials, 1, ["model.depth=1", "model.width=8", "tracking.log_weights=false"]
+        )
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         samples, start = [], time.perf_counter()
         while proc.poll() is None:
@@ -368,19 +489,31 @@ def driver_memory(trials: int) -> dict:
             time.sleep(0.5)
         wall = time.perf_counter() - start
         children, running = _count_children(Path(tmp), "memory")
-    settled = samples[min(len(samples) - 1, 30):]  # after start-up (15 s)
-    return {"trials": trials, "wall_s": wall, "rss_after_startup_mb": settled[0], "rss_max_mb": max(samples),
-            "growth_mb": max(settled) - settled[0], "child_runs": children, "running_left": running}
+    settled = samples[min(len(samples) - 1, 30) :]  # after start-up (15 s)
+    return {
+        "trials": trials,
+        "wall_s": wall,
+        "rss_after_startup_mb": settled[0],
+        "rss_max_mb": max(samples),
+        "growth_mb": max(settled) - settled[0],
+        "child_runs": children,
+        "running_left": running,
+    }
 
 
 def _counts(multiple: int):
     """An argparse type: comma-separated positive trial counts, each a multiple of ``multiple``."""
+
     def parse(text: str) -> list[int]:
         counts = [int(part) if part.strip().isdigit() else -1 for part in text.split(",") if part.strip()]
         if any(n <= 0 or n % multiple for n in counts):
-            raise argparse.ArgumentTypeError(f"{text!r}: trial counts must be positive integers"
-                                             + (f" and multiples of {multiple}" if multiple > 1 else "") + " ('' for none)")
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: trial counts must be positive integers"
+                + (f" and multiples of {multiple}" if multiple > 1 else "")
+                + " ('' for none)"
+            )
         return counts
+
     return parse
 
 
@@ -392,12 +525,22 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--procs", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workloads", default="16,64", type=_counts(1),
-                    help="random-axes workloads to measure (trial counts), e.g. 16,64; '' for none")
-    ap.add_argument("--grid", default="64", type=_counts(len(GRID_INITS)),
-                    help="initializer x scale grid workloads (trial counts, multiples of 4); '' for none")
+    ap.add_argument(
+        "--workloads",
+        default="16,64",
+        type=_counts(1),
+        help="random-axes workloads to measure (trial counts), e.g. 16,64; '' for none",
+    )
+    ap.add_argument(
+        "--grid",
+        default="64",
+        type=_counts(len(GRID_INITS)),
+        help="initializer x scale grid workloads (trial counts, multiples of 4); '' for none",
+    )
     ap.add_argument("--no-engine", dest="engine", action="store_false", help="skip the in-process engine comparison")
-    ap.add_argument("--no-overhead", dest="overhead", action="store_false", help="skip the 1-epoch overhead measurement")
+    ap.add_argument(
+        "--no-overhead", dest="overhead", action="store_false", help="skip the 1-epoch overhead measurement"
+    )
     ap.add_argument("--no-diagnostics", dest="diagnostics", action="store_false", help="skip the diagnostics cost")
     ap.add_argument("--memory-trials", type=int, default=0)
     ap.add_argument("--json", help="also write the figures to this file")
@@ -418,24 +561,32 @@ def main() -> None:
     if args.diagnostics:
         report["diagnostics"] = diagnostics_cost(args.repeats)
         for schedule, d in report["diagnostics"].items():
-            print(f"diagnostics, probe schedule {schedule}: {100 * d['share']:.1f}% of trial time "
-                  f"({d['with_s']:.3f} s with, {d['without_s']:.3f} s without)")
+            print(
+                f"diagnostics, probe schedule {schedule}: {100 * d['share']:.1f}% of trial time "
+                f"({d['with_s']:.3f} s with, {d['without_s']:.3f} s without)"
+            )
     if args.memory_trials:
         report["memory"] = m = driver_memory(args.memory_trials)
-        print(f"driver memory over {m['trials']} tiny trials: {m['rss_after_startup_mb']:.0f} MB after start-up, "
-              f"max {m['rss_max_mb']:.0f} MB, growth {m['growth_mb']:.0f} MB; {m['child_runs']} child runs "
-              f"({m['running_left']} RUNNING), {m['wall_s']:.0f} s")
+        print(
+            f"driver memory over {m['trials']} tiny trials: {m['rss_after_startup_mb']:.0f} MB after start-up, "
+            f"max {m['rss_max_mb']:.0f} MB, growth {m['growth_mb']:.0f} MB; {m['child_runs']} child runs "
+            f"({m['running_left']} RUNNING), {m['wall_s']:.0f} s"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 def _print_workload(w: dict) -> None:
-    print(f"{w['workload']} ({w['trials']} trials x {w['epochs']} epochs): bare loop {w['bare_s']:.1f} s ({w['bare_tpm']:.0f} trials/min)")
+    print(
+        f"{w['workload']} ({w['trials']} trials x {w['epochs']} epochs): bare loop {w['bare_s']:.1f} s ({w['bare_tpm']:.0f} trials/min)"
+    )
     for side in ("batched", "unbatched"):
         p = w[side]
-        print(f"  pipeline, trial batching {'on ' if side == 'batched' else 'off'}: {p['wall_s']:.1f} s ({p['tpm']:.0f} trials/min), "
-              f"ratio {p['ratio']:.2f}; command to first trial {p['to_first_trial_s']:.1f} s; "
-              f"{p['phase_tpm']:.0f} trials/min once trials run")
+        print(
+            f"  pipeline, trial batching {'on ' if side == 'batched' else 'off'}: {p['wall_s']:.1f} s ({p['tpm']:.0f} trials/min), "
+            f"ratio {p['ratio']:.2f}; command to first trial {p['to_first_trial_s']:.1f} s; "
+            f"{p['phase_tpm']:.0f} trials/min once trials run"
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ time of the slowest process.
 On a machine without Ray and MLflow (a GPU box with PyTorch), it needs only hydra-core, omegaconf
 and scikit-learn (for the digits) beside PyTorch: docs/gpu.md says how to run it there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ def train_share(configs: list[dict], batch: int) -> None:
     from pipeline.engine.train import prepare_trial, train_trial
 
     for start in range(0, len(configs), batch):
-        task = configs[start:start + batch]
+        task = configs[start : start + batch]
         if len(task) == 1:
             train_trial(prepare_trial(task[0]))
         else:
@@ -55,7 +56,7 @@ def _synchronize(device: str) -> None:
 
 def _process(configs: list[dict], batch: int, ready, results) -> None:
     """One process sharing the device: warm up, wait for the others, then train its share, timed."""
-    train_share(configs[:min(2, batch)], batch)  # imports, CUDA context, a first optimizer step
+    train_share(configs[: min(2, batch)], batch)  # imports, CUDA context, a first optimizer step
     ready.wait()
     start = time.perf_counter()
     train_share(configs, batch)
@@ -118,16 +119,24 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--procs", type=_counts(1), default="1,4", help="processes sharing the device, e.g. 1,4,8")
     ap.add_argument("--batch", type=_counts(1), default="1,16", help="members per task (1: one trial at a time)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a config override for every trial (repeatable), e.g. model.width=1024")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every trial (repeatable), e.g. model.width=1024",
+    )
     ap.add_argument("--json", help="also write the figures to this file (after each row)")
     args = ap.parse_args()
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     configs = grid_configs(args.trials, args.epochs, f"train.device={device}", *args.set)
-    print(f"device: {describe_device(device)}; {len(configs)} grid trials x {args.epochs} epochs"
-          f"{''.join(' ' + o for o in args.set)}", flush=True)
+    print(
+        f"device: {describe_device(device)}; {len(configs)} grid trials x {args.epochs} epochs"
+        f"{''.join(' ' + o for o in args.set)}",
+        flush=True,
+    )
     rows = []
     for procs in args.procs:
         for batch in args.batch:
@@ -137,8 +146,11 @@ def main() -> None:
                 print(f"  {procs} process(es) x tasks of {batch:>3}: failed: {error}", flush=True)
                 continue
             base = rows[0]["tpm"]
-            print(f"  {procs} process(es) x tasks of {batch:>3}: {rows[-1]['wall_s']:6.1f} s, "
-                  f"{rows[-1]['tpm']:7.0f} trials/min ({rows[-1]['tpm'] / base:.2f}x the first row)", flush=True)
+            print(
+                f"  {procs} process(es) x tasks of {batch:>3}: {rows[-1]['wall_s']:6.1f} s, "
+                f"{rows[-1]['tpm']:7.0f} trials/min ({rows[-1]['tpm'] / base:.2f}x the first row)",
+                flush=True,
+            )
             if args.json:  # row by row, so that a run cut short still leaves its figures
                 figures = {"device": describe_device(device), "overrides": args.set, "rows": rows}
                 Path(args.json).write_text(json.dumps(figures, indent=2))

@@ -1,4 +1,5 @@
 """Fixtures: configs composed through the same Hydra path the CLI uses, stores under tmp_path."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,8 +29,8 @@ def local_ray():
     """One local Ray per test module: its studies reuse it (and its warm worker processes)."""
     import ray
 
-    from pipeline.study import cluster
     from pipeline.config import ClusterConfig
+    from pipeline.study import cluster
 
     cluster.start(ClusterConfig(num_cpus=2))
     cluster._started_here = False  # the studies under test must not stop it

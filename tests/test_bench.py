@@ -1,4 +1,5 @@
 """The throughput benchmark (scripts/bench.py): its input checks, and one small run end to end."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,27 @@ def test_trial_counts_are_parsed_and_bad_ones_refused():
 @pytest.mark.timeout(300)
 def test_a_small_workload_runs_through_both_sides_and_reports_its_figures(tmp_path):
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, "scripts/bench.py", "--workloads", "4", "--grid", "", "--epochs", "1", "--repeats", "1",
-                    "--no-engine", "--no-overhead", "--no-diagnostics", "--json", str(out)], cwd=ROOT, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "scripts/bench.py",
+            "--workloads",
+            "4",
+            "--grid",
+            "",
+            "--epochs",
+            "1",
+            "--repeats",
+            "1",
+            "--no-engine",
+            "--no-overhead",
+            "--no-diagnostics",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     (workload,) = json.loads(out.read_text())["workloads"]
     assert workload["workload"] == "W4" and workload["bare_s"] > 0
     for side in ("batched", "unbatched"):
@@ -38,9 +58,29 @@ def test_a_small_workload_runs_through_both_sides_and_reports_its_figures(tmp_pa
 def test_the_device_benchmark_runs_each_sharing_and_batching_mode(tmp_path):
     """scripts/gpu_bench.py, on the CPU here (the same code runs on a GPU): every (processes, batch) row."""
     out = tmp_path / "gpu.json"
-    subprocess.run([sys.executable, "scripts/gpu_bench.py", "--device", "cpu", "--trials", "4", "--epochs", "1",
-                    "--procs", "1,2", "--batch", "1,2", "--set", "model.width=16", "--json", str(out)],
-                   cwd=ROOT, check=True, timeout=240)
+    subprocess.run(
+        [
+            sys.executable,
+            "scripts/gpu_bench.py",
+            "--device",
+            "cpu",
+            "--trials",
+            "4",
+            "--epochs",
+            "1",
+            "--procs",
+            "1,2",
+            "--batch",
+            "1,2",
+            "--set",
+            "model.width=16",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        timeout=240,
+    )
     figures = json.loads(out.read_text())
     assert figures["overrides"] == ["model.width=16"]
     rows = figures["rows"]

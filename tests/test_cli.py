@@ -1,5 +1,6 @@
 """The commands' contract: bad input is one line on stderr and exit code 2, before any training and
 without leaving an MLflow run behind; good input trains, records and says where."""
+
 from __future__ import annotations
 
 import subprocess
@@ -11,10 +12,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.cli import COMMANDS, HELP_GROUPS, main
-from pipeline.config.composition import group_options
 from pipeline.config import ActivationConfig, ModelConfig, NormalizationConfig
-from pipeline.engine.weights import save_weights
+from pipeline.config.composition import group_options
 from pipeline.engine.nn.models import build_model
+from pipeline.engine.weights import save_weights
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,32 +60,38 @@ def other_width_weights(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("overrides, names", [
-    (["initializer=kaiming_norml"], ["'kaiming_norml'", "kaiming_normal", "orthogonal", "glorot_uniform"]),
-    (["activation=rleu"], ["'rleu'", "relu", "tanh", "leaky_relu"]),
-    (["dataset=imagenet"], ["'imagenet'", "digits", "mnist", "synthetic"]),
-    (["normalization=batchnorm"], ["'batchnorm'", "none", "batch", "layer", "group"]),
-    (["optimizer=rmsprop"], ["'rmsprop'", "sgd", "adam"]),
-    (["scale=0"], ["scale=0", "> 0"]),
-    (["scale=-1"], ["scale=-1", "> 0"]),
-    (["batch_size=0"], ["batch_size=0", "> 0"]),
-    (["batch_size=100000"], ["batch_size=100000", "larger than the training set", "1079"]),
-    (["initializer.bias=orthogonal"], ["initializer.bias=orthogonal", "zeros", "torch_default"]),
-    (["initializer.mode=fan_avg"], ["initializer.mode=fan_avg", "kaiming_normal", "fan_in", "fan_out"]),
-    (["initializer=he_uniform", "initializer.mode=fan_sum"], ["initializer.mode=fan_sum", "fan_in", "fan_out"]),
-    (["initializer=pretrained"], ["initializer.path", "initializer.run_id"]),
-    (["initializer=pretrained", "initializer.path=/nonexistent/w.safetensors"], ["/nonexistent/w.safetensors"]),
-    (["initializer=pretrained", "initializer.run_id=0123abc"], ["0123abc", "no MLflow store"]),
-    (["dataset=mnist", "dataset.root=/nonexistent/dir"], ["/nonexistent/dir", "train-images-idx3-ubyte"]),
-    (["scale=("], ["scale=("]),
-    (["=3"], ["'=3'"]),
-    (["nosuchkey=1"], ["nosuchkey"]),
-    (["model.depth=deep"], ["model.depth", "deep"]),
-    pytest.param(["train.device=cuda"], ["train.device=cuda", "cpu"],
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
-    (["train.device=tpu"], ["train.device=tpu", "cpu"]),
-    (["dataset.classes=[1]"], ["dataset.classes=[1]", "at least two"]),
-])
+@pytest.mark.parametrize(
+    "overrides, names",
+    [
+        (["initializer=kaiming_norml"], ["'kaiming_norml'", "kaiming_normal", "orthogonal", "glorot_uniform"]),
+        (["activation=rleu"], ["'rleu'", "relu", "tanh", "leaky_relu"]),
+        (["dataset=imagenet"], ["'imagenet'", "digits", "mnist", "synthetic"]),
+        (["normalization=batchnorm"], ["'batchnorm'", "none", "batch", "layer", "group"]),
+        (["optimizer=rmsprop"], ["'rmsprop'", "sgd", "adam"]),
+        (["scale=0"], ["scale=0", "> 0"]),
+        (["scale=-1"], ["scale=-1", "> 0"]),
+        (["batch_size=0"], ["batch_size=0", "> 0"]),
+        (["batch_size=100000"], ["batch_size=100000", "larger than the training set", "1079"]),
+        (["initializer.bias=orthogonal"], ["initializer.bias=orthogonal", "zeros", "torch_default"]),
+        (["initializer.mode=fan_avg"], ["initializer.mode=fan_avg", "kaiming_normal", "fan_in", "fan_out"]),
+        (["initializer=he_uniform", "initializer.mode=fan_sum"], ["initializer.mode=fan_sum", "fan_in", "fan_out"]),
+        (["initializer=pretrained"], ["initializer.path", "initializer.run_id"]),
+        (["initializer=pretrained", "initializer.path=/nonexistent/w.safetensors"], ["/nonexistent/w.safetensors"]),
+        (["initializer=pretrained", "initializer.run_id=0123abc"], ["0123abc", "no MLflow store"]),
+        (["dataset=mnist", "dataset.root=/nonexistent/dir"], ["/nonexistent/dir", "train-images-idx3-ubyte"]),
+        (["scale=("], ["scale=("]),
+        (["=3"], ["'=3'"]),
+        (["nosuchkey=1"], ["nosuchkey"]),
+        (["model.depth=deep"], ["model.depth", "deep"]),
+        pytest.param(
+            ["train.device=cuda"],
+            ["train.device=cuda", "cpu"],
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+        (["train.device=tpu"], ["train.device=tpu", "cpu"]),
+        (["dataset.classes=[1]"], ["dataset.classes=[1]", "at least two"]),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_no_run(capsys, store, overrides, names):
     line = _trial_error(capsys, store, *overrides)
     for name in names:
@@ -136,11 +143,14 @@ def test_help_describes_the_commands_and_every_group_choice_and_runs_nothing(cap
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("args, names", [
-    ([], ["RUN_ID"]),
-    (["0123abc"], ["0123abc"]),  # no such run in the store
-    (["0123abc", "train.epochs=5"], ["train.epochs=5"]),  # would be silently ignored: refused
-])
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        ([], ["RUN_ID"]),
+        (["0123abc"], ["0123abc"]),  # no such run in the store
+        (["0123abc", "train.epochs=5"], ["train.epochs=5"]),  # would be silently ignored: refused
+    ],
+)
 def test_reproduce_bad_input_is_one_line_exit_2(capsys, store, args, names):
     code = main(["reproduce", *args, store[0]]) if args else main(["reproduce"])
     lines = capsys.readouterr().err.splitlines()
@@ -153,8 +163,13 @@ def test_reproduce_bad_input_is_one_line_exit_2(capsys, store, args, names):
 
 def test_python_m_pipeline_exits_2_with_one_line(tmp_path):
     store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts"]
-    done = subprocess.run([sys.executable, "-m", "pipeline", "trial", "scale=-1", *store, *TINY],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "trial", "scale=-1", *store, *TINY],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.splitlines() == ["error: scale=-1.0 is invalid; it must be > 0"]
     assert done.stdout == ""
@@ -164,7 +179,12 @@ def test_python_m_pipeline_exits_2_with_one_line(tmp_path):
 def test_python_m_pipeline_prints_its_result_before_leaving(tmp_path):
     # The command leaves with os._exit (no interpreter teardown): its output must be flushed first.
     store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts"]
-    done = subprocess.run([sys.executable, "-m", "pipeline", "trial", *store, *TINY],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "trial", *store, *TINY],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "final_accuracy=" in done.stdout and "run_id=" in done.stdout

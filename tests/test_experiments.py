@@ -6,6 +6,7 @@ them (fewer epochs, sometimes a smaller model) and runs the trial engine directl
 whole tiny study on Ray. The thresholds come from shared/SCIENCE.md and the measured tables in
 docs/results.md, with room for seed-to-seed spread but none for the opposite outcome.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,14 +17,14 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline.engine import diagnostics
-from pipeline.study import space
 from pipeline.config.composition import CONF_DIR
+from pipeline.engine import diagnostics
 from pipeline.engine.nn.initializers import INIT_LAYERS, LSUV_TOL
-from pipeline.engine.weights import save_weights
-from pipeline.study.plan import plan_study
-from pipeline.study.loop import run_study
 from pipeline.engine.train import prepare_trial, run_trial, train_trial
+from pipeline.engine.weights import save_weights
+from pipeline.study import space
+from pipeline.study.loop import run_study
+from pipeline.study.plan import plan_study
 from pipeline.study.storage import default_storage, open_storage
 
 pytestmark = pytest.mark.timeout(300)
@@ -160,8 +161,10 @@ def test_orthogonal_deep_linear_map_is_an_isometry_gaussian_spreads(plan):
 
 def test_batch_norm_shrinks_the_spread_of_accuracy_across_scales(plan):
     p = plan("normalization_softens", "train.epochs=3", "train.probe_size=128")
-    runs = {(norm, residual): [trial(p, normalization=norm, model__residual=residual, scale=s) for s in (0.25, 1.0, 4.0)]
-            for norm, residual in (("none", False), ("batch", False), ("batch", True))}
+    runs = {
+        (norm, residual): [trial(p, normalization=norm, model__residual=residual, scale=s) for s in (0.25, 1.0, 4.0)]
+        for norm, residual in (("none", False), ("batch", False), ("batch", True))
+    }
     acc = {key: [r.final_val_accuracy for r in rs] for key, rs in runs.items()}
     spread = {key: torch.tensor(values).std().item() for key, values in acc.items()}
     plain = ("none", False)
@@ -192,8 +195,14 @@ def test_large_lr_needs_a_large_batch_unless_batch_norm(plan):
 
 
 def test_pretrained_init_beats_random_on_few_examples(plan, tmp_path):
-    source_plan = plan("pretrained", "dataset.classes=[0,1,2,3,4]", "dataset.max_train=null", "train.epochs=8",
-                       "batch_size=64", "optimizer.lr=0.02")
+    source_plan = plan(
+        "pretrained",
+        "dataset.classes=[0,1,2,3,4]",
+        "dataset.max_train=null",
+        "train.epochs=8",
+        "batch_size=64",
+        "optimizer.lr=0.02",
+    )
     source = prepared(source_plan, initializer="kaiming_normal")
     assert train_trial(source).final_val_accuracy > 0.6
     save_weights(source.model, tmp_path / "source.safetensors")
@@ -210,8 +219,11 @@ def test_pretrained_init_beats_random_on_few_examples(plan, tmp_path):
 def layer_variances(model: nn.Module, x: torch.Tensor) -> list[float]:
     """Var of every Linear/Conv layer's output on ``x`` (train mode, as LSUV measured it)."""
     outputs = []
-    handles = [m.register_forward_hook(lambda mod, inp, out: outputs.append(float(out.double().var())))
-               for m in model.modules() if isinstance(m, INIT_LAYERS)]
+    handles = [
+        m.register_forward_hook(lambda mod, inp, out: outputs.append(float(out.double().var())))
+        for m in model.modules()
+        if isinstance(m, INIT_LAYERS)
+    ]
     with torch.no_grad():
         model.train()(x)
     for handle in handles:
@@ -253,12 +265,25 @@ def test_delta_orthogonal_cnn_keeps_its_signal_through_32_blocks(plan):
 
 
 def test_symmetry_study_zero_init_stays_at_chance_random_init_learns(local_ray, tmp_path):
-    run_study([
-        "experiment=symmetry", f"study.output_dir={tmp_path}/studies", "study.seeds=2", "study.progress=false",
-        "study.report=false", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/a",
-        "tracking.log_weights=false", "cluster.num_cpus=2", "model.width=32", "train.epochs=4", "train.probe_size=64",
-    ])
-    study = optuna.load_study(study_name="symmetry", storage=open_storage(default_storage(f"{tmp_path}/studies", "symmetry")))
+    run_study(
+        [
+            "experiment=symmetry",
+            f"study.output_dir={tmp_path}/studies",
+            "study.seeds=2",
+            "study.progress=false",
+            "study.report=false",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"tracking.artifact_root={tmp_path}/a",
+            "tracking.log_weights=false",
+            "cluster.num_cpus=2",
+            "model.width=32",
+            "train.epochs=4",
+            "train.probe_size=64",
+        ]
+    )
+    study = optuna.load_study(
+        study_name="symmetry", storage=open_storage(default_storage(f"{tmp_path}/studies", "symmetry"))
+    )
     accuracy = {t.params["initializer"]: t.value for t in study.trials}
     assert set(accuracy) == {"zeros", "constant", "normal"}
     assert all(t.user_attrs["n_seeds"] == 2 for t in study.trials)

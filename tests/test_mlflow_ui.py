@@ -9,6 +9,7 @@ Needs Debian's chromium and chromium-driver (``scripts/install_browser.sh``; the
 when they are missing and it can: root and apt-get) and selenium (the ``test`` extra). Selenium
 drives the system browser through the system chromedriver: nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,9 +34,18 @@ WAIT_S = 60  # React renders after the API answers; on 2 busy CPUs that can take
 # MLflow 3 opens an experiment in its GenAI view (traces); its "Model training" switch adds this
 # query parameter, which shows the runs table and the classic run pages.
 MODEL_TRAINING = "?workflowType=machine_learning"
-CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1600,1000"]
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1600,1000",
+]
 
 
 # ---- fixtures: browser, server, study ----------------------------------------------------------
@@ -47,8 +57,10 @@ def browser_paths() -> tuple[Path, Path]:
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()) and os.geteuid() == 0 and shutil.which("apt-get"):
         subprocess.run(["bash", str(ROOT / "scripts" / "install_browser.sh")], check=False, timeout=1200)
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip(f"{CHROMIUM} or {CHROMEDRIVER} missing and not installable here (needs root and apt-get); "
-                    "run scripts/install_browser.sh")
+        pytest.skip(
+            f"{CHROMIUM} or {CHROMEDRIVER} missing and not installable here (needs root and apt-get); "
+            "run scripts/install_browser.sh"
+        )
     try:
         import selenium  # noqa: F401
     except ImportError:
@@ -76,9 +88,23 @@ def mlflow_server(tmp_path_factory):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job runner processes
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--serve-artifacts",
-               "--artifacts-destination", str(root / "artifacts")]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root}/mlflow.db",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+    ]
     log = (root / "server.log").open("w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -102,16 +128,35 @@ def study(local_ray, mlflow_server, tmp_path_factory):
     from pipeline.cli import main
 
     out = tmp_path_factory.mktemp("ui_study")
-    assert 0 == main(["run", f"study.name={STUDY}", "study.n_trials=3", "study.sampler=random", "study.seed=0",
-               f"study.output_dir={out}/studies", "study.progress=false", f"tracking.uri={mlflow_server}",
-               "cluster.num_cpus=2", "model.depth=2", "model.width=32", "train.epochs=2", "train.probe_size=64",
-               "tracking.log_weights=false"])  # the command builds the report once the study is over
+    assert 0 == main(
+        [
+            "run",
+            f"study.name={STUDY}",
+            "study.n_trials=3",
+            "study.sampler=random",
+            "study.seed=0",
+            f"study.output_dir={out}/studies",
+            "study.progress=false",
+            f"tracking.uri={mlflow_server}",
+            "cluster.num_cpus=2",
+            "model.depth=2",
+            "model.width=32",
+            "train.epochs=2",
+            "train.probe_size=64",
+            "tracking.log_weights=false",
+        ]
+    )  # the command builds the report once the study is over
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name(STUDY)
     children = client.search_runs([experiment.experiment_id], "tags.`initstudy.role` = 'trial'")
     parent = client.search_runs([experiment.experiment_id], "tags.`initstudy.role` = 'study'")[0]
-    return {"url": mlflow_server, "experiment_id": experiment.experiment_id, "parent": parent,
-            "children": {r.info.run_name: r for r in children}, "report": out / "studies" / STUDY / "report"}
+    return {
+        "url": mlflow_server,
+        "experiment_id": experiment.experiment_id,
+        "parent": parent,
+        "children": {r.info.run_name: r for r in children},
+        "report": out / "studies" / STUDY / "report",
+    }
 
 
 def test_the_study_report_reads_and_writes_through_the_server(study):
@@ -165,7 +210,9 @@ def _close_assistant(driver) -> None:
     """MLflow 3.17 opens its "Assistant" side panel; close it so the page gets the full width."""
     from selenium.webdriver.common.by import By
 
-    for button in driver.find_elements(By.CSS_SELECTOR, "button[data-component-id='mlflow.assistant.chat_panel.close']"):
+    for button in driver.find_elements(
+        By.CSS_SELECTOR, "button[data-component-id='mlflow.assistant.chat_panel.close']"
+    ):
         if button.is_displayed():
             button.click()
 
@@ -180,14 +227,20 @@ def _toggle_columns(driver, names: list[str]) -> None:
         search.send_keys(Keys.CONTROL, "a")
         search.send_keys(Keys.BACKSPACE)
         search.send_keys(name)
-        node = _element(driver, f"//span[contains(@class,'tree-title')][normalize-space(.)='{name}']"
-                                "/ancestor::div[contains(@class,'tree-treenode')][1]", f"column '{name}' in the selector")
+        node = _element(
+            driver,
+            f"//span[contains(@class,'tree-title')][normalize-space(.)='{name}']"
+            "/ancestor::div[contains(@class,'tree-treenode')][1]",
+            f"column '{name}' in the selector",
+        )
         node.find_element("xpath", ".//span[contains(@class,'tree-checkbox')]").click()
     search.send_keys(Keys.ESCAPE)
 
 
 def _header(driver, name: str):
-    return _element(driver, f"//div[@role='columnheader'][.//*[normalize-space(text())='{name}']]", f"column header {name}")
+    return _element(
+        driver, f"//div[@role='columnheader'][.//*[normalize-space(text())='{name}']]", f"column header {name}"
+    )
 
 
 def _column_texts(driver, name: str) -> list[str]:
@@ -210,8 +263,20 @@ def test_experiment_page_lists_the_trial_runs_with_their_params(driver, study, s
         assert name.startswith("trial-") and name.endswith("-seed-0")
         _element(driver, f"//a[normalize-space(.)='{name}']", f"run {name}")
     # Make room (Dataset, Source, Models are empty here), then show the axes and the objective.
-    _toggle_columns(driver, ["Dataset", "Source", "Models", "initializer", "scale", "activation", "normalization",
-                             "batch_size", "val_accuracy"])
+    _toggle_columns(
+        driver,
+        [
+            "Dataset",
+            "Source",
+            "Models",
+            "initializer",
+            "scale",
+            "activation",
+            "normalization",
+            "batch_size",
+            "val_accuracy",
+        ],
+    )
     shown = _column_texts(driver, "initializer")
     for run in study["children"].values():
         value = run.data.params["initializer"]
@@ -235,23 +300,36 @@ def test_run_page_shows_the_params_and_the_val_accuracy_chart(driver, study, sho
     run = study["children"]["trial-0-seed-0"]
     base = f"{study['url']}/#/experiments/{study['experiment_id']}/runs/{run.info.run_id}"
     driver.get(base + MODEL_TRAINING)
-    _element(driver, "//h2[normalize-space(.)='trial-0-seed-0'] | //*[normalize-space(text())='trial-0-seed-0']",
-             "the run's title")
+    _element(
+        driver,
+        "//h2[normalize-space(.)='trial-0-seed-0'] | //*[normalize-space(text())='trial-0-seed-0']",
+        "the run's title",
+    )
     _close_assistant(driver)
     value = run.data.params["initializer"]
-    row = _element(driver, "//tr[td[normalize-space(.)='initializer']] | "
-                           "//div[@role='row'][.//*[normalize-space(text())='initializer']]", "the initializer param row")
+    row = _element(
+        driver,
+        "//tr[td[normalize-space(.)='initializer']] | //div[@role='row'][.//*[normalize-space(text())='initializer']]",
+        "the initializer param row",
+    )
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", row)
     assert value in row.text, row.text
     driver.save_screenshot(str(shots / "run_params.png"))
 
-    _element(driver, "//*[@role='tab' or self::a or self::button][normalize-space(.)='Model metrics']",
-             "the Model metrics tab").click()
+    _element(
+        driver,
+        "//*[@role='tab' or self::a or self::button][normalize-space(.)='Model metrics']",
+        "the Model metrics tab",
+    ).click()
     search = _element(driver, "//input[@placeholder='Search metric charts']", "the chart search box")
     search.send_keys("val_accuracy")
     # The chart card: the closest block around the title 'val_accuracy' that holds exactly one plot.
-    card = _element(driver, "//*[normalize-space(text())='val_accuracy']/ancestor::div[count(.//div[contains("
-                            "@class,'js-plotly-plot')])=1][1]", "the val_accuracy chart")
+    card = _element(
+        driver,
+        "//*[normalize-space(text())='val_accuracy']/ancestor::div[count(.//div[contains("
+        "@class,'js-plotly-plot')])=1][1]",
+        "the val_accuracy chart",
+    )
     _wait(driver, lambda d: card.find_elements("css selector", ".js-plotly-plot g.trace path"), "the chart's line")
     assert "trial-0-seed-0 (val_accuracy)" in card.text, card.text
     time.sleep(1)

@@ -6,8 +6,8 @@ study's driver checks every trial's config without them. Bad input anywhere is a
 """
 
 from pipeline.config.catalog import check_numbers, validate
-from pipeline.config.composition import compose, group_options
 from pipeline.config.compose_cache import user_cache_dir
+from pipeline.config.composition import compose, group_options
 from pipeline.config.errors import ConfigError, one_line
 from pipeline.config.schema import (
     AXES,

@@ -10,15 +10,17 @@ before Ray could start).
 Adding an initializer (or an activation, a dataset...): declare its name here, register its
 implementation under that name, add its YAML file to conf/ (docs/initializers.md).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-from pipeline.config.schema import PROBE_SCHEDULES, ActivationConfig, Config, DatasetConfig, InitializerConfig
 from pipeline.config.errors import ConfigError
 from pipeline.config.registry import Registry
+from pipeline.config.schema import PROBE_SCHEDULES, ActivationConfig, Config, DatasetConfig, InitializerConfig
 
 INITIALIZERS: Registry = Registry("initializer", "pipeline.engine.nn.initializers")
 ACTIVATIONS: Registry = Registry("activation", "pipeline.engine.nn.activations")
@@ -27,17 +29,46 @@ MODELS: Registry = Registry("model", "pipeline.engine.nn.models")
 DATASETS: Registry = Registry("dataset", "pipeline.engine.data")
 OPTIMIZERS: Registry = Registry("optimizer", "pipeline.engine.optim")
 
-for _name, *_aliases in (("zeros",), ("constant",), ("normal",), ("uniform",), ("xavier_uniform", "glorot_uniform"),
-                         ("xavier_normal", "glorot_normal"), ("kaiming_uniform", "he_uniform"),
-                         ("kaiming_normal", "he_normal"), ("lecun_uniform",), ("lecun_normal",), ("orthogonal",),
-                         ("delta_orthogonal",), ("lsuv",), ("variance_scaling",), ("identity",), ("pretrained",)):
+for _name, *_aliases in (
+    ("zeros",),
+    ("constant",),
+    ("normal",),
+    ("uniform",),
+    ("xavier_uniform", "glorot_uniform"),
+    ("xavier_normal", "glorot_normal"),
+    ("kaiming_uniform", "he_uniform"),
+    ("kaiming_normal", "he_normal"),
+    ("lecun_uniform",),
+    ("lecun_normal",),
+    ("orthogonal",),
+    ("delta_orthogonal",),
+    ("lsuv",),
+    ("variance_scaling",),
+    ("identity",),
+    ("pretrained",),
+):
     INITIALIZERS.declare(_name, *_aliases)
-for _name, *_aliases in (("identity", "linear"), ("sigmoid",), ("tanh",), ("relu",), ("leaky_relu",), ("selu",),
-                         ("elu",), ("relu6",), ("gelu",), ("silu", "swish"), ("softplus",), ("maxout",)):
+for _name, *_aliases in (
+    ("identity", "linear"),
+    ("sigmoid",),
+    ("tanh",),
+    ("relu",),
+    ("leaky_relu",),
+    ("selu",),
+    ("elu",),
+    ("relu6",),
+    ("gelu",),
+    ("silu", "swish"),
+    ("softplus",),
+    ("maxout",),
+):
     ACTIVATIONS.declare(_name, *_aliases)
-for _registry, _names in ((NORMALIZATIONS, ("none", "batch", "layer", "group")), (MODELS, ("mlp", "cnn", "rnn", "gru")),
-                          (DATASETS, ("digits", "mnist1d", "synthetic", "mnist", "fashion_mnist", "cifar10")),
-                          (OPTIMIZERS, ("sgd", "adam", "lars"))):
+for _registry, _names in (
+    (NORMALIZATIONS, ("none", "batch", "layer", "group")),
+    (MODELS, ("mlp", "cnn", "rnn", "gru")),
+    (DATASETS, ("digits", "mnist1d", "synthetic", "mnist", "fashion_mnist", "cifar10")),
+    (OPTIMIZERS, ("sgd", "adam", "lars")),
+):
     for _name in _names:
         _registry.declare(_name)
 del _name, _aliases, _registry, _names
@@ -65,11 +96,21 @@ def validate(cfg: Config) -> None:
 
 def check_numbers(cfg: Config) -> None:
     """The numbers that must be positive (or in their set), whatever the groups chosen."""
-    for key in ("scale", "batch_size", "train.epochs", "optimizer.lr", "model.depth", "model.width",
-                "train.probe_size", "study.trial_batch_max"):
+    for key in (
+        "scale",
+        "batch_size",
+        "train.epochs",
+        "optimizer.lr",
+        "model.depth",
+        "model.width",
+        "train.probe_size",
+        "study.trial_batch_max",
+    ):
         check_positive(key, _dotted(cfg, key))
     if cfg.train.probe_schedule not in PROBE_SCHEDULES:
-        raise ConfigError(f"train.probe_schedule={cfg.train.probe_schedule!r} is invalid; valid: {', '.join(PROBE_SCHEDULES)}")
+        raise ConfigError(
+            f"train.probe_schedule={cfg.train.probe_schedule!r} is invalid; valid: {', '.join(PROBE_SCHEDULES)}"
+        )
     if cfg.train.grad_clip is not None:
         check_positive("train.grad_clip", cfg.train.grad_clip)
 
@@ -117,7 +158,9 @@ def _check_recurrent(name: Optional[str]) -> None:
         return
     valid = [n for n in INITIALIZERS.names() if n != "pretrained"]
     if name not in INITIALIZERS or INITIALIZERS.canonical(name) == "pretrained":
-        raise ConfigError(f"initializer.recurrent={name} is invalid; valid: {', '.join(valid)} (or null: same as initializer)")
+        raise ConfigError(
+            f"initializer.recurrent={name} is invalid; valid: {', '.join(valid)} (or null: same as initializer)"
+        )
 
 
 def check_choice(key: str, value: str, valid: tuple[str, ...], name: str = "") -> None:
@@ -212,7 +255,9 @@ def validate_dataset(cfg: DatasetConfig) -> None:
 
 def _check_classes(classes: list[int]) -> None:
     if len(classes) < 2 or len(set(classes)) != len(classes) or min(classes) < 0:
-        raise ConfigError(f"dataset.classes={classes} is invalid; give at least two distinct labels >= 0 (or null for all)")
+        raise ConfigError(
+            f"dataset.classes={classes} is invalid; give at least two distinct labels >= 0 (or null for all)"
+        )
 
 
 def _check_synthetic(cfg: DatasetConfig) -> None:

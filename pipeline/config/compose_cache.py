@@ -16,6 +16,7 @@ that cannot be read or written is skipped silently: Hydra composes, as without i
 that names a Hydra search path (``hydra.searchpath``, in an override or a file of ``conf/``) is
 never cached: the files it adds lie outside what the key covers.
 """
+
 from __future__ import annotations
 
 import contextlib

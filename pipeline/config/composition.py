@@ -3,6 +3,7 @@
 ``compose(overrides)`` turns ``conf/`` plus command-line overrides into a resolved plain dict;
 every Hydra or OmegaConf error becomes a one-line ``ConfigError``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,15 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import compose_cache
-from pipeline.config.schema import register_schemas
 from pipeline.config.errors import ConfigError, one_line
+from pipeline.config.schema import register_schemas
 
 CONF_DIR = Path(os.environ.get("INITSTUDY_CONF", Path(__file__).resolve().parents[2] / "conf"))
 # Hydra's own config groups (logging, launcher, sweeper, help...) serve @hydra.main apps; the
 # compose API loads them all the same and drops them from its result. Skipped: 157 -> 119 ms a
 # composition (a study composes a dozen while Ray starts).
-_HYDRA_OWN_GROUPS = [f"~hydra/{group}" for group in
-                     ("job_logging", "hydra_logging", "help", "hydra_help", "launcher", "sweeper", "output", "env")]
+_HYDRA_OWN_GROUPS = [
+    f"~hydra/{group}"
+    for group in ("job_logging", "hydra_logging", "help", "hydra_help", "launcher", "sweeper", "output", "env")
+]
 
 
 def compose(overrides: list[str], config_name: str = "config") -> dict:

@@ -10,10 +10,12 @@ module that implements its entries is imported, so that a config is checked with
 PyTorch (a study's driver never does). That module then registers exactly the declared names
 (anything else raises), and ``get`` imports it on first use.
 """
+
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Generic, Iterator, Optional, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, Optional, TypeVar
 
 from pipeline.config.errors import ConfigError
 
@@ -34,7 +36,7 @@ class Registry(Generic[T]):
         """A name (and its aliases) whose entry ``implemented_in`` registers."""
         self._check_new(name, *aliases)
         self._declared[name] = aliases
-        self._aliases.update({alias: name for alias in aliases})
+        self._aliases.update(dict.fromkeys(aliases, name))
 
     def register(self, name: str, *aliases: str) -> Callable[[T], T]:
         """Decorator: ``@REG.register("xavier_uniform", "glorot_uniform")``."""
@@ -50,11 +52,13 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} '{name}' is registered twice")
         if self._declared:
             if self._declared.get(name) != aliases:
-                raise ValueError(f"{self.kind} '{name}' (aliases: {', '.join(aliases) or 'none'}) is not declared "
-                                 "as such in pipeline/config/catalog.py: declare it there too")
+                raise ValueError(
+                    f"{self.kind} '{name}' (aliases: {', '.join(aliases) or 'none'}) is not declared "
+                    "as such in pipeline/config/catalog.py: declare it there too"
+                )
         else:
             self._check_new(name, *aliases)
-            self._aliases.update({alias: name for alias in aliases})
+            self._aliases.update(dict.fromkeys(aliases, name))
         self._entries[name] = entry
 
     def _check_new(self, *keys: str) -> None:

@@ -9,6 +9,7 @@ MLflow run is opened.
 Workers never see Hydra: a trial travels as the plain dict of its resolved config, and
 ``config_from_dict`` turns it back into a typed ``Config``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -120,7 +121,9 @@ class TrackingConfig:
     artifact_root: str = "runs/artifacts"  # local artifact store of new experiments (sqlite stores)
     experiment: str = "initstudy-trials"  # experiment of single `trial` runs
     log_weights: bool = True
-    layer_plot: bool = True  # diagnostics/signal_by_depth.png per trial (~0.45 s on 2 CPUs; a study sets study.trial_plots)
+    layer_plot: bool = (
+        True  # diagnostics/signal_by_depth.png per trial (~0.45 s on 2 CPUs; a study sets study.trial_plots)
+    )
 
 
 @dataclass
@@ -268,7 +271,7 @@ def _container(origin: type, item_hint: Any, value: Any) -> Any:
     return items if origin is dict else list(items.values())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_types(schema: type) -> dict[str, Any]:
     return typing.get_type_hints(schema)
 

@@ -11,6 +11,7 @@ epoch bookkeeping and report as an unbatched trial's. A member that diverges or 
 there: its slice is copied back into its own model (for its final accuracy and weights) and keeps
 computing, unread, until the batch ends.
 """
+
 from __future__ import annotations
 
 import time
@@ -20,12 +21,23 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from pipeline.engine import data, diagnostics
 from pipeline.config.catalog import ACTIVATIONS
+from pipeline.engine import data, diagnostics
 from pipeline.engine.nn.stacked import StackedMLP, act_key
 from pipeline.engine.optim import build_optimizer
-from pipeline.engine.train import (EpochMeasures, PreparedTrial, Report, TrainState, TrialResult, close_epoch, epoch_zero,
-                            finish_trial, probe_due, probe_samples)
+from pipeline.engine.train import (
+    EpochMeasures,
+    PreparedTrial,
+    Report,
+    TrainState,
+    TrialResult,
+    close_epoch,
+    epoch_zero,
+    finish_trial,
+    probe_due,
+    probe_samples,
+)
+
 
 @dataclass
 class _Member:
@@ -68,8 +80,10 @@ def train_batch(preps: list[PreparedTrial], reports: Optional[list[Optional[Repo
 def _train_ordered(preps: list[PreparedTrial], reports: list[Optional[Report]]) -> list[TrialResult]:
     start = time.perf_counter()
     cfg, splits = preps[0].cfg, preps[0].splits
-    members = [_Member(p, r or (lambda step, metrics: None), torch.Generator().manual_seed(p.cfg.seed + 1))
-               for p, r in zip(preps, reports)]
+    members = [
+        _Member(p, r or (lambda step, metrics: None), torch.Generator().manual_seed(p.cfg.seed + 1))
+        for p, r in zip(preps, reports)
+    ]
     stacked = StackedMLP([p.model for p in preps])
     optimizer = build_optimizer(stacked.parameters(), cfg.optimizer, fused=True)
     measure = _Measure(stacked, splits, preps)
@@ -80,7 +94,9 @@ def _train_ordered(preps: list[PreparedTrial], reports: list[Optional[Report]]) 
         if not any(m.running for m in members):
             break
         before = [w.detach().clone() for w in stacked.weights]
-        batches = [data.batch_indices(len(splits.y_train), cfg.batch_size, m.shuffle, splits.y_train.device) for m in members]
+        batches = [
+            data.batch_indices(len(splits.y_train), cfg.batch_size, m.shuffle, splits.y_train.device) for m in members
+        ]
         losses, accuracies = _fit_stacked(stacked, optimizer, splits, batches)
         measures = measure(before, len(batches[0]), epoch)
         for k, member in enumerate(members):
@@ -110,13 +126,18 @@ class _Measure:
         k = self.stacked.size
         vals = evaluate_stacked(self.stacked, self.splits.x_val, self.splits.y_val)
         ratios = diagnostics.update_ratios_stacked(self.stacked.weights, before, steps) if before else [None] * k
-        probes = (diagnostics.probe_stacked(self.stacked, *self.probe_batch, saturated=self.saturated)
-                  if probe_due(self.cfg.train, epoch) else [None] * k)
+        probes = (
+            diagnostics.probe_stacked(self.stacked, *self.probe_batch, saturated=self.saturated)
+            if probe_due(self.cfg.train, epoch)
+            else [None] * k
+        )
         return [EpochMeasures(v, r, p) for v, r, p in zip(vals, ratios, probes)]
 
 
 @torch.no_grad()
-def evaluate_stacked(stacked: StackedMLP, x: torch.Tensor, y: torch.Tensor, floats: int = 2**24) -> list[tuple[float, float]]:
+def evaluate_stacked(
+    stacked: StackedMLP, x: torch.Tensor, y: torch.Tensor, floats: int = 2**24
+) -> list[tuple[float, float]]:
     """``train.evaluate`` for every member: (mean loss, accuracy), non-finite logits count as wrong.
 
     Chunks keep the members' copies of the inputs under ``floats`` values (64 MB)."""
@@ -129,7 +150,9 @@ def evaluate_stacked(stacked: StackedMLP, x: torch.Tensor, y: torch.Tensor, floa
         xs, ys = x[i : i + chunk], y[i : i + chunk]
         logits = stacked(xs.unsqueeze(0).expand(k, *xs.shape))
         targets = ys.unsqueeze(0).expand(k, -1)
-        loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(k, -1).sum(dim=1).double()
+        loss_sum += (
+            F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(k, -1).sum(dim=1).double()
+        )
         finite = torch.isfinite(logits).all(dim=2)
         correct += ((logits.argmax(dim=2) == targets) & finite).sum(dim=1)
     return [(loss / n, hits / n) for loss, hits in zip(loss_sum.tolist(), correct.tolist())]

@@ -22,6 +22,7 @@ is drawn by scikit-learn, and the file datasets (mnist, fashion_mnist, cifar10) 
 ``dataset.root``, with a one-line ``ConfigError`` saying which files to put where if they are
 missing. The raw load is cached per process because a worker runs many trials on the same data.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,19 +30,19 @@ import gzip
 import importlib.util
 import math
 import random
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.config import ConfigError, DatasetConfig
 from pipeline.config.catalog import DATASETS, informative_features
 from pipeline.config.catalog import validate_dataset as validate_config
-from pipeline.config import DatasetConfig
-from pipeline.config.errors import ConfigError
 
 #: ``dataset.input_norm`` values: per-feature statistics fitted on the training split only.
 
@@ -237,7 +238,9 @@ def _check_stratifiable(n: int, n_out: int, n_classes: int, class_counts: np.nda
         raise ValueError("the least populated class has only 1 member; every class needs at least 2")
     for part, size in (("kept", n - n_out), ("held-out", n_out)):
         if size < n_classes:
-            raise ValueError(f"the {part} part ({size}) must hold at least one sample of each of the {n_classes} classes")
+            raise ValueError(
+                f"the {part} part ({size}) must hold at least one sample of each of the {n_classes} classes"
+            )
 
 
 def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
@@ -334,8 +337,11 @@ def _mnist1d(cfg: DatasetConfig) -> RawData:
     with _global_rng_preserved():  # make_dataset reseeds random and numpy's global RNG to 42
         data = make_dataset(get_dataset_args())
     return RawData(
-        x=data["x"][:, None, :], y=data["y"].astype(np.int64), num_classes=10,
-        x_test=data["x_test"][:, None, :], y_test=data["y_test"].astype(np.int64),
+        x=data["x"][:, None, :],
+        y=data["y"].astype(np.int64),
+        num_classes=10,
+        x_test=data["x_test"][:, None, :],
+        y_test=data["y_test"].astype(np.int64),
     )
 
 
@@ -366,9 +372,14 @@ def _synthetic(cfg: DatasetConfig) -> RawData:
     from sklearn.datasets import make_classification
 
     x, y = make_classification(
-        n_samples=cfg.n_samples, n_features=cfg.n_features, n_classes=cfg.n_classes,
-        n_informative=informative_features(cfg.n_features, cfg.n_classes), n_redundant=0, n_clusters_per_class=2,
-        class_sep=synthetic_class_sep(cfg.difficulty), flip_y=0.0,  # no label noise: difficulty is the one knob
+        n_samples=cfg.n_samples,
+        n_features=cfg.n_features,
+        n_classes=cfg.n_classes,
+        n_informative=informative_features(cfg.n_features, cfg.n_classes),
+        n_redundant=0,
+        n_clusters_per_class=2,
+        class_sep=synthetic_class_sep(cfg.difficulty),
+        flip_y=0.0,  # no label noise: difficulty is the one knob
         random_state=cfg.split_seed,
     )
     return RawData(x=x.astype(np.float32), y=y.astype(np.int64), num_classes=cfg.n_classes)
@@ -393,17 +404,20 @@ class _FileSource:
 
 _SOURCES = {
     "mnist": _FileSource(
-        _IDX, ("", "mnist", "MNIST/raw"),
+        _IDX,
+        ("", "mnist", "MNIST/raw"),
         "download them yourself from https://yann.lecun.com/exdb/mnist/ (or a mirror) or copy torchvision's "
         "MNIST/raw folder",
     ),
     "fashion_mnist": _FileSource(
-        _IDX, ("", "fashion_mnist", "FashionMNIST/raw"),
+        _IDX,
+        ("", "fashion_mnist", "FashionMNIST/raw"),
         "download them yourself from https://github.com/zalandoresearch/fashion-mnist (data/fashion) or copy "
         "torchvision's FashionMNIST/raw folder",
     ),
     "cifar10": _FileSource(
-        _CIFAR, ("", "cifar-10-batches-bin", "cifar10", "cifar10/cifar-10-batches-bin"),
+        _CIFAR,
+        ("", "cifar-10-batches-bin", "cifar10", "cifar10/cifar-10-batches-bin"),
         "download the BINARY version cifar-10-binary.tar.gz yourself from https://www.cs.toronto.edu/~kriz/cifar.html "
         "and extract it (torchvision's cifar-10-batches-py pickles are not read)",
     ),

@@ -15,11 +15,13 @@ The probe runs in train mode (batch norm uses batch statistics, as it does while
 leaves no trace: gradients come from ``torch.autograd.grad`` (``.grad`` is untouched) and
 normalization buffers are restored afterwards.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -126,8 +128,10 @@ def _table(captures: list[dict], pre_grads: list, weight_grads: list, saturated:
         columns["saturated_fraction"] = _saturation(outs, saturated)
     names = list(columns)
     table = torch.stack([columns[name] for name in names], dim=-1).transpose(0, 1).tolist()  # (K, layers, names)
-    return [[_row(i, names, values, test is not None) for i, values in enumerate(member)]
-            for member, test in zip(table, saturated)]
+    return [
+        [_row(i, names, values, test is not None) for i, values in enumerate(member)]
+        for member, test in zip(table, saturated)
+    ]
 
 
 def _row(index: int, names: list[str], values: list[float], saturates: bool) -> dict:
@@ -175,8 +179,13 @@ def update_ratios_stacked(weights: list[torch.Tensor], before: list[torch.Tensor
 
 
 def _step_row(index: int, h: torch.Tensor, grad, saturated: Saturation) -> dict:
-    row = {"layer": index + 1, "time_step": index + 1, "act_std": float(h.std()), "grad_norm": _norm(grad),
-           "dead_fraction": _dead_fraction(h)}
+    row = {
+        "layer": index + 1,
+        "time_step": index + 1,
+        "act_std": float(h.std()),
+        "grad_norm": _norm(grad),
+        "dead_fraction": _dead_fraction(h),
+    }
     if saturated is not None:
         row["saturated_fraction"] = float(saturated(h).float().mean())
     return row

@@ -12,16 +12,18 @@ fifth of a Ray worker's start-up. SGD and Adam here hold the same state as ``tor
 (``torch.optim.sgd.sgd``, ``torch.optim.adam.adam``): the same numbers, bit for bit
 (tests/engine/test_optim.py steps both side by side).
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import torch
 from torch.optim.adam import adam as adam_update
 from torch.optim.sgd import sgd as sgd_update
 
-from pipeline.config.catalog import OPTIMIZERS
 from pipeline.config import OptimizerConfig
+from pipeline.config.catalog import OPTIMIZERS
 
 
 class Optimizer:
@@ -51,8 +53,9 @@ class Optimizer:
 class SGD(Optimizer):
     """``torch.optim.SGD(params, lr, momentum, weight_decay=..., fused=...)`` (no dampening, no Nesterov)."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 fused: Optional[bool] = None) -> None:
+    def __init__(
+        self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, fused: Optional[bool] = None
+    ) -> None:
         super().__init__(params)
         self.lr, self.momentum, self.weight_decay, self.fused = lr, momentum, weight_decay, fused
 
@@ -60,8 +63,18 @@ class SGD(Optimizer):
     def step(self) -> None:
         params = self._with_grads()
         buffers = [self.state.get(p, {}).get("momentum_buffer") for p in params] if self.momentum else []
-        sgd_update(params, [p.grad for p in params], buffers, fused=self.fused, weight_decay=self.weight_decay,
-                   momentum=self.momentum, lr=self.lr, dampening=0.0, nesterov=False, maximize=False)
+        sgd_update(
+            params,
+            [p.grad for p in params],
+            buffers,
+            fused=self.fused,
+            weight_decay=self.weight_decay,
+            momentum=self.momentum,
+            lr=self.lr,
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+        )
         for p, buffer in zip(params, buffers):  # the first step made them
             self.state[p] = {"momentum_buffer": buffer}
 
@@ -69,8 +82,15 @@ class SGD(Optimizer):
 class Adam(Optimizer):
     """``torch.optim.Adam(params, lr, betas, weight_decay=..., fused=...)`` (eps 1e-8, no AMSGrad)."""
 
-    def __init__(self, params, lr: float, betas: tuple[float, float], weight_decay: float = 0.0,
-                 eps: float = 1e-8, fused: Optional[bool] = None) -> None:
+    def __init__(
+        self,
+        params,
+        lr: float,
+        betas: tuple[float, float],
+        weight_decay: float = 0.0,
+        eps: float = 1e-8,
+        fused: Optional[bool] = None,
+    ) -> None:
         super().__init__(params)
         self.lr, self.betas, self.weight_decay, self.eps, self.fused = lr, betas, weight_decay, eps, fused
 
@@ -81,10 +101,23 @@ class Adam(Optimizer):
             if p not in self.state:
                 self.state[p] = self._new_state(p)
         states = [self.state[p] for p in params]
-        adam_update(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                    [], [s["step"] for s in states], fused=self.fused, has_complex=any(torch.is_complex(p) for p in params),
-                    amsgrad=False, beta1=self.betas[0], beta2=self.betas[1], lr=self.lr, weight_decay=self.weight_decay,
-                    eps=self.eps, maximize=False)
+        adam_update(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],
+            fused=self.fused,
+            has_complex=any(torch.is_complex(p) for p in params),
+            amsgrad=False,
+            beta1=self.betas[0],
+            beta2=self.betas[1],
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            eps=self.eps,
+            maximize=False,
+        )
 
     def _new_state(self, p: torch.Tensor) -> dict:
         # torch.optim.Adam's: the step count is a float32 tensor on the parameter's device when
@@ -92,9 +125,14 @@ class Adam(Optimizer):
         if self.fused:
             step = torch.zeros((), dtype=torch.float32, device=p.device)
         else:
-            step = torch.tensor(0.0, dtype=torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32)
-        return {"step": step, "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+            step = torch.tensor(
+                0.0, dtype=torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+            )
+        return {
+            "step": step,
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
 
 
 # OPTIMIZERS (pipeline/config/catalog.py): each declared name is registered below.
@@ -112,8 +150,15 @@ class LARS(Optimizer):
     local rate is 1, so a zero-initialized layer still moves.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 0.001, adapt_vectors: bool = False) -> None:
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        adapt_vectors: bool = False,
+    ) -> None:
         super().__init__(params)
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.trust_coefficient, self.adapt_vectors = trust_coefficient, adapt_vectors
@@ -154,8 +199,9 @@ def _adam(params, cfg: OptimizerConfig, fused: bool = False) -> Optimizer:
 
 @OPTIMIZERS.register("lars")
 def _lars(params, cfg: OptimizerConfig) -> Optimizer:
-    return LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                trust_coefficient=cfg.trust_coefficient)
+    return LARS(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, trust_coefficient=cfg.trust_coefficient
+    )
 
 
 def build_optimizer(params, cfg: OptimizerConfig, fused: bool = False) -> Optimizer:

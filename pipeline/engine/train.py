@@ -8,22 +8,23 @@ result, not an error: the trial stops, ``diverged`` is set with the epoch, and t
 ``prepare_trial`` does everything that can fail on bad input (validation, data, model, init)
 before any training, so callers can open their records only once it has succeeded.
 """
+
 from __future__ import annotations
 
 import ctypes
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import Config, ConfigError, TrainConfig, config_from_dict, validate
 from pipeline.engine import data, diagnostics
-from pipeline.config import Config, TrainConfig, config_from_dict, validate
-from pipeline.config.errors import ConfigError
 from pipeline.engine.nn.activations import ACTIVATIONS, activation_gain
 from pipeline.engine.nn.initializers import apply_init
 from pipeline.engine.nn.models import build_model
@@ -82,7 +83,9 @@ def prepare_trial(config: dict | Config, device: Optional[str] = None) -> Prepar
     _configure_process(cfg.train.threads)
     splits = data.load_dataset(cfg.dataset, dev)
     if cfg.batch_size > len(splits.y_train):
-        raise ConfigError(f"batch_size={cfg.batch_size} is larger than the training set ({len(splits.y_train)} samples)")
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is larger than the training set ({len(splits.y_train)} samples)"
+        )
     model = _built_from_seed(cfg, splits)
     generator = torch.Generator().manual_seed(cfg.seed)
     gain = activation_gain(cfg.activation)
@@ -203,7 +206,7 @@ def probe_samples(splits: data.Splits, size: int) -> tuple[torch.Tensor, torch.T
     return splits.x_train[:size], splits.y_train[:size]
 
 
-def epoch_zero(cfg: Config, state: TrainState, measures: Callable[[], "EpochMeasures"]) -> dict:
+def epoch_zero(cfg: Config, state: TrainState, measures: Callable[[], EpochMeasures]) -> dict:
     """Epoch 0: the network as initialized, before any update."""
     m = measures()
     metrics = {"val_loss": m.val[0], "val_accuracy": m.val[1]}
@@ -225,8 +228,9 @@ class EpochMeasures:
     probe: Optional[diagnostics.Probe] = None  # None with train.diagnostics=false
 
 
-def measure(model: nn.Module, splits: data.Splits, cfg: Config, probe_batch, before=None, steps: int = 0,
-            epoch: int = 0) -> EpochMeasures:
+def measure(
+    model: nn.Module, splits: data.Splits, cfg: Config, probe_batch, before=None, steps: int = 0, epoch: int = 0
+) -> EpochMeasures:
     """An unbatched trial's measures (a batched one gets them all at once: pipeline/engine/batched.py)."""
     # The probe first: it wants train mode, which training left the model in; evaluate() then sets eval.
     probe = _probe(model, probe_batch, cfg) if probe_due(cfg.train, epoch) else None
@@ -254,8 +258,9 @@ def _train_epoch(model, optimizer, splits, cfg: Config, shuffle, epoch: int, pro
     return close_epoch(cfg, epoch, state, (train_loss, train_acc), measures)
 
 
-def close_epoch(cfg: Config, epoch: int, state: TrainState, fit: tuple[float, float],
-                measures: Callable[[], EpochMeasures]) -> dict:
+def close_epoch(
+    cfg: Config, epoch: int, state: TrainState, fit: tuple[float, float], measures: Callable[[], EpochMeasures]
+) -> dict:
     """After an epoch's updates: divergence check, then (if finite) validation, update ratios,
     diagnostics, history. ``measures`` is only called for a finite epoch."""
     train_loss, train_acc = fit

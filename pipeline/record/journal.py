@@ -10,12 +10,14 @@ the worker's timestamps. The driver is then the only process that writes to the 
 A journal's run is known by its ``key`` until the driver has created the MLflow run; the
 ``reproduce`` tag, which names the run, is set by the driver when it creates it.
 """
+
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from pipeline.config import TrackingConfig
 from pipeline.record.provenance import provenance
@@ -48,8 +50,11 @@ class JournalRun(EndsOnExit):
 
     def log_dir(self, local_dir: Path, artifact_dir: Optional[str] = None) -> None:
         """Every file of ``local_dir``, read now: the driver may run on another host."""
-        files = {str(path.relative_to(local_dir)): path.read_bytes() for path in sorted(Path(local_dir).rglob("*"))
-                 if path.is_file()}
+        files = {
+            str(path.relative_to(local_dir)): path.read_bytes()
+            for path in sorted(Path(local_dir).rglob("*"))
+            if path.is_file()
+        }
         self._add(("files", artifact_dir, files), buffered=True)
 
     def end(self, status: str, reason: Optional[str] = None) -> None:
@@ -75,11 +80,21 @@ class JournalRun(EndsOnExit):
 def journal_starter(outbox: Outbox) -> Callable[..., JournalRun]:
     """A ``runs.start_run`` look-alike whose runs are journals sent to ``outbox``."""
 
-    def start_journal_run(tracking_cfg: TrackingConfig, experiment: str, parent_run_id: Optional[str] = None,
-                  run_name: Optional[str] = None, tags: Optional[dict] = None, reproducible: bool = False) -> JournalRun:
-        opening = {"experiment": experiment, "parent_run_id": parent_run_id, "run_name": run_name,
-                   "tags": _strings({**provenance(), **(tags or {})}),
-                   "reproducible": reproducible}
+    def start_journal_run(
+        tracking_cfg: TrackingConfig,
+        experiment: str,
+        parent_run_id: Optional[str] = None,
+        run_name: Optional[str] = None,
+        tags: Optional[dict] = None,
+        reproducible: bool = False,
+    ) -> JournalRun:
+        opening = {
+            "experiment": experiment,
+            "parent_run_id": parent_run_id,
+            "run_name": run_name,
+            "tags": _strings({**provenance(), **(tags or {})}),
+            "reproducible": reproducible,
+        }
         return JournalRun(outbox, opening)
 
     return start_journal_run

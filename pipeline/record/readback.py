@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 from pipeline.config import ConfigError
 from pipeline.record import names
@@ -63,7 +64,11 @@ def study_runs(uri: str, study: str) -> tuple[RunRecord, list[RunRecord]]:
     check_store_exists(uri)
     mlflow_client = client(uri)
     found = mlflow_client.get_experiment_by_name(study)
-    parents = _search_all(mlflow_client, [found.experiment_id], filter_string({names.ROLE_TAG: names.STUDY_ROLE})) if found else []
+    parents = (
+        _search_all(mlflow_client, [found.experiment_id], filter_string({names.ROLE_TAG: names.STUDY_ROLE}))
+        if found
+        else []
+    )
     if not parents:
         held = study_names(uri)
         listing = f"studies here: {', '.join(held)}" if held else "no study is recorded there yet"

@@ -7,13 +7,14 @@ differences, which are reported, not hidden. A run that trained in a batch of tr
 ``trial_batch``, ``trial_batch_id``) re-runs in the same batch: alone, its matmuls would round
 differently, and training grows that (a chaotic trial can end elsewhere entirely).
 """
+
 from __future__ import annotations
 
 from pipeline.record import names
 from pipeline.record.artifacts import download_config
 from pipeline.record.readback import batch_mates, metric_histories
-from pipeline.record.store import experiment_of
 from pipeline.record.runner import RecordedTrial, run_recorded_in_batch, run_recorded_trial
+from pipeline.record.store import experiment_of
 
 CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 FINALS = ("final_accuracy", "final_val_accuracy", "best_val_accuracy")
@@ -47,14 +48,20 @@ def _logged_config(run_id: str, uri: str) -> dict:
 
 def compare(original: dict[str, list[tuple[int, float]]], done: RecordedTrial, run_id: str) -> str:
     """A table: per curve the largest |difference| over epochs, then the final metrics side by side."""
-    lines = [f"reproduction of {run_id} as {done.run_id}:", "", "| metric | original | reproduced | max abs diff |",
-             "|---|---|---|---|"]
+    lines = [
+        f"reproduction of {run_id} as {done.run_id}:",
+        "",
+        "| metric | original | reproduced | max abs diff |",
+        "|---|---|---|---|",
+    ]
     history = {row["epoch"]: row for row in done.result.history}
     for key in CURVES:
         points = original.get(key, [])
         diffs = [abs(value - history[step][key]) for step, value in points if key in history.get(step, {})]
         if points:
-            lines.append(f"| {key} (curve, {len(points)} points) | {points[-1][1]:.6f} | {history[points[-1][0]].get(key, float('nan')):.6f} | {max(diffs, default=float('nan')):.3g} |")
+            lines.append(
+                f"| {key} (curve, {len(points)} points) | {points[-1][1]:.6f} | {history[points[-1][0]].get(key, float('nan')):.6f} | {max(diffs, default=float('nan')):.3g} |"
+            )
     summary = done.result.summary()
     for key in FINALS:
         if key in original:

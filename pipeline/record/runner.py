@@ -6,12 +6,14 @@ matters: everything that can fail on bad input happens in ``prepare_trial`` BEFO
 is opened, and once it is open the recorder's context guarantees it ends (FINISHED, FAILED with a
 reason, or KILLED).
 """
+
 from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 from pipeline.config import Config, ConfigError, TrackingConfig, config_from_dict, config_to_dict
 from pipeline.engine.batched import train_batch
@@ -69,7 +71,9 @@ class TrialRequest:
     run_name: Optional[str] = None
 
 
-def run_recorded_batch(requests: list[TrialRequest], start_run: StartRun = start_mlflow_run) -> list[RecordedTrial | ConfigError]:
+def run_recorded_batch(
+    requests: list[TrialRequest], start_run: StartRun = start_mlflow_run
+) -> list[RecordedTrial | ConfigError]:
     """Trials with one ``grouping.batch_key`` (pipeline/study/grouping.py), trained together and each recorded in its own run.
 
     A member whose config is bad gets a FAILED run and its ``ConfigError`` in the returned list;
@@ -86,22 +90,30 @@ def run_recorded_batch(requests: list[TrialRequest], start_run: StartRun = start
             outcomes.append(err)
     batch_id = uuid.uuid4().hex if len(ready) > 1 else None
     with contextlib.ExitStack() as stack:
-        reports = [stack.enter_context(_recording(r, len(ready), _batch_tags(batch_id, i))) for i, r in enumerate(ready)]
+        reports = [
+            stack.enter_context(_recording(r, len(ready), _batch_tags(batch_id, i))) for i, r in enumerate(ready)
+        ]
         preps = [r.prepared for r in ready]
-        results = train_batch(preps, reports) if len(ready) > 1 else [train_trial(p, rep) for p, rep in zip(preps, reports)]
+        results = (
+            train_batch(preps, reports) if len(ready) > 1 else [train_trial(p, rep) for p, rep in zip(preps, reports)]
+        )
         for r, result in zip(ready, results):
             _record_outcome(r, result)
     done = iter(RecordedTrial(r.recorder.run_id, result, r.experiment) for r, result in zip(ready, results))
     return [outcome if outcome is not None else next(done) for outcome in outcomes]
 
 
-def run_recorded_in_batch(configs: list[dict], member: int, experiment: str, tags: Optional[dict] = None) -> RecordedTrial:
+def run_recorded_in_batch(
+    configs: list[dict], member: int, experiment: str, tags: Optional[dict] = None
+) -> RecordedTrial:
     """Train ``configs`` together, as one batch in this order, and record member ``member`` alone.
 
     ``reproduce`` replays a trial that trained in a batch this way: its batch-mates only make the
     same arithmetic happen (a batch's matmuls round differently with other members, or alone).
     """
-    ready = _prepare(TrialRequest(configs[member], experiment, tags=tags), record_failures=False, start_run=start_mlflow_run)
+    ready = _prepare(
+        TrialRequest(configs[member], experiment, tags=tags), record_failures=False, start_run=start_mlflow_run
+    )
     preps = [ready.prepared if i == member else prepare_trial(config) for i, config in enumerate(configs)]
     with _recording(ready, len(configs)) as report:
         reports = [report if i == member else None for i in range(len(configs))]
@@ -156,18 +168,26 @@ def fetch_pretrained(cfg: Config) -> None:
 
 
 @contextlib.contextmanager
-def _recording(ready: _Ready, batch_size: int = 1, batch_tags: Optional[dict] = None) -> Iterator[Callable[[int, dict], Optional[bool]]]:
+def _recording(
+    ready: _Ready, batch_size: int = 1, batch_tags: Optional[dict] = None
+) -> Iterator[Callable[[int, dict], Optional[bool]]]:
     """The trial's open run (ended whatever happens) and the per-epoch ``report`` that logs to it."""
     request = ready.request
-    tags = {**(request.tags or {}), **({names.BATCH_SIZE_TAG: batch_size, **(batch_tags or {})} if batch_size > 1 else {})}
-    with ready.start_run(ready.cfg.tracking, ready.experiment, request.parent_run_id, request.run_name, tags,
-                         reproducible=True) as recorder:
+    tags = {
+        **(request.tags or {}),
+        **({names.BATCH_SIZE_TAG: batch_size, **(batch_tags or {})} if batch_size > 1 else {}),
+    }
+    with ready.start_run(
+        ready.cfg.tracking, ready.experiment, request.parent_run_id, request.run_name, tags, reproducible=True
+    ) as recorder:
         ready.recorder = recorder
         # K runs trained together flush K times as often: spread them so the store sees the same
         # write rate as one trial (each write costs ~20 ms on sqlite, whatever its size).
         recorder.flush_every_s *= batch_size
         # With the first metric write (at most FLUSH_EVERY_S from now; a short trial's only write).
-        recorder.log_params(trial_params(ready.resolved), tags={names.DEVICE_TAG: str(ready.prepared.device)}, buffered=True)
+        recorder.log_params(
+            trial_params(ready.resolved), tags={names.DEVICE_TAG: str(ready.prepared.device)}, buffered=True
+        )
 
         def report(step: int, metrics: dict) -> Optional[bool]:
             recorder.log_metrics(step, metrics, buffered=True)
@@ -176,7 +196,9 @@ def _recording(ready: _Ready, batch_size: int = 1, batch_tags: Optional[dict] = 
         yield report
 
 
-def _record_unstarted(config: dict, experiment: str, request: TrialRequest, err: Exception, start_run: StartRun) -> None:
+def _record_unstarted(
+    config: dict, experiment: str, request: TrialRequest, err: Exception, start_run: StartRun
+) -> None:
     tracking_cfg = TrackingConfig(**config["tracking"])
     with start_run(tracking_cfg, experiment, request.parent_run_id, request.run_name, request.tags) as run:
         run.log_params(trial_params(config))

@@ -209,10 +209,7 @@ def tag_run(uri: str, run_id: str, tags: dict[str, Any]) -> None:
 
 
 def filter_string(tags: dict[str, Any], status: Optional[str] = None) -> str:
-    """MLflow's search filter for runs whose ``tags`` equal these values (and whose status is ``status``).
-
-    Values are quoted as MLflow's filter grammar reads them: a ``'`` inside a value is doubled.
-    """
+    """MLflow's search filter for runs whose ``tags`` equal these values (and whose status is ``status``)."""
     clauses = [f"tags.`{key}` = {_quoted(value)}" for key, value in tags.items()]
     if status:
         clauses.append(f"attributes.status = {_quoted(status)}")
@@ -220,10 +217,18 @@ def filter_string(tags: dict[str, Any], status: Optional[str] = None) -> str:
 
 
 def _quoted(value: Any) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
+    """A filter string literal: MLflow's grammar has no escapes, so a value with a ``'`` is quoted with ``"``."""
+    text = str(value)
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'
+    raise ConfigError(f"{text!r} holds both kinds of quote, which MLflow's search cannot match")
 
 
-def find_runs(tracking: TrackingConfig, experiment: str, tags: dict[str, Any], status: Optional[str] = None) -> list[str]:
+def find_runs(
+    tracking: TrackingConfig, experiment: str, tags: dict[str, Any], status: Optional[str] = None
+) -> list[str]:
     """Ids of the runs in ``experiment`` whose tags equal ``tags`` (and whose status is ``status``)."""
     found = client(tracking.uri).get_experiment_by_name(experiment)
     if found is None:

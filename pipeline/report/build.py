@@ -8,21 +8,24 @@ one PNG per figure) and logs that folder to the parent run under ``report/``. A 
 cannot support (one trial, every trial failed, no diagnostics) is replaced by a note saying why.
 MLflow is read through ``pipeline.record``; the figures live in ``pipeline.report.figures``.
 """
-from __future__ import annotations
 
-import json
+from __future__ import annotations
 
 import base64
 import csv
 import datetime
 import html
+import json
 import logging
 import statistics
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
+
+import matplotlib.pyplot as plt
 
 from pipeline.config import AXES
 from pipeline.record import names
@@ -31,8 +34,6 @@ from pipeline.record.readback import RunRecord, metric_histories, study_runs
 from pipeline.record.runs import Run
 from pipeline.report import figures as plots
 from pipeline.report.importances import EvaluatorError, Importances, NothingToWeigh
-
-import matplotlib.pyplot as plt  # noqa: E402  (after pipeline.report.figures chose the Agg backend)
 
 log = logging.getLogger(__name__)
 
@@ -175,55 +176,100 @@ def load_optuna(study: str, storage: Optional[str], output_dir: str):
 # ---- the figures ----------------------------------------------------------------------------------
 
 
-def figure_specs(runs: list[plots.TrialRun], optuna_study, optuna_note: str, objective: str,
-                 references: Optional[dict[str, float]] = None, importances=None) -> list[FigureSpec]:
+def figure_specs(
+    runs: list[plots.TrialRun],
+    optuna_study,
+    optuna_note: str,
+    objective: str,
+    references: Optional[dict[str, float]] = None,
+    importances=None,
+) -> list[FigureSpec]:
     """Every figure of the report, in page order. ``importances``: from ``_start_importances``, if
     the caller started them early (else they are computed when their figure is drawn)."""
     return [
-        FigureSpec("trial_outcomes", "Outcomes", "Trial outcomes",
-                   "How many trials completed, diverged (a non-finite training loss in some seed), were pruned by "
-                   "the Optuna pruner or failed, overall and per initializer.",
-                   lambda: plots.plot_trial_outcomes(runs)),
-        FigureSpec("convergence_by_initializer", "Convergence", "Convergence by initializer",
-                   "Validation accuracy and loss per epoch (epoch 0 = the network as initialized), one line per "
-                   "initializer: the mean over its runs (every seed of every trial) with a ± 1 std band. Failed "
-                   "runs are left out; pruned runs count until they stopped.",
-                   lambda: plots.plot_convergence(runs, "initializer")),
-        FigureSpec("convergence_by_activation", "Convergence", "Convergence by activation",
-                   "The same curves grouped by activation function.",
-                   lambda: plots.plot_convergence(runs, "activation")),
-        FigureSpec("final_accuracy_heatmap", "Final accuracy", "Final accuracy: initializer × activation",
-                   "Held-out test accuracy after the last epoch, mean ± std over the complete runs in each cell "
-                   "(n runs; diverged runs included, pruned and failed ones not). Grey: no run.",
-                   lambda: plots.plot_accuracy_heatmap(runs)),
-        FigureSpec("final_accuracy_by_normalization_batch_size", "Final accuracy",
-                   "Final accuracy by normalization and batch size",
-                   "Distribution of the final test accuracy of the complete runs per normalization and per batch "
-                   "size: box = quartiles and median, dots = runs, n under each box.",
-                   lambda: plots.plot_accuracy_by_category(runs)),
-        FigureSpec("final_accuracy_vs_scale", "Final accuracy", "Final accuracy against scale",
-                   "Final test accuracy against the initialization scale (which multiplies the standard deviation "
-                   "the scheme would give; log axis), one colour per initializer; the thin line joins the mean per "
-                   "distinct scale, x marks a diverged run.",
-                   lambda: plots.plot_accuracy_vs_scale(runs, references=references)),
-        FigureSpec("signal_at_init", "Signal propagation at initialization", "Signal propagation at initialization",
-                   "Per hidden layer, at initialization (epoch 0 of diagnostics/layers.csv): the std of the layer's "
-                   "output and the norm of the backprop gradient with respect to its pre-activation, geometric mean "
-                   "over runs. Flat lines propagate; a line falling with depth vanishes, a rising one explodes "
-                   "(a backprop ratio first/last of 0.7-1.4 is healthy).",
-                   lambda: plots.plot_signal_at_init(runs)),
-        FigureSpec("unit_health", "Signal propagation at initialization", "Dead and saturated units",
-                   "Share of hidden units that are dead (activation input ≤ 0 on every probe sample) and, for "
-                   "tanh/sigmoid, saturated, at initialization and after the last epoch, mean over layers and runs.",
-                   lambda: plots.plot_unit_health(runs)),
-        FigureSpec("param_importances", "Optuna", "Parameter importances",
-                   f"Optuna's fANOVA importance of each study axis for the objective {objective} (the share of its "
-                   "variance each axis explains, over the complete trials; seed 0 of the evaluator's forest).",
-                   lambda: _importances(optuna_study, optuna_note, objective, importances)),
-        FigureSpec("optimization_history", "Optuna", "Optimization history",
-                   f"The objective ({objective}, mean over seeds) of every complete trial in the order Optuna asked "
-                   "for them, with the best value so far; pruned and failed trials are marked along the bottom.",
-                   lambda: _history(optuna_study, optuna_note, objective)),
+        FigureSpec(
+            "trial_outcomes",
+            "Outcomes",
+            "Trial outcomes",
+            "How many trials completed, diverged (a non-finite training loss in some seed), were pruned by "
+            "the Optuna pruner or failed, overall and per initializer.",
+            lambda: plots.plot_trial_outcomes(runs),
+        ),
+        FigureSpec(
+            "convergence_by_initializer",
+            "Convergence",
+            "Convergence by initializer",
+            "Validation accuracy and loss per epoch (epoch 0 = the network as initialized), one line per "
+            "initializer: the mean over its runs (every seed of every trial) with a ± 1 std band. Failed "
+            "runs are left out; pruned runs count until they stopped.",
+            lambda: plots.plot_convergence(runs, "initializer"),
+        ),
+        FigureSpec(
+            "convergence_by_activation",
+            "Convergence",
+            "Convergence by activation",
+            "The same curves grouped by activation function.",
+            lambda: plots.plot_convergence(runs, "activation"),
+        ),
+        FigureSpec(
+            "final_accuracy_heatmap",
+            "Final accuracy",
+            "Final accuracy: initializer × activation",
+            "Held-out test accuracy after the last epoch, mean ± std over the complete runs in each cell "
+            "(n runs; diverged runs included, pruned and failed ones not). Grey: no run.",
+            lambda: plots.plot_accuracy_heatmap(runs),
+        ),
+        FigureSpec(
+            "final_accuracy_by_normalization_batch_size",
+            "Final accuracy",
+            "Final accuracy by normalization and batch size",
+            "Distribution of the final test accuracy of the complete runs per normalization and per batch "
+            "size: box = quartiles and median, dots = runs, n under each box.",
+            lambda: plots.plot_accuracy_by_category(runs),
+        ),
+        FigureSpec(
+            "final_accuracy_vs_scale",
+            "Final accuracy",
+            "Final accuracy against scale",
+            "Final test accuracy against the initialization scale (which multiplies the standard deviation "
+            "the scheme would give; log axis), one colour per initializer; the thin line joins the mean per "
+            "distinct scale, x marks a diverged run.",
+            lambda: plots.plot_accuracy_vs_scale(runs, references=references),
+        ),
+        FigureSpec(
+            "signal_at_init",
+            "Signal propagation at initialization",
+            "Signal propagation at initialization",
+            "Per hidden layer, at initialization (epoch 0 of diagnostics/layers.csv): the std of the layer's "
+            "output and the norm of the backprop gradient with respect to its pre-activation, geometric mean "
+            "over runs. Flat lines propagate; a line falling with depth vanishes, a rising one explodes "
+            "(a backprop ratio first/last of 0.7-1.4 is healthy).",
+            lambda: plots.plot_signal_at_init(runs),
+        ),
+        FigureSpec(
+            "unit_health",
+            "Signal propagation at initialization",
+            "Dead and saturated units",
+            "Share of hidden units that are dead (activation input ≤ 0 on every probe sample) and, for "
+            "tanh/sigmoid, saturated, at initialization and after the last epoch, mean over layers and runs.",
+            lambda: plots.plot_unit_health(runs),
+        ),
+        FigureSpec(
+            "param_importances",
+            "Optuna",
+            "Parameter importances",
+            f"Optuna's fANOVA importance of each study axis for the objective {objective} (the share of its "
+            "variance each axis explains, over the complete trials; seed 0 of the evaluator's forest).",
+            lambda: _importances(optuna_study, optuna_note, objective, importances),
+        ),
+        FigureSpec(
+            "optimization_history",
+            "Optuna",
+            "Optimization history",
+            f"The objective ({objective}, mean over seeds) of every complete trial in the order Optuna asked "
+            "for them, with the best value so far; pruned and failed trials are marked along the bottom.",
+            lambda: _history(optuna_study, optuna_note, objective),
+        ),
     ]
 
 
@@ -299,25 +345,38 @@ pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; 
 """
 
 
-def _html(study: str, uri: str, parent: RunRecord, runs: list[plots.TrialRun], optuna_study,
-          objective: str, drawn: list[Drawn]) -> str:
+def _html(
+    study: str,
+    uri: str,
+    parent: RunRecord,
+    runs: list[plots.TrialRun],
+    optuna_study,
+    objective: str,
+    drawn: list[Drawn],
+) -> str:
     esc = html.escape
     sections: dict[str, list[Drawn]] = defaultdict(list)
     for item in drawn:
         sections[item.spec.section].append(item)
-    body = [f"<h1>Study report: {esc(study)}</h1>",
-            f"<p class='meta'>Generated {datetime.datetime.now().isoformat(timespec='seconds')} from {esc(uri)}, "
-            f"parent run <code>{esc(parent.run_id)}</code>. Rebuild with "
-            f"<code>python -m pipeline report {esc(study)} tracking.uri={esc(uri)}</code>.</p>",
-            _overview(runs, objective), _toc(sections)]
+    body = [
+        f"<h1>Study report: {esc(study)}</h1>",
+        f"<p class='meta'>Generated {datetime.datetime.now().isoformat(timespec='seconds')} from {esc(uri)}, "
+        f"parent run <code>{esc(parent.run_id)}</code>. Rebuild with "
+        f"<code>python -m pipeline report {esc(study)} tracking.uri={esc(uri)}</code>.</p>",
+        _overview(runs, objective),
+        _toc(sections),
+    ]
     for section, items in sections.items():
         body.append(f"<h2 id='{_anchor(section)}'>{esc(section)}</h2>")
         body.extend(_figure_html(item) for item in items)
     body.append(_summary_html(optuna_study, parent, runs))
     body.append(_trials_table(runs))
-    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-            f"<title>Study report: {esc(study)}</title><style>{CSS}</style></head>\n<body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>Study report: {esc(study)}</title><style>{CSS}</style></head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
 
 
 def _anchor(text: str) -> str:
@@ -334,19 +393,24 @@ def _overview(runs: list[plots.TrialRun], objective: str) -> str:
     counts = {name: sum(o == name for o, _ in outcomes.values()) for name in (*plots.OUTCOMES, "running")}
     cells = "".join(f"<td>{counts[n]}</td>" for n in counts)
     heads = "".join(f"<th>{n}</th>" for n in counts)
-    return (f"<p>{len(outcomes)} trials, {len(runs)} runs (one per trial and seed); objective <b>{html.escape(objective)}"
-            f"</b>.</p><table><tr><th>trials</th>{heads}</tr><tr><td>{len(outcomes)}</td>{cells}</tr></table>")
+    return (
+        f"<p>{len(outcomes)} trials, {len(runs)} runs (one per trial and seed); objective <b>{html.escape(objective)}"
+        f"</b>.</p><table><tr><th>trials</th>{heads}</tr><tr><td>{len(outcomes)}</td>{cells}</tr></table>"
+    )
 
 
 def _figure_html(item: Drawn) -> str:
     title, caption = html.escape(item.spec.title), html.escape(item.spec.caption)
     if item.path is None:
-        return (f"<h3>{title}</h3><p class='note'>Figure skipped: {html.escape(item.note)}</p>"
-                f"<p class='meta'>{caption}</p>")
+        return (
+            f"<h3>{title}</h3><p class='note'>Figure skipped: {html.escape(item.note)}</p><p class='meta'>{caption}</p>"
+        )
     data = base64.b64encode(item.path.read_bytes()).decode("ascii")
-    return (f"<figure id='{item.spec.name}'><h3>{title}</h3><img alt='{title}' title='{title}' "
-            f"src='data:image/png;base64,{data}'><figcaption>{caption} "
-            f"(<code>{html.escape(item.path.name)}</code>)</figcaption></figure>")
+    return (
+        f"<figure id='{item.spec.name}'><h3>{title}</h3><img alt='{title}' title='{title}' "
+        f"src='data:image/png;base64,{data}'><figcaption>{caption} "
+        f"(<code>{html.escape(item.path.name)}</code>)</figcaption></figure>"
+    )
 
 
 def _summary_html(optuna_study, parent: RunRecord, runs: list[plots.TrialRun]) -> str:
@@ -369,15 +433,27 @@ def _trials_table(runs: list[plots.TrialRun]) -> str:
     by_trial: dict[int, list[plots.TrialRun]] = defaultdict(list)
     for run in runs:
         by_trial[run.trial].append(run)
-    head = "".join(f"<th>{h}</th>" for h in ("trial", "outcome", *AXES, "seeds", "final test accuracy (mean ± std)",
-                                             "failure reason"))
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("trial", "outcome", *AXES, "seeds", "final test accuracy (mean ± std)", "failure reason")
+    )
     rows = []
     for number, trial_runs in sorted(by_trial.items()):
         axes = trial_runs[0].axes
         finals = [r.final_accuracy for r in trial_runs if r.final_accuracy is not None and r.state == "COMPLETE"]
-        accuracy = f"{statistics.fmean(finals):.4f} ± {statistics.stdev(finals) if len(finals) > 1 else 0.0:.4f}" if finals else "–"
+        accuracy = (
+            f"{statistics.fmean(finals):.4f} ± {statistics.stdev(finals) if len(finals) > 1 else 0.0:.4f}"
+            if finals
+            else "–"
+        )
         reason = next((r.reason for r in trial_runs if r.reason), "")
-        cells = [number, outcomes[number][0], *(plots.fmt(axes.get(k, "–")) for k in AXES), len(trial_runs), accuracy,
-                 reason[:200]]
+        cells = [
+            number,
+            outcomes[number][0],
+            *(plots.fmt(axes.get(k, "–")) for k in AXES),
+            len(trial_runs),
+            accuracy,
+            reason[:200],
+        ]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return f"<h2 id='trials'>Trials</h2><table><tr>{head}</tr>{''.join(rows)}</table>"

@@ -7,27 +7,34 @@ layout, a title, axis labels with units, legends with ``n`` (runs) per group; sp
 over runs unless the title says otherwise. The same axis value keeps the same colour in every
 figure (the palette follows the sorted values of the whole study).
 """
+
 from __future__ import annotations
 
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on cluster nodes
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from pipeline.record.trial_plot import FLOOR  # noqa: E402  (log axes: one floor for every figure)
+from pipeline.record.trial_plot import FLOOR
 
 OUTCOMES = ("complete", "diverged", "pruned", "failed")
-OUTCOME_COLORS = {"complete": "#2ca02c", "diverged": "#ff7f0e", "pruned": "#7f7f7f", "failed": "#d62728",
-                  "running": "#1f77b4"}
+OUTCOME_COLORS = {
+    "complete": "#2ca02c",
+    "diverged": "#ff7f0e",
+    "pruned": "#7f7f7f",
+    "failed": "#d62728",
+    "running": "#1f77b4",
+}
 
 
 class NoFigure(Exception):
@@ -99,8 +106,9 @@ def fmt(value: Any) -> str:
 
 
 def _new(ncols: int, nrows: int = 1, size: tuple[float, float] = (5.0, 4.0), **kwargs):
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), layout="constrained",
-                             squeeze=False, **kwargs)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), layout="constrained", squeeze=False, **kwargs
+    )
     return fig, axes
 
 
@@ -118,9 +126,15 @@ def plot_convergence(runs: list[TrialRun], key: str) -> Figure:
         label = f"{fmt(value)} (n={len(group)})"
         _band(axes[0, 0], [r.curves.get("val_accuracy", []) for r in group], colors[value], label, log=False)
         _band(axes[0, 1], [r.curves.get("val_loss", []) for r in group], colors[value], label, log=True)
-    _label(axes[0, 0], "Validation accuracy (mean ± 1 std)", "epoch (0 = at initialization)", "accuracy (fraction correct)")
-    _label(axes[0, 1], "Validation loss (geometric mean ×/÷ std)", "epoch (0 = at initialization)",
-           "cross-entropy (nats, log scale)")
+    _label(
+        axes[0, 0], "Validation accuracy (mean ± 1 std)", "epoch (0 = at initialization)", "accuracy (fraction correct)"
+    )
+    _label(
+        axes[0, 1],
+        "Validation loss (geometric mean ×/÷ std)",
+        "epoch (0 = at initialization)",
+        "cross-entropy (nats, log scale)",
+    )
     axes[0, 0].set_ylim(-0.02, 1.02)
     axes[0, 1].set_yscale("log")
     handles, labels = axes[0, 0].get_legend_handles_labels()
@@ -141,7 +155,7 @@ def _band(ax, curves: list[list[tuple[int, float]]], color, label: str, log: boo
     mean = [m for m, _ in stats]
     low, high = [m - s for m, s in stats], [m + s for m, s in stats]
     if log:
-        mean, low, high = ([10 ** v for v in seq] for seq in (mean, low, high))
+        mean, low, high = ([10**v for v in seq] for seq in (mean, low, high))
     ax.plot(epochs, mean, color=color, marker="o", markersize=3, label=label)
     ax.fill_between(epochs, low, high, color=color, alpha=0.18, linewidth=0)
 
@@ -164,8 +178,11 @@ def plot_accuracy_heatmap(runs: list[TrialRun], rows: str = "initializer", cols:
     if not done:
         raise NoFigure("no complete trial has a final accuracy")
     row_values, col_values = values_of(done, rows), values_of(done, cols)
-    cells = {(r, c): [x.final_accuracy for x in done if x.axes.get(rows) == r and x.axes.get(cols) == c]
-             for r in row_values for c in col_values}
+    cells = {
+        (r, c): [x.final_accuracy for x in done if x.axes.get(rows) == r and x.axes.get(cols) == c]
+        for r in row_values
+        for c in col_values
+    }
     grid = [[_mean_std(cells[r, c])[0] if cells[r, c] else math.nan for c in col_values] for r in row_values]
     fig, axes = _new(1, size=(2.2 + 1.7 * len(col_values), 1.6 + 0.75 * len(row_values)))
     ax = axes[0, 0]
@@ -173,8 +190,15 @@ def plot_accuracy_heatmap(runs: list[TrialRun], rows: str = "initializer", cols:
     image = ax.imshow(grid, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     for i, r in enumerate(row_values):
         for j, c in enumerate(col_values):
-            ax.text(j, i, _cell_text(cells[r, c]), ha="center", va="center", fontsize=8.5,
-                    color="black" if cells[r, c] and grid[i][j] > 0.55 else "white" if cells[r, c] else "#555555")
+            ax.text(
+                j,
+                i,
+                _cell_text(cells[r, c]),
+                ha="center",
+                va="center",
+                fontsize=8.5,
+                color="black" if cells[r, c] and grid[i][j] > 0.55 else "white" if cells[r, c] else "#555555",
+            )
     ax.set_xticks(range(len(col_values)), [fmt(c) for c in col_values])
     ax.set_yticks(range(len(row_values)), [fmt(r) for r in row_values])
     ax.set_xlabel(cols)
@@ -200,8 +224,13 @@ def plot_accuracy_by_category(runs: list[TrialRun], keys: tuple[str, ...] = ("no
     for ax, key in zip(axes[0], keys):
         groups = group_runs(done, key)
         data = [[r.final_accuracy for r in g] for g in groups.values()]
-        ax.boxplot(data, tick_labels=[f"{fmt(v)}\nn={len(g)}" for v, g in groups.items()], widths=0.5,
-                   medianprops={"color": "black"}, showfliers=False)
+        ax.boxplot(
+            data,
+            tick_labels=[f"{fmt(v)}\nn={len(g)}" for v, g in groups.items()],
+            widths=0.5,
+            medianprops={"color": "black"},
+            showfliers=False,
+        )
         for i, values in enumerate(data, start=1):
             jitter = [i + 0.18 * ((k % 5) - 2) / 2 for k in range(len(values))]
             ax.scatter(jitter, values, s=14, alpha=0.6, color="#1f77b4", zorder=3)
@@ -211,8 +240,9 @@ def plot_accuracy_by_category(runs: list[TrialRun], keys: tuple[str, ...] = ("no
     return fig
 
 
-def plot_accuracy_vs_scale(runs: list[TrialRun], key: str = "initializer",
-                           references: Optional[dict[str, float]] = None) -> Figure:
+def plot_accuracy_vs_scale(
+    runs: list[TrialRun], key: str = "initializer", references: Optional[dict[str, float]] = None
+) -> Figure:
     """Final test accuracy against ``scale`` (log x), one colour per initializer; x = diverged runs.
 
     With ``references`` (predicted critical scale per activation, e.g. the edge of chaos) the
@@ -231,8 +261,13 @@ def plot_accuracy_vs_scale(runs: list[TrialRun], key: str = "initializer",
             _mark_reference(ax, group, colors[value], fmt(value), references[value])
     _log_scale_axis(ax, [r.axes["scale"] for r in done])
     ax.set_ylim(-0.02, 1.02)
-    _label(ax, "Final test accuracy against initialization scale", "scale (multiplies the initializer's std; log axis)",
-           "final test accuracy (fraction)", integer_x=False)
+    _label(
+        ax,
+        "Final test accuracy against initialization scale",
+        "scale (multiplies the initializer's std; log axis)",
+        "final test accuracy (fraction)",
+        integer_x=False,
+    )
     handles, labels = ax.get_legend_handles_labels()
     handles.append(Line2D([], [], color="black", marker="x", linestyle="none"))
     labels.append("diverged run")
@@ -242,12 +277,23 @@ def plot_accuracy_vs_scale(runs: list[TrialRun], key: str = "initializer",
 
 def _scale_series(ax, group: list[TrialRun], color, label: str) -> None:
     by_scale = group_runs(group, "scale")
-    ax.plot(list(by_scale), [statistics.fmean(r.final_accuracy for r in g) for g in by_scale.values()],
-            color=color, alpha=0.5, linewidth=1)
+    ax.plot(
+        list(by_scale),
+        [statistics.fmean(r.final_accuracy for r in g) for g in by_scale.values()],
+        color=color,
+        alpha=0.5,
+        linewidth=1,
+    )
     ok = [r for r in group if not r.diverged]
     bad = [r for r in group if r.diverged]
-    ax.scatter([r.axes["scale"] for r in ok], [r.final_accuracy for r in ok], color=color, s=28,
-               label=f"{label} (n={len(group)})", zorder=3)
+    ax.scatter(
+        [r.axes["scale"] for r in ok],
+        [r.final_accuracy for r in ok],
+        color=color,
+        s=28,
+        label=f"{label} (n={len(group)})",
+        zorder=3,
+    )
     ax.scatter([r.axes["scale"] for r in bad], [r.final_accuracy for r in bad], color=color, s=50, marker="x", zorder=3)
 
 
@@ -256,10 +302,19 @@ def _mark_reference(ax, group: list[TrialRun], color, label: str, predicted: flo
     by_scale = group_runs(group, "scale")
     means = {s: statistics.fmean(r.final_accuracy for r in g) for s, g in by_scale.items()}
     best = max(means, key=means.get)
-    ax.axvline(predicted, color=color, linestyle="--", linewidth=1.2,
-               label=f"{label}: predicted critical {predicted:g}")
-    ax.scatter([best], [means[best]], color=color, marker="*", s=220, edgecolors="black", zorder=4,
-               label=f"{label}: measured best {best:g}")
+    ax.axvline(
+        predicted, color=color, linestyle="--", linewidth=1.2, label=f"{label}: predicted critical {predicted:g}"
+    )
+    ax.scatter(
+        [best],
+        [means[best]],
+        color=color,
+        marker="*",
+        s=220,
+        edgecolors="black",
+        zorder=4,
+        label=f"{label}: measured best {best:g}",
+    )
 
 
 def _log_scale_axis(ax, values: list[float]) -> None:
@@ -280,8 +335,10 @@ def plot_signal_at_init(runs: list[TrialRun]) -> Figure:
     """Activation std and backprop gradient norm by depth at init (epoch 0), per initializer (and activation)."""
     diagnosed = [r for r in runs if any(row.get("epoch") == 0 for row in r.layers)]
     if not diagnosed:
-        raise NoFigure("no run has per-layer diagnostics at initialization (train.diagnostics=false, or every trial "
-                       "failed before training)")
+        raise NoFigure(
+            "no run has per-layer diagnostics at initialization (train.diagnostics=false, or every trial "
+            "failed before training)"
+        )
     keys = ["initializer"] + (["activation"] if len(values_of(diagnosed, "activation")) > 1 else [])
     depth, grad = _depth_labels(diagnosed)
     fig, axes = _new(2, nrows=len(keys), size=(5.4, 3.9))
@@ -297,8 +354,10 @@ def plot_signal_at_init(runs: list[TrialRun]) -> Figure:
         for ax in row_axes:
             ax.set_yscale("log")
         row_axes[1].legend(title=key, fontsize=8, loc="best")
-    fig.suptitle("Signal propagation at initialization (epoch 0, geometric mean over runs): "
-                 "flat = healthy, falling = vanishing, rising = exploding")
+    fig.suptitle(
+        "Signal propagation at initialization (epoch 0, geometric mean over runs): "
+        "flat = healthy, falling = vanishing, rising = exploding"
+    )
     return fig
 
 
@@ -328,27 +387,43 @@ def plot_unit_health(runs: list[TrialRun]) -> Figure:
     diagnosed = [r for r in runs if r.layers]
     if not diagnosed:
         raise NoFigure("no run has per-layer diagnostics (train.diagnostics=false, or every trial failed)")
-    columns = ["dead_fraction"] + (["saturated_fraction"] if any("saturated_fraction" in row for r in diagnosed
-                                                                  for row in r.layers) else [])
+    columns = ["dead_fraction"] + (
+        ["saturated_fraction"] if any("saturated_fraction" in row for r in diagnosed for row in r.layers) else []
+    )
     fig, axes = _new(2, nrows=len(columns), size=(5.4, 3.6))
     for row_axes, column in zip(axes, columns):
         for ax, key in zip(row_axes, ("initializer", "activation")):
             _health_bars(ax, diagnosed, key, column)
     axes[0, 0].legend(fontsize=8, loc="upper left")
-    fig.suptitle("Dead units (input ≤ 0 on every probe sample) and saturated units (tanh |h|>0.99, sigmoid h<0.01 "
-                 "or >0.99)\nmean over layers, bars = mean over runs, whiskers = ± 1 std")
+    fig.suptitle(
+        "Dead units (input ≤ 0 on every probe sample) and saturated units (tanh |h|>0.99, sigmoid h<0.01 "
+        "or >0.99)\nmean over layers, bars = mean over runs, whiskers = ± 1 std"
+    )
     return fig
 
 
 def _health_bars(ax, runs: list[TrialRun], key: str, column: str) -> None:
     groups = group_runs([r for r in runs if _layer_mean(r, column, "first") is not None], key)
     if not groups:
-        ax.text(0.5, 0.5, f"no {column.replace('_', ' ')} recorded\n(only tanh/sigmoid saturate)", ha="center",
-                va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            f"no {column.replace('_', ' ')} recorded\n(only tanh/sigmoid saturate)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     for offset, when, color in ((-0.2, "first", "#9ecae1"), (0.2, "last", "#08519c")):
         stats = [_mean_std([v for r in g if (v := _layer_mean(r, column, when)) is not None]) for g in groups.values()]
-        ax.bar([i + offset for i in range(len(groups))], [m for m, _ in stats], width=0.4, yerr=[s for _, s in stats],
-               color=color, capsize=3, label="at initialization" if when == "first" else "after the last epoch")
+        ax.bar(
+            [i + offset for i in range(len(groups))],
+            [m for m, _ in stats],
+            width=0.4,
+            yerr=[s for _, s in stats],
+            color=color,
+            capsize=3,
+            label="at initialization" if when == "first" else "after the last epoch",
+        )
     ax.set_xticks(range(len(groups)), [f"{fmt(v)}\nn={len(g)}" for v, g in groups.items()], fontsize=8)
     center, half = (len(groups) - 1) / 2, max(len(groups), 2) / 2  # one group must not fill the panel
     ax.set_xlim(center - half - 0.2, center + half + 0.2)
@@ -374,8 +449,10 @@ def trial_outcomes(runs: list[TrialRun]) -> dict[int, tuple[str, Any]]:
     for run in runs:
         trials[run.trial].append(run)
     rank = {name: i for i, name in enumerate(("failed", "pruned", "diverged", "running", "complete"))}
-    return {n: (min((r.outcome for r in rs), key=rank.get), rs[0].axes.get("initializer", "(not recorded)"))
-            for n, rs in sorted(trials.items())}
+    return {
+        n: (min((r.outcome for r in rs), key=rank.get), rs[0].axes.get("initializer", "(not recorded)"))
+        for n, rs in sorted(trials.items())
+    }
 
 
 def plot_trial_outcomes(runs: list[TrialRun]) -> Figure:
@@ -414,8 +491,13 @@ def plot_param_importances(importances: dict[str, float], objective: str) -> Fig
     bars = ax.barh(names, [importances[n] for n in names], color="#1f77b4")
     ax.bar_label(bars, fmt="%.3f", padding=3)
     ax.set_xlim(0, max(importances.values()) * 1.2 or 1.0)
-    _label(ax, f"Parameter importances for {objective} (Optuna fANOVA)", "importance (share of the objective's variance)",
-           "study axis", integer_x=False)
+    _label(
+        ax,
+        f"Parameter importances for {objective} (Optuna fANOVA)",
+        "importance (share of the objective's variance)",
+        "study axis",
+        integer_x=False,
+    )
     return fig
 
 
@@ -435,8 +517,15 @@ def plot_optimization_history(trials: list, objective: str, direction: str) -> F
     for state, name, marker in (("PRUNED", "pruned", "v"), ("FAIL", "failed", "x")):
         marked = [t.number for t in trials if t.state.name == state]
         if marked:
-            ax.plot(marked, [0.03] * len(marked), linestyle="none", marker=marker, color=OUTCOME_COLORS[name],
-                    transform=ax.get_xaxis_transform(), label=f"{name} trial (n={len(marked)})")
+            ax.plot(
+                marked,
+                [0.03] * len(marked),
+                linestyle="none",
+                marker=marker,
+                color=OUTCOME_COLORS[name],
+                transform=ax.get_xaxis_transform(),
+                label=f"{name} trial (n={len(marked)})",
+            )
     _label(ax, f"Optimization history: {objective} by trial", "trial number (Optuna)", f"{objective} (objective)")
     fig.legend(loc="outside right upper")
     return fig

@@ -9,6 +9,7 @@ fails, the same call runs in this process. Same trials, same evaluator seed: the
 The helper is ``python -m pipeline.report.importances PAYLOAD`` (a pickle of the trials that this
 process wrote), not ``multiprocessing``, which would import the caller's ``__main__`` again.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,9 @@ def inputs(optuna_study) -> dict:
     complete = [t for t in optuna_study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and t.values]
     if len(complete) < 2:
         raise NothingToWeigh(f"parameter importances need at least 2 complete trials; this study has {len(complete)}")
-    varying = sorted(k for k in {k for t in complete for k in t.params}
-                     if len({repr(t.params.get(k)) for t in complete}) > 1)
+    varying = sorted(
+        k for k in {k for t in complete for k in t.params} if len({repr(t.params.get(k)) for t in complete}) > 1
+    )
     if not varying:
         raise NothingToWeigh("no study axis varies across the complete trials")
     return {"trials": complete, "directions": [d.name.lower() for d in optuna_study.directions], "params": varying}
@@ -61,8 +63,11 @@ def compute(trials: list, directions: list[str], params: list[str]) -> dict[str,
     study.add_trials(trials)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ExperimentalWarning and friends
-        return dict(optuna.importance.get_param_importances(
-            study, evaluator=FanovaImportanceEvaluator(seed=0), params=params, target=lambda t: t.values[0]))
+        return dict(
+            optuna.importance.get_param_importances(
+                study, evaluator=FanovaImportanceEvaluator(seed=0), params=params, target=lambda t: t.values[0]
+            )
+        )
 
 
 class Importances:
@@ -84,8 +89,13 @@ class Importances:
         with os.fdopen(handle, "wb") as out:
             pickle.dump(self._payload, out)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
-        self._helper = subprocess.Popen([sys.executable, "-m", HELPER_MODULE, str(self._file)], env=env,
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._helper = subprocess.Popen(
+            [sys.executable, "-m", HELPER_MODULE, str(self._file)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     def result(self) -> dict[str, float]:
         """The importances: the helper's, or computed here if the helper could not run (logged).
@@ -107,8 +117,11 @@ class Importances:
             log.warning("the importances helper took over %.0f s; computing them in this process", HELPER_TIMEOUT_S)
             return None
         if self._helper.returncode != 0:
-            log.warning("the importances helper failed (exit %s): %s; computing them in this process",
-                        self._helper.returncode, err.decode(errors="replace").strip()[-500:])
+            log.warning(
+                "the importances helper failed (exit %s): %s; computing them in this process",
+                self._helper.returncode,
+                err.decode(errors="replace").strip()[-500:],
+            )
             return None
         outcome, value = pickle.loads(out)
         if outcome == "error":

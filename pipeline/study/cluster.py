@@ -5,6 +5,7 @@ Ray owns placement and resources. A study's trials are Ray generator tasks (``nu
 questions go to a small actor pinned to the driver's node, which holds the Optuna study (Optuna
 owns pruning decisions and trial states). We use Ray core rather than Ray Tune: see README "Design".
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,13 +13,12 @@ import functools
 import logging
 import math
 import os
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 import ray
 
-from pipeline.config import ClusterConfig
-from pipeline.config.errors import ConfigError
-
+from pipeline.config import ClusterConfig, ConfigError, one_line
 
 _started_here = False
 #: (module, attribute): Ray's private APIs used here, each for a reason given where it is used; a
@@ -140,7 +140,7 @@ def submit(fn: Callable, payload: dict, cfg: ClusterConfig):
     return remote.remote(payload)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _remote(fn: Callable):
     """``fn`` as a Ray remote function, made once: Ray pickles and exports a new one (~3 ms) on its
     first call in each session."""
@@ -175,11 +175,11 @@ def result(ref) -> tuple[Optional[dict], Optional[str]]:
     try:
         return ray.get(ref), None
     except ray.exceptions.RayTaskError as err:
-        return None, " ".join(str(err.cause if err.cause else err).split())[:2000]
+        return None, one_line(err.cause if err.cause else err, 2000)
     except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError) as err:
         return None, f"{DIED}: {type(err).__name__}"
     except ray.exceptions.RayError as err:
-        return None, f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
+        return None, f"{type(err).__name__}: {one_line(err, 500)}"
 
 
 def cancel(refs: list) -> None:

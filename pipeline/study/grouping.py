@@ -4,13 +4,14 @@ Two trials with the same ``batch_key`` differ only in what each member keeps for
 train as one vectorized model on a worker (pipeline/engine/batched.py). ``task_cost`` orders a study's
 tasks, costliest first. Nothing here imports PyTorch: a study's driver never does.
 """
+
 from __future__ import annotations
 
 import json
 from typing import Optional
 
-from pipeline.config.catalog import activation_widening
 from pipeline.config import ActivationConfig
+from pipeline.config.catalog import activation_widening
 
 #: Optimizers whose update of each element depends only on that element's own history, so a sum
 #: of the members' losses gives each member its own update (LARS's per-tensor norms would mix them).

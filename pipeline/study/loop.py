@@ -6,6 +6,7 @@ record (a parent run per study, a child run per trial and seed). The driver runs
 ask-and-tell loop: it asks Optuna for a configuration, turns it into overrides of the composed
 config, sends one Ray task per seed, and tells Optuna the outcome when all seeds are back.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -84,8 +85,10 @@ def run_study(cli_overrides: list[str]) -> StudyDone:
     """Plan (everything validated before Ray starts), then run the ask-and-tell loop."""
     plan = plan_study(cli_overrides)
     if plan.pinned:
-        print(f"note: {' '.join(plan.pinned)} fixed on the command line: not sampled (space.<key>=... samples it)",
-              file=sys.stderr)
+        print(
+            f"note: {' '.join(plan.pinned)} fixed on the command line: not sampled (space.<key>=... samples it)",
+            file=sys.stderr,
+        )
     check_reachable(plan.cfg.tracking.uri)
     # Opening the stores and composing the trials' configs take seconds, and so does starting Ray:
     # overlap them (one thread: the MLflow store, then the Optuna study and the compositions).
@@ -115,8 +118,15 @@ def run_study(cli_overrides: list[str]) -> StudyDone:
 
 def _done(plan: StudyPlan, record: StudyRun, summary: dict) -> StudyDone:
     cfg = plan.cfg
-    return StudyDone(cfg.study.name, cfg.tracking.uri, cfg.study.output_dir, plan.storage, record.parent.run_id,
-                     cfg.study.report, summary)
+    return StudyDone(
+        cfg.study.name,
+        cfg.tracking.uri,
+        cfg.study.output_dir,
+        plan.storage,
+        record.parent.run_id,
+        cfg.study.report,
+        summary,
+    )
 
 
 def _record_stop(record: StudyRun, study: optuna.Study, plan: StudyPlan, err: BaseException) -> None:
@@ -201,7 +211,9 @@ class _Loop:
         self.done = len(counted)
         self.failed = sum(t.state == TrialState.FAIL for t in counted)  # kept up to date: no re-read per trial
         self.last_failure = "?"
-        self.oracle = cluster.start_oracle(PruneDecider(plan.storage, plan.cfg.study.name, plan.pruner)) if plan.prunes else None
+        self.oracle = (
+            cluster.start_oracle(PruneDecider(plan.storage, plan.cfg.study.name, plan.pruner)) if plan.prunes else None
+        )
         self.progress = Progress(self.done, plan.n_trials, enabled=plan.cfg.study.progress)
         self.batch_max = plan.cfg.study.trial_batch_max if plan.cfg.study.trial_batching else 1
         self.replay = journal.Replay(plan.cfg.tracking)
@@ -213,7 +225,7 @@ class _Loop:
             if self.pending:
                 ready = cluster.wait(list(self.pending), POLL_S)[0]
                 items = [(self.pending[stream], *cluster.next_item(stream)) for stream in ready]
-                for stream, (task, item, _, _) in zip(ready, items):
+                for stream, (_task, item, _, _) in zip(ready, items):
                     if item is None or "outcomes" in item:
                         del self.pending[stream]
                 self._send()  # the freed workers start their next task before the driver writes the record
@@ -281,7 +293,9 @@ class _Loop:
         """
         while len(self.pending) < self.slots and self.queued:
             group = self.queued.pop(0)
-            payloads = [self.record.payload(config, pending.trial, index, self.oracle) for pending, index, config in group]
+            payloads = [
+                self.record.payload(config, pending.trial, index, self.oracle) for pending, index, config in group
+            ]
             self._submit(_Task([(pending, index) for pending, index, _ in group], payloads))
 
     def _submit(self, task: _Task) -> None:
@@ -351,7 +365,9 @@ class _Loop:
 
     def _tell(self, pending: _Pending) -> None:
         del self.in_flight[pending.trial.number]
-        state, values, attrs = obj.outcome(pending.results, pending.failures, pending.seeds, self.plan.cfg.study.objectives)
+        state, values, attrs = obj.outcome(
+            pending.results, pending.failures, pending.seeds, self.plan.cfg.study.objectives
+        )
         for key, val in attrs.items():
             pending.trial.set_user_attr(key, val)
         frozen = self.study.tell(pending.trial, values=values, state=state)

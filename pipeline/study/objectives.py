@@ -4,6 +4,7 @@ Objectives are names of a trial's end metrics. ``val_accuracy`` (the default) is
 accuracy after the last epoch: the test split (``final_accuracy``) stays held out for reporting.
 With ``study.seeds=k`` the objective is the mean over the k seeds, and the spread is kept.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -11,7 +12,7 @@ from typing import Optional
 
 from optuna.trial import TrialState
 
-from pipeline.config.errors import ConfigError
+from pipeline.config import ConfigError
 
 DIRECTIONS = {
     "val_accuracy": "maximize",

@@ -4,31 +4,39 @@
 sweep expressions outside --multirun), parses the space and builds the sampler and pruner. Every
 mistake is a ``ConfigError`` here, before Ray starts or any record is written.
 """
+
 from __future__ import annotations
 
 import copy
 import functools
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from optuna.distributions import CategoricalDistribution
 
+from pipeline.config import Config, ConfigError, check_numbers, config_from_dict, validate
+from pipeline.config.composition import (
+    compose,
+    compose_tree,
+    differs_only_at,
+    group_options,
+    is_value_override,
+    with_subtrees,
+    with_values,
+)
+from pipeline.config.registry import Registry
 from pipeline.study import objectives, space
 from pipeline.study.storage import default_storage
-from pipeline.config.composition import (compose, compose_tree, differs_only_at, group_options, is_value_override, with_subtrees,
-                              with_values)
-from pipeline.config import Config, check_numbers, config_from_dict, validate
-from pipeline.config.errors import ConfigError
-from pipeline.config.registry import Registry
 
 TPE_STARTUP_TRIALS = 10  # TPE draws at random until this many trials have finished (Optuna's default)
 GROUP_TREES = 64  # composed trees kept: one per combination of group choices
 
-SAMPLERS: Registry[Callable[["StudyPlan"], optuna.samplers.BaseSampler]] = Registry("sampler")
+SAMPLERS: Registry[Callable[[StudyPlan], optuna.samplers.BaseSampler]] = Registry("sampler")
 PRUNERS: Registry[Callable[[Config], optuna.pruners.BasePruner]] = Registry("pruner")
 
 
@@ -65,9 +73,13 @@ class StudyPlan:
         choice that Hydra composes (~2 ms for one in the composition cache, pipeline/config/compose_cache.py),
         on the dispatch loop's path to the first trials.
         """
-        groups = [a for a in self.axes if a.key in space.GROUP_AXES and isinstance(a.distribution, CategoricalDistribution)]
+        groups = [
+            a for a in self.axes if a.key in space.GROUP_AXES and isinstance(a.distribution, CategoricalDistribution)
+        ]
         for combo in itertools.islice(itertools.product(*(a.distribution.choices for a in groups)), GROUP_TREES):
-            overrides = space.to_overrides(space.suggest(_StandIn(dict(zip((a.key for a in groups), combo))), self.axes))
+            overrides = space.to_overrides(
+                space.suggest(_StandIn(dict(zip((a.key for a in groups), combo))), self.axes)
+            )
             group_choices, _, sampled = _parts(tuple(overrides))
             try:
                 self._group_tree(group_choices, sampled)
@@ -194,7 +206,9 @@ def _check_axis_values(axes: list[space.Axis], config: dict) -> None:
             try:
                 check_numbers(config_from_dict(trial))
             except ConfigError as err:
-                raise ConfigError(f"space.{axis.key}={config['space'][axis.key]} can give {axis.key}={value}: {err}") from None
+                raise ConfigError(
+                    f"space.{axis.key}={config['space'][axis.key]} can give {axis.key}={value}: {err}"
+                ) from None
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:
@@ -208,9 +222,12 @@ def _pinned(hydra_overrides: list[str], study_space: dict, space_overrides: list
     """Overrides that fix an axis the space would sample (``initializer=orthogonal`` under the
     default space): the value given wins and the axis is dropped, unless a ``space.<key>=...``
     override asks for it to be sampled."""
-    asked = {_key(o)[len("space."):] for o in space_overrides}
-    return [o for o in hydra_overrides
-            if "=" in o and not o.startswith("~") and _key(o) in study_space and _key(o) not in asked]
+    asked = {_key(o)[len("space.") :] for o in space_overrides}
+    return [
+        o
+        for o in hydra_overrides
+        if "=" in o and not o.startswith("~") and _key(o) in study_space and _key(o) not in asked
+    ]
 
 
 def _key(override: str) -> str:
@@ -231,8 +248,9 @@ def _check_objectives(cfg: Config) -> None:
         raise ConfigError(f"study.objectives is empty; valid: {', '.join(objectives.DIRECTIONS)}")
     directions = [objectives.direction(n) for n in names]
     if cfg.study.pruner != "none" and (len(names) > 1 or directions[0] != "maximize"):
-        raise ConfigError(f"study.pruner={cfg.study.pruner} prunes on val_accuracy and needs one maximized objective; "
-                          f"got {names}")
+        raise ConfigError(
+            f"study.pruner={cfg.study.pruner} prunes on val_accuracy and needs one maximized objective; got {names}"
+        )
     if cfg.study.seeds < 1:
         raise ConfigError(f"study.seeds={cfg.study.seeds} is invalid; it must be >= 1")
 
@@ -242,7 +260,9 @@ def _n_trials(cfg: Config, axes: list[space.Axis]) -> int:
         size = space.grid_size(axes)
         return size if cfg.study.n_trials is None else min(cfg.study.n_trials, size)
     if cfg.study.n_trials is None or cfg.study.n_trials < 1:
-        raise ConfigError(f"study.n_trials={cfg.study.n_trials} is invalid; give a number >= 1 (null only with sampler=grid)")
+        raise ConfigError(
+            f"study.n_trials={cfg.study.n_trials} is invalid; give a number >= 1 (null only with sampler=grid)"
+        )
     return cfg.study.n_trials
 
 
@@ -256,8 +276,10 @@ class _AskTellGridSampler(optuna.samplers.GridSampler):
         return None
 
 
-SAMPLERS.add("tpe", lambda p: optuna.samplers.TPESampler(seed=p.cfg.study.seed, multivariate=True,
-                                                         n_startup_trials=TPE_STARTUP_TRIALS))
+SAMPLERS.add(
+    "tpe",
+    lambda p: optuna.samplers.TPESampler(seed=p.cfg.study.seed, multivariate=True, n_startup_trials=TPE_STARTUP_TRIALS),
+)
 SAMPLERS.add("random", lambda p: optuna.samplers.RandomSampler(seed=p.cfg.study.seed))
 SAMPLERS.add("qmc", lambda p: optuna.samplers.QMCSampler(seed=p.cfg.study.seed, warn_independent_sampling=False))
 SAMPLERS.add("grid", lambda p: _AskTellGridSampler(space.grid(p.axes), seed=p.cfg.study.seed))

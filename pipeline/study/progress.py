@@ -1,4 +1,5 @@
 """The study's progress bar: trials done/total, best so far, running, queued, failed."""
+
 from __future__ import annotations
 
 import sys
@@ -12,8 +13,17 @@ class Progress:
 
         # Every trial redraws the bar (tqdm's default skips redraws within 0.1 s, and a skipped
         # redraw would hide what is running and queued until the next trial ends).
-        self.bar = tqdm(total=total, initial=done, desc="trials", unit="trial", file=sys.stderr,
-                        disable=not enabled, dynamic_ncols=True, mininterval=0, miniters=1)
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            desc="trials",
+            unit="trial",
+            file=sys.stderr,
+            disable=not enabled,
+            dynamic_ncols=True,
+            mininterval=0,
+            miniters=1,
+        )
 
     def update(self, study, running: int, queued: int = 0) -> None:
         """One more trial done; ``running``: trials training now, ``queued``: asked, waiting for a slot."""

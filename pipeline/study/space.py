@@ -13,6 +13,7 @@ Some keys only matter for some values of another axis (``activation.slope`` only
 ``leaky_relu``); ``CONDITIONS`` lists them, and they are sampled only when they matter.
 Every error here is a ``ConfigError`` raised before Ray starts.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ from typing import Any, Optional
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from pipeline.config.errors import ConfigError
+from pipeline.config import ConfigError, one_line
 
 GROUP_AXES = ("initializer", "activation", "normalization", "model", "dataset", "optimizer")
 
@@ -58,13 +59,13 @@ def apply_overrides(space: dict, overrides: list[str]) -> dict:
     space = dict(space)
     for override in overrides:
         if override.startswith("~space."):
-            key = override[len("~space."):].split("=")[0]
+            key = override[len("~space.") :].split("=")[0]
             if key not in space:
                 raise ConfigError(f"~space.{key}: no such axis in the space; axes: {', '.join(space) or 'none'}")
             del space[key]
         else:
             key, _, expr = override.partition("=")
-            space[key.lstrip("+")[len("space."):]] = expr
+            space[key.lstrip("+")[len("space.") :]] = expr
     return space
 
 
@@ -107,8 +108,10 @@ def _parse_expr(key: str, expr: str) -> Any:
     try:
         return OverridesParser.create().parse_override(f"{key}={expr}").value()
     except Exception as err:
-        raise ConfigError(f"space.{key}={expr} is not a valid sweep expression ({' '.join(str(err).split())[:200]}); "
-                          "use choice(a,b), range(1,10), interval(0.1,1) or tag(log, interval(1e-3,1))") from err
+        raise ConfigError(
+            f"space.{key}={expr} is not a valid sweep expression ({one_line(err, 200)}); "
+            "use choice(a,b), range(1,10), interval(0.1,1) or tag(log, interval(1e-3,1))"
+        ) from err
 
 
 def _is_sweep(value: Any) -> bool:

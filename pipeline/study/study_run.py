@@ -4,6 +4,7 @@ One experiment per study (named ``study.name``), one parent run for the study (r
 study resumes), one child run per trial and seed, tagged with the Optuna trial number and state,
 the seed and the Ray node. Every MLflow call goes through ``pipeline.record``.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,7 @@ class StudyRun:
     parent: Run
 
     @classmethod
-    def open(cls, plan: StudyPlan) -> "StudyRun":
+    def open(cls, plan: StudyPlan) -> StudyRun:
         """Reuse the study's parent run if it exists (resume), else start one."""
         cfg = plan.cfg
         _warn_if_store_is_local(plan)
@@ -37,12 +38,21 @@ class StudyRun:
         if found:
             parent = reopen_run(cfg.tracking.uri, found[0])
         else:
-            parent = start_run(cfg.tracking, cfg.study.name, run_name=f"study-{cfg.study.name}",
-                                        tags={ROLE_TAG: names.STUDY_ROLE, STUDY_TAG: cfg.study.name})
+            parent = start_run(
+                cfg.tracking,
+                cfg.study.name,
+                run_name=f"study-{cfg.study.name}",
+                tags={ROLE_TAG: names.STUDY_ROLE, STUDY_TAG: cfg.study.name},
+            )
             parent.log_params(_study_params(plan))
         references = json.dumps(dict(cfg.study.reference_scales), sort_keys=True)
-        parent.set_tags({names.N_TRIALS_TARGET_TAG: plan.n_trials, names.COMMAND_TAG: command_line(),
-                         names.REFERENCE_SCALES_TAG: references})
+        parent.set_tags(
+            {
+                names.N_TRIALS_TARGET_TAG: plan.n_trials,
+                names.COMMAND_TAG: command_line(),
+                names.REFERENCE_SCALES_TAG: references,
+            }
+        )
         parent.log_text(yaml.safe_dump(plan.base_config, sort_keys=False), names.STUDY_CONFIG_ARTIFACT)
         return cls(plan, parent)
 
@@ -63,14 +73,21 @@ class StudyRun:
         }
 
     def _child_tags(self, number: int, seed_index: int, seed: int) -> dict:
-        return {STUDY_TAG: self.plan.cfg.study.name, ROLE_TAG: names.TRIAL_ROLE, names.OPTUNA_TRIAL_TAG: number,
-                names.SEED_INDEX_TAG: seed_index, names.SEED_TAG: seed, names.OPTUNA_STATE_TAG: "RUNNING"}
+        return {
+            STUDY_TAG: self.plan.cfg.study.name,
+            ROLE_TAG: names.TRIAL_ROLE,
+            names.OPTUNA_TRIAL_TAG: number,
+            names.SEED_INDEX_TAG: seed_index,
+            names.SEED_TAG: seed,
+            names.OPTUNA_STATE_TAG: "RUNNING",
+        }
 
     def failed_run(self, number: int, seed_index: int, seed: int, params: dict, reason: str) -> None:
         """A trial whose configuration could not even be built still appears, as FAILED."""
         tags = {**self._child_tags(number, seed_index, seed), names.OPTUNA_STATE_TAG: "FAIL"}
-        with start_run(self.plan.cfg.tracking, self.plan.cfg.study.name, self.parent.run_id,
-                                f"trial-{number}-seed-{seed}", tags) as run:
+        with start_run(
+            self.plan.cfg.tracking, self.plan.cfg.study.name, self.parent.run_id, f"trial-{number}-seed-{seed}", tags
+        ) as run:
             run.log_params({k: str(v) for k, v in params.items()})
             run.end("FAILED", reason=reason)
 
@@ -81,7 +98,11 @@ class StudyRun:
         if run_ids is None:
             tags = {STUDY_TAG: self.plan.cfg.study.name, names.OPTUNA_TRIAL_TAG: frozen.number}
             run_ids = find_runs(self.plan.cfg.tracking, self.plan.cfg.study.name, tags)
-        tagged = {r["run_id"] for r in results.values() if r.get("run_id") and names.optuna_state_of(r["pruned"]) == frozen.state.name}
+        tagged = {
+            r["run_id"]
+            for r in results.values()
+            if r.get("run_id") and names.optuna_state_of(r["pruned"]) == frozen.state.name
+        }
         for run_id in run_ids:
             if run_id not in tagged:
                 tag_run(self.plan.cfg.tracking.uri, run_id, {names.OPTUNA_STATE_TAG: frozen.state.name})
@@ -122,15 +143,26 @@ def _warn_if_store_is_local(plan: StudyPlan) -> None:
     cfg = plan.cfg
     pretrained = "pretrained" in f"{plan.base_config['initializer']} {plan.base_config['space'].get('initializer', '')}"
     if cfg.cluster.address and pretrained and local_store(cfg.tracking.uri) is not None:
-        print(f"warning: tracking.uri={cfg.tracking.uri} is a sqlite file and cluster.address={cfg.cluster.address}: "
-              "trials with initializer=pretrained read their run's weights from it on the node that runs them, "
-              "which must see this file at the same path (one machine or a shared filesystem). "
-              "Use an MLflow server (docs/cluster.md).", file=sys.stderr)
+        print(
+            f"warning: tracking.uri={cfg.tracking.uri} is a sqlite file and cluster.address={cfg.cluster.address}: "
+            "trials with initializer=pretrained read their run's weights from it on the node that runs them, "
+            "which must see this file at the same path (one machine or a shared filesystem). "
+            "Use an MLflow server (docs/cluster.md).",
+            file=sys.stderr,
+        )
 
 
 def _study_params(plan: StudyPlan) -> dict[str, str]:
     s = plan.cfg.study
     params = {f"space.{k}": str(v) for k, v in plan.base_config["space"].items()}
-    params.update({"study.sampler": s.sampler, "study.pruner": s.pruner, "study.seed": str(s.seed),
-                   "study.seeds": str(s.seeds), names.OBJECTIVES_PARAM: ",".join(s.objectives), names.STORAGE_PARAM: plan.storage})
+    params.update(
+        {
+            "study.sampler": s.sampler,
+            "study.pruner": s.pruner,
+            "study.seed": str(s.seed),
+            "study.seeds": str(s.seeds),
+            names.OBJECTIVES_PARAM: ",".join(s.objectives),
+            names.STORAGE_PARAM: plan.storage,
+        }
+    )
     return params

@@ -3,6 +3,7 @@
 Pure functions over Optuna's frozen trials, so the report and tests can use them too. A float axis
 (e.g. ``scale``) is summarized in four bins of its sampled values; every other axis by value.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,15 +21,24 @@ from pipeline.record import names
 def study_summary(study, objectives: list[str], axis_keys: list[str]) -> dict[str, Any]:
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    counts = {state: sum(t.state == state for t in trials) for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    counts = {
+        state: sum(t.state == state for t in trials)
+        for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    }
     best = _best(study, complete, objectives)
-    lines = [f"## Study {study.study_name}: {counts[TrialState.COMPLETE]} complete, "
-             f"{counts[TrialState.PRUNED]} pruned, {counts[TrialState.FAIL]} failed", ""]
+    lines = [
+        f"## Study {study.study_name}: {counts[TrialState.COMPLETE]} complete, "
+        f"{counts[TrialState.PRUNED]} pruned, {counts[TrialState.FAIL]} failed",
+        "",
+    ]
     lines += _best_table(best, objectives) + [""]
     for key in axis_keys:
         lines += _axis_table(key, complete, objectives[0]) + [""]
-    metrics = {names.N_COMPLETE_METRIC: counts[TrialState.COMPLETE], names.N_PRUNED_METRIC: counts[TrialState.PRUNED],
-               names.N_FAILED_METRIC: counts[TrialState.FAIL]}
+    metrics = {
+        names.N_COMPLETE_METRIC: counts[TrialState.COMPLETE],
+        names.N_PRUNED_METRIC: counts[TrialState.PRUNED],
+        names.N_FAILED_METRIC: counts[TrialState.FAIL],
+    }
     tags = {}
     if best:
         metrics.update({f"best_{name}": v for name, v in zip(objectives, best[0].values)})
@@ -47,7 +57,10 @@ def _best_table(best: list, objectives: list[str]) -> list[str]:
     header = "| trial | " + " | ".join(f"{o} (mean ± std, n)" for o in objectives) + " | params |"
     rows = [header, "|" + "---|" * (len(objectives) + 2)]
     for t in best:
-        cells = [_mean_std(v, t.user_attrs.get(f"{o}_std"), t.user_attrs.get("n_seeds", 1)) for o, v in zip(objectives, t.values)]
+        cells = [
+            _mean_std(v, t.user_attrs.get(f"{o}_std"), t.user_attrs.get("n_seeds", 1))
+            for o, v in zip(objectives, t.values)
+        ]
         rows.append(f"| {t.number} | " + " | ".join(cells) + f" | {_params(t.params)} |")
     return ["Best configurations:", ""] + rows
 
@@ -101,5 +114,7 @@ def _trials_csv(trials: list, objectives: list[str]) -> str:
     writer.writerow(["number", "state", *objectives, *keys, "failure_reason"])
     for t in trials:
         values = t.values or [None] * len(objectives)
-        writer.writerow([t.number, t.state.name, *values, *(t.params.get(k) for k in keys), t.user_attrs.get("failure_reason", "")])
+        writer.writerow(
+            [t.number, t.state.name, *values, *(t.params.get(k) for k in keys), t.user_attrs.get("failure_reason", "")]
+        )
     return out.getvalue()

@@ -7,17 +7,19 @@ journals (pipeline/record/journal.py) whose operations it yields as they are flu
 write to the store; the last item is the outcomes, small dicts (no tensors) for the driver to
 tell Optuna.
 """
+
 from __future__ import annotations
 
 import os
 import queue
 import threading
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
-from pipeline.study import cluster
-from pipeline.config.errors import ConfigError
+from pipeline.config import ConfigError
 from pipeline.record import names
 from pipeline.record.journal import journal_starter
+from pipeline.study import cluster
 
 _DONE = object()
 
@@ -35,8 +37,10 @@ def trial_task(payloads: list[dict]) -> Iterator[dict]:
 
     where = cluster.worker_context()
     configs = [_placed(p["config"], where, p["cpus"]) for p in payloads]
-    requests = [TrialRequest(config, p["experiment"], p["parent_run_id"], _tags(p, where), _pruning_hook(p), p["run_name"])
-                for config, p in zip(configs, payloads)]
+    requests = [
+        TrialRequest(config, p["experiment"], p["parent_run_id"], _tags(p, where), _pruning_hook(p), p["run_name"])
+        for config, p in zip(configs, payloads)
+    ]
     outbox: queue.Queue = queue.Queue()
     done: dict = {}
     trainer = threading.Thread(target=_train, args=(requests, outbox, done), daemon=True)
@@ -82,7 +86,11 @@ def _drain(outbox: queue.Queue) -> list:
 
 
 def _tags(payload: dict, where: dict) -> dict:
-    placement = {names.RAY_NODE_TAG: where["node_id"], names.RAY_NODE_IP_TAG: where["node_ip"], names.PID_TAG: os.getpid()}
+    placement = {
+        names.RAY_NODE_TAG: where["node_id"],
+        names.RAY_NODE_IP_TAG: where["node_ip"],
+        names.PID_TAG: os.getpid(),
+    }
     return {**payload["tags"], **placement}
 
 
@@ -90,8 +98,14 @@ def _outcome(done, config: dict, where: dict) -> dict:
     if isinstance(done, ConfigError):
         return {"error": f"ConfigError: {done}"}
     r = done.result
-    return {"run_key": done.run_id, "summary": r.summary(), "diverged": r.diverged, "pruned": r.pruned,
-            "epochs": config["train"]["epochs"], "node_id": where["node_id"]}
+    return {
+        "run_key": done.run_id,
+        "summary": r.summary(),
+        "diverged": r.diverged,
+        "pruned": r.pruned,
+        "epochs": config["train"]["epochs"],
+        "node_id": where["node_id"],
+    }
 
 
 def warm_up() -> None:

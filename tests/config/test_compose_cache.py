@@ -1,5 +1,6 @@
 """Hydra's compositions kept on disk (pipeline/config/compose_cache.py): a cached tree is Hydra's tree, an
 edited conf/ or schema is composed afresh, and a cache that cannot work is skipped."""
+
 from __future__ import annotations
 
 import shutil
@@ -7,10 +8,15 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.config import composition as compose, compose_cache
-from pipeline.config.errors import ConfigError
+from pipeline.config import ConfigError, compose_cache
+from pipeline.config import composition as compose
 
-CASES = [[], ["initializer=orthogonal", "scale=2"], ["activation=maxout", "activation.pieces=3"], ["experiment=symmetry"]]
+CASES = [
+    [],
+    ["initializer=orthogonal", "scale=2"],
+    ["activation=maxout", "activation.pieces=3"],
+    ["experiment=symmetry"],
+]
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 Datasets are composed and validated only, never loaded (mnist, fashion_mnist and cifar10 need files).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,15 +12,14 @@ import yaml
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from pipeline.engine import data
+from pipeline.config import Config, ConfigError, config_from_dict, validate
 from pipeline.config.composition import CONF_DIR, compose
-from pipeline.config import Config, config_from_dict, validate
-from pipeline.config.errors import ConfigError
+from pipeline.engine import data
 from pipeline.engine.nn.activations import ACTIVATIONS
 from pipeline.engine.nn.initializers import INITIALIZERS
-from pipeline.engine.weights import save_weights
 from pipeline.engine.nn.models import MODELS
 from pipeline.engine.nn.norms import NORMALIZATIONS
+from pipeline.engine.weights import save_weights
 from pipeline.study.plan import plan_study
 
 REGISTRIES = {
@@ -121,8 +121,10 @@ def test_every_space_plans_and_each_of_its_values_composes(group, name, tmp_path
             assert got == value or (axis.key in REGISTRIES and got == REGISTRIES[axis.key].canonical(value))
 
 
-@pytest.mark.parametrize("key, value, message", [("scale", "big", "scale"), ("batch_size", 6.5, "batch_size"),
-                                                 ("model", {"depht": 4}, "depht")])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [("scale", "big", "scale"), ("batch_size", 6.5, "batch_size"), ("model", {"depht": 4}, "depht")],
+)
 def test_a_config_dict_of_wrong_types_or_keys_is_refused_naming_the_key(key, value, message):
     config = compose([])
     config[key] = value

@@ -1,15 +1,16 @@
 """Trial batching: members trained together must get the curves they get alone."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from pipeline.engine.batched import train_batch
-from pipeline.study.grouping import batch_key, task_cost
 from pipeline.config.composition import compose
-from pipeline.study.loop import _task_groups
+from pipeline.engine.batched import train_batch
 from pipeline.engine.train import prepare_trial, train_trial
+from pipeline.study.grouping import batch_key, task_cost
+from pipeline.study.loop import _task_groups
 
 SMALL = ["model.depth=3", "model.width=32", "train.epochs=3", "train.probe_size=64", "train.threads=1"]
 # Members differ in what each keeps for itself: initializer, scale, seed.
@@ -37,14 +38,20 @@ def _assert_same_rows(alone: list[dict], together: list[dict]) -> None:
         assert solo_row.keys() == batch_row.keys()
         for key, value in solo_row.items():
             other = batch_row[key]
-            assert (math.isnan(value) and math.isnan(other)) or other == pytest.approx(value, rel=REL_TOLERANCE, abs=1e-5), key
+            assert (math.isnan(value) and math.isnan(other)) or other == pytest.approx(
+                value, rel=REL_TOLERANCE, abs=1e-5
+            ), key
 
 
 def _assert_same_curves(alone, together) -> None:
     _assert_same_rows(alone.history, together.history)  # every epoch's metrics, diagnostics included
     _assert_same_rows(alone.layer_table, together.layer_table)  # every layer's diagnostics, every epoch
-    assert (alone.final_accuracy, alone.diverged, alone.pruned, alone.epochs_run) == \
-        (together.final_accuracy, together.diverged, together.pruned, together.epochs_run)
+    assert (alone.final_accuracy, alone.diverged, alone.pruned, alone.epochs_run) == (
+        together.final_accuracy,
+        together.diverged,
+        together.pruned,
+        together.epochs_run,
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
@@ -75,14 +82,24 @@ def test_a_pruned_member_stops_where_its_report_said():
 
 
 # Interleaved on purpose: the batch orders members by activation and must give results back in order.
-MIXED = [("xavier_normal", 1.0, 0, "tanh"), ("kaiming_uniform", 2.0, 1, "relu"), ("orthogonal", 0.5, 2, "sigmoid"),
-         ("normal", 1.0, 3, "tanh"), ("lecun_normal", 1.0, 4, "leaky_relu"), ("kaiming_normal", 1.0, 5, "relu")]
+MIXED = [
+    ("xavier_normal", 1.0, 0, "tanh"),
+    ("kaiming_uniform", 2.0, 1, "relu"),
+    ("orthogonal", 0.5, 2, "sigmoid"),
+    ("normal", 1.0, 3, "tanh"),
+    ("lecun_normal", 1.0, 4, "leaky_relu"),
+    ("kaiming_normal", 1.0, 5, "relu"),
+]
 
 
 @pytest.mark.parametrize("norm", ["none", "batch"])
 def test_members_with_different_activations_train_exactly_as_alone(norm):
-    configs = [compose([*SMALL, f"normalization={norm}", f"initializer={i}", f"scale={s}", f"seed={seed}",
-                        f"activation={act}"]) for i, s, seed, act in MIXED]
+    configs = [
+        compose(
+            [*SMALL, f"normalization={norm}", f"initializer={i}", f"scale={s}", f"seed={seed}", f"activation={act}"]
+        )
+        for i, s, seed, act in MIXED
+    ]
     assert len({batch_key(c) for c in configs}) == 1
     alone = [train_trial(prepare_trial(c)) for c in configs]
     together = train_batch([prepare_trial(c) for c in configs])
@@ -94,14 +111,23 @@ def test_members_with_different_activations_train_exactly_as_alone(norm):
 def test_batch_key_groups_trials_that_differ_only_in_init_scale_seed_and_activation():
     a, b = _configs([], MEMBERS[:2])
     assert batch_key(a) is not None and batch_key(a) == batch_key(b)
-    for own in (["activation=tanh"], ["activation=leaky_relu", "activation.slope=0.2"], ["activation=maxout", "activation.pieces=1"]):
+    for own in (
+        ["activation=tanh"],
+        ["activation=leaky_relu", "activation.slope=0.2"],
+        ["activation=maxout", "activation.pieces=1"],
+    ):
         assert batch_key(compose([*SMALL, *own])) == batch_key(a), own  # maxout of 1 piece keeps the width
     for shared in (["batch_size=32"], ["activation=maxout"], ["optimizer.lr=0.01"], ["model.width=64"]):
         assert batch_key(compose([*SMALL, *shared])) != batch_key(a), shared
-    assert batch_key(compose([*SMALL, "activation=maxout"])) != batch_key(compose([*SMALL, "activation=maxout", "activation.pieces=3"]))
+    assert batch_key(compose([*SMALL, "activation=maxout"])) != batch_key(
+        compose([*SMALL, "activation=maxout", "activation.pieces=3"])
+    )
 
 
-@pytest.mark.parametrize("alone", [["optimizer=lars"], ["model=cnn", "dataset=mnist1d"], ["train.grad_clip=1.0"], ["model=rnn", "dataset=mnist1d"]])
+@pytest.mark.parametrize(
+    "alone",
+    [["optimizer=lars"], ["model=cnn", "dataset=mnist1d"], ["train.grad_clip=1.0"], ["model=rnn", "dataset=mnist1d"]],
+)
 def test_trials_that_cannot_be_vectorized_have_no_batch_key(alone):
     assert batch_key(compose([*SMALL, *alone])) is None
 
@@ -131,12 +157,24 @@ def test_task_groups_never_mix_shapes():
 # Seconds to train K members together for 10 epochs (MLP 4x128 on digits, one thread), measured on
 # the project's 2-CPU machine on 2026-11-29: (normalization, batch_size, K) -> s.
 MEASURED_S = {
-    ("none", 32, 1): 0.40, ("none", 32, 4): 0.81, ("none", 32, 10): 1.39,
-    ("none", 64, 1): 0.26, ("none", 64, 4): 0.51, ("none", 64, 10): 1.10,
-    ("none", 128, 1): 0.18, ("none", 128, 4): 0.39, ("none", 128, 10): 1.12,
-    ("batch", 32, 1): 0.76, ("batch", 32, 4): 1.10, ("batch", 32, 10): 1.82,
-    ("batch", 64, 1): 0.43, ("batch", 64, 4): 0.75, ("batch", 64, 10): 1.41,
-    ("batch", 128, 1): 0.27, ("batch", 128, 4): 0.56, ("batch", 128, 10): 1.27,
+    ("none", 32, 1): 0.40,
+    ("none", 32, 4): 0.81,
+    ("none", 32, 10): 1.39,
+    ("none", 64, 1): 0.26,
+    ("none", 64, 4): 0.51,
+    ("none", 64, 10): 1.10,
+    ("none", 128, 1): 0.18,
+    ("none", 128, 4): 0.39,
+    ("none", 128, 10): 1.12,
+    ("batch", 32, 1): 0.76,
+    ("batch", 32, 4): 1.10,
+    ("batch", 32, 10): 1.82,
+    ("batch", 64, 1): 0.43,
+    ("batch", 64, 4): 0.75,
+    ("batch", 64, 10): 1.41,
+    ("batch", 128, 1): 0.27,
+    ("batch", 128, 4): 0.56,
+    ("batch", 128, 10): 1.27,
 }
 
 

@@ -1,4 +1,5 @@
 """pipeline.engine.data: shapes, splits, normalization, subsets, batching and the file readers."""
+
 from __future__ import annotations
 
 import gzip
@@ -10,9 +11,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from pipeline.config import ConfigError, DatasetConfig
 from pipeline.engine import data
-from pipeline.config import DatasetConfig
-from pipeline.config.errors import ConfigError
 
 CONF_DATASET = Path(__file__).resolve().parents[2] / "conf" / "dataset"
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -132,11 +132,14 @@ def test_stratified_split_is_scikit_learns(kind):
             assert np.array_equal(kept, expected_kept) and np.array_equal(out, expected_out), (seed, n_out)
 
 
-@pytest.mark.parametrize("y, n_out, says", [
-    (np.repeat(np.arange(3), [1, 5, 5]), 3, "only 1 member"),
-    (np.repeat(np.arange(10), 5), 4, "at least one sample of each of the 10 classes"),
-    (np.repeat(np.arange(2), 5), 10, "between 1 and 9"),
-])
+@pytest.mark.parametrize(
+    "y, n_out, says",
+    [
+        (np.repeat(np.arange(3), [1, 5, 5]), 3, "only 1 member"),
+        (np.repeat(np.arange(10), 5), 4, "at least one sample of each of the 10 classes"),
+        (np.repeat(np.arange(2), 5), 10, "between 1 and 9"),
+    ],
+)
 def test_stratified_split_refuses_what_it_cannot_make(y, n_out, says):
     with pytest.raises(ValueError, match=says):
         data.stratified_split(y, n_out, 0)
@@ -151,10 +154,17 @@ def test_digits_are_scikit_learns_read_without_importing_it():
     x, y = data._digits_arrays()
     expected_x, expected_y = load_digits(return_X_y=True)
     assert np.array_equal(x, expected_x) and np.array_equal(y, expected_y)
-    check = ("import sys; from pipeline.engine import data; from pipeline.config import DatasetConfig; "
-             "data.load_dataset(DatasetConfig(name='digits')); print('sklearn' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[2])
+    check = (
+        "import sys; from pipeline.engine import data; from pipeline.config import DatasetConfig; "
+        "data.load_dataset(DatasetConfig(name='digits')); print('sklearn' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", check],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert out.stdout.strip() == "False"  # a worker's start-up does without it (~0.7 s)
 
 

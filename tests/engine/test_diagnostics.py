@@ -1,14 +1,14 @@
 """The diagnostics probe against a hand computation, and when it runs (``train.probe_schedule``)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.engine import diagnostics
+from pipeline.config import ConfigError, TrainConfig, config_from_dict, validate
 from pipeline.config.composition import compose
-from pipeline.config import TrainConfig, config_from_dict, validate
-from pipeline.config.errors import ConfigError
+from pipeline.engine import diagnostics
 from pipeline.engine.nn.activations import ACTIVATIONS
 from pipeline.engine.train import prepare_trial, probe_due, run_trial
 
@@ -27,9 +27,12 @@ def _by_hand(model, x, y, saturated):
     loss = F.cross_entropy(model.head(h), y)
     loss.backward()
     for block, pre, (normed, out) in zip(model.blocks, pre_acts, acts):
-        row = {"act_std": float(out.detach().std()), "grad_norm": float(pre.grad.norm()),
-               "weight_grad_norm": float(block.layer.weight.grad.norm()),
-               "dead_fraction": float((normed.detach() <= 0).all(dim=0).float().mean())}
+        row = {
+            "act_std": float(out.detach().std()),
+            "grad_norm": float(pre.grad.norm()),
+            "weight_grad_norm": float(block.layer.weight.grad.norm()),
+            "dead_fraction": float((normed.detach() <= 0).all(dim=0).float().mean()),
+        }
         if saturated is not None:
             row["saturated_fraction"] = float(saturated(out.detach()).float().mean())
         rows.append(row)
@@ -39,7 +42,9 @@ def _by_hand(model, x, y, saturated):
 
 @pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid"])
 def test_probe_gives_the_hand_computed_numbers_for_every_layer(activation):
-    prep = prepare_trial(compose([f"activation={activation}", "model.depth=3", "model.width=24", "train.probe_size=64"]))
+    prep = prepare_trial(
+        compose([f"activation={activation}", "model.depth=3", "model.width=24", "train.probe_size=64"])
+    )
     x, y = prep.splits.x_train[:64], prep.splits.y_train[:64]
     saturated = ACTIVATIONS.get(activation).saturated
     expected = _by_hand(prep.model, x, y, saturated)
@@ -71,7 +76,9 @@ def test_log_schedule_probes_epochs_0_1_2_4_8_and_the_last():
 
 @pytest.mark.parametrize("schedule, probed", [("log", [0, 1, 2, 4, 5]), ("every", [0, 1, 2, 3, 4, 5])])
 def test_a_trial_records_diagnostics_at_the_scheduled_epochs_and_curves_at_every_epoch(schedule, probed):
-    result = run_trial(compose(["model.depth=2", "model.width=16", "train.epochs=5", f"train.probe_schedule={schedule}"]))
+    result = run_trial(
+        compose(["model.depth=2", "model.width=16", "train.epochs=5", f"train.probe_schedule={schedule}"])
+    )
     assert [row["epoch"] for row in result.history] == list(range(6))
     assert [row["epoch"] for row in result.history if "act_std_ratio" in row] == probed
     assert sorted({row["epoch"] for row in result.layer_table}) == probed

@@ -1,5 +1,6 @@
 """Optimizers (pipeline/engine/optim.py): every entry of ``OPTIMIZERS`` steps exactly as its reference,
 and none imports torch._dynamo (what a torch.optim.Optimizer costs every worker at start-up)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -34,10 +35,16 @@ def _lars_reference(params, cfg: OptimizerConfig):
 #: What each entry must equal (``fused`` as trial batching asks for it): torch.optim's own class,
 #: whose ``step`` calls the same functional update (bit for bit), or the paper's rule (to rounding).
 REFERENCES = {
-    "sgd": lambda params, cfg, fused: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                                      weight_decay=cfg.weight_decay, fused=fused or None).step,
-    "adam": lambda params, cfg, fused: torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999),
-                                                        weight_decay=cfg.weight_decay, fused=fused or None).step,
+    "sgd": lambda params, cfg, fused: (
+        torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused or None
+        ).step
+    ),
+    "adam": lambda params, cfg, fused: (
+        torch.optim.Adam(
+            params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay, fused=fused or None
+        ).step
+    ),
     "lars": lambda params, cfg, fused: _lars_reference(params, cfg),
 }
 FUSABLE = ("sgd", "adam")
@@ -52,8 +59,13 @@ def _cases():
     for name in OPTIMIZERS.names():
         for fused in (False, True) if name in FUSABLE else (False,):
             for weight_decay, momentum in ((0.0, 0.9), (1e-3, 0.9), (0.0, 0.0)):
-                yield pytest.param(name, fused, weight_decay, momentum,
-                                   id=f"{name}-{'fused' if fused else 'plain'}-wd{weight_decay}-m{momentum}")
+                yield pytest.param(
+                    name,
+                    fused,
+                    weight_decay,
+                    momentum,
+                    id=f"{name}-{'fused' if fused else 'plain'}-wd{weight_decay}-m{momentum}",
+                )
 
 
 @pytest.mark.parametrize("name, fused, weight_decay, momentum", list(_cases()))

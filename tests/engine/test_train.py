@@ -1,4 +1,5 @@
 """The trial engine: learning happens, symmetry never breaks, divergence is a result, runs repeat."""
+
 from __future__ import annotations
 
 import ctypes.util
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config.errors import ConfigError
+from pipeline.config import ConfigError
 from pipeline.engine.train import prepare_trial, run_trial, train_trial
 
 
@@ -62,8 +63,12 @@ def test_a_pretrained_starts_excluded_layers_replay_from_the_seed_whatever_ran_b
     save_weights(prepare_trial(make_config()).model, tmp_path / "w.safetensors")
 
     def head(seed: int) -> torch.Tensor:
-        config = make_config("initializer=pretrained", f"initializer.path={tmp_path / 'w.safetensors'}",
-                             "initializer.exclude=[head]", f"seed={seed}")
+        config = make_config(
+            "initializer=pretrained",
+            f"initializer.path={tmp_path / 'w.safetensors'}",
+            "initializer.exclude=[head]",
+            f"seed={seed}",
+        )
         torch.rand(seed + 7)  # what an earlier trial in this process drew
         return prepare_trial(config).model.head.weight.detach().clone()
 
@@ -95,8 +100,9 @@ def test_report_gets_every_epoch_and_can_stop_the_trial(make_config):
 
 
 def test_tiny_init_vanishes_with_depth(make_config):
-    tiny = run_trial(make_config("initializer=normal", "initializer.std=0.01", "activation=tanh",
-                                 "model.depth=12", "train.epochs=1"))
+    tiny = run_trial(
+        make_config("initializer=normal", "initializer.std=0.01", "activation=tanh", "model.depth=12", "train.epochs=1")
+    )
     xavier = run_trial(make_config("initializer=xavier_normal", "activation=tanh", "model.depth=12", "train.epochs=1"))
     assert tiny.history[0]["init_act_std_ratio"] < 1e-6
     assert tiny.history[0]["init_grad_norm_ratio"] < 1e-6  # the backprop signal dies before layer 1
@@ -111,8 +117,11 @@ def test_batch_size_larger_than_training_set_is_a_config_error(make_config):
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 @pytest.mark.parametrize("norm", ["none", "batch", "layer", "group"])
 def test_models_train_with_every_normalization(make_config, model, norm):
-    result = run_trial(make_config(f"model={model}", f"normalization={norm}", "model.channels=8",
-                                   "normalization.groups=4", "train.epochs=1"))
+    result = run_trial(
+        make_config(
+            f"model={model}", f"normalization={norm}", "model.channels=8", "normalization.groups=4", "train.epochs=1"
+        )
+    )
     assert math.isfinite(result.history[-1]["train_loss"])
     assert len(result.layer_table) == 2 * 2  # epochs 0 and 1, two hidden layers each
 
@@ -139,8 +148,13 @@ print(page_faults(20))
 @pytest.mark.skipif(ctypes.util.find_library("c") != "libc.so.6", reason="glibc's allocator only")
 def test_a_trial_process_reuses_freed_tensor_memory_without_faulting_it_in_again():
     # A fresh process, as a worker is (and no other thread of a test session faulting meanwhile).
-    done = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, check=True,
-                          cwd=Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-c", _FAULTS_SCRIPT],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     faults = int(done.stdout.split()[-1])
     # glibc's defaults: ~90,000 (blocks trimmed or unmapped, then mapped and faulted in again every step);
     # kept: 0 usually, up to ~6,000 when the heap settles in a later step than the warm-up.

@@ -1,5 +1,6 @@
 """A study worker's journaled record, written to the store by the driver, is the record a trial
 writes itself (pipeline/record/journal.py); and a worker that journals never imports MLflow."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,9 +10,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.record import journal
-from pipeline.config.composition import compose
 from pipeline.config import config_from_dict
+from pipeline.config.composition import compose
+from pipeline.record import journal
 from pipeline.record.runner import TrialRequest, run_recorded_batch, run_recorded_trial
 from tests.conftest import TINY
 
@@ -29,8 +30,10 @@ def store(tmp_path) -> list[str]:
 def _journaled(config: dict, experiment: str, **request) -> tuple[list, list[tuple[str, list]]]:
     """Run ``config`` through the runner with journal runs; the outcomes and every flush, in order."""
     flushes: list[tuple[str, list]] = []
-    outcomes = run_recorded_batch([TrialRequest(config, experiment, **request)],
-                                  journal.journal_starter(lambda key, ops: flushes.append((key, ops))))
+    outcomes = run_recorded_batch(
+        [TrialRequest(config, experiment, **request)],
+        journal.journal_starter(lambda key, ops: flushes.append((key, ops))),
+    )
     return outcomes, flushes
 
 
@@ -50,11 +53,19 @@ def _artifacts(client, run_id: str, path: str | None = None) -> dict[str, int]:
 
 def _record(client, run_id: str) -> dict:
     run = client.get_run(run_id)
-    histories = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
-                 for key in run.data.metrics if key not in PER_RUN_METRICS}
+    histories = {
+        key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+        for key in run.data.metrics
+        if key not in PER_RUN_METRICS
+    }
     tags = {k: v for k, v in run.data.tags.items() if k not in PER_RUN_TAGS}
-    return {"status": run.info.status, "params": run.data.params, "tags": tags, "metrics": histories,
-            "artifacts": _artifacts(client, run_id)}
+    return {
+        "status": run.info.status,
+        "params": run.data.params,
+        "tags": tags,
+        "metrics": histories,
+        "artifacts": _artifacts(client, run_id),
+    }
 
 
 def test_a_journaled_trial_records_what_a_trial_recording_itself_does(store):
@@ -85,7 +96,9 @@ def test_a_journaled_trial_that_raises_ends_its_run_failed_with_the_reason(store
     config = compose([*TINY, *store])
     flushes: list = []
     with pytest.raises(RuntimeError):
-        run_recorded_batch([TrialRequest(config, "exploding")], journal.journal_starter(lambda k, ops: flushes.append((k, ops))))
+        run_recorded_batch(
+            [TrialRequest(config, "exploding")], journal.journal_starter(lambda k, ops: flushes.append((k, ops)))
+        )
     replay = _replayed(config, flushes)
     run = MlflowClient(store[0].partition("=")[2]).get_run(replay.run_id(flushes[0][0]))
     assert run.info.status == "FAILED" and "RuntimeError: boom in training" in run.data.tags["failure_reason"]

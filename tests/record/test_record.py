@@ -3,6 +3,7 @@
 A few trials are run once per module (a fresh sqlite store costs about a second to create) and
 each test reads one part of their record: params, metric histories, tags, artifacts, run status.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,18 +15,17 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from pipeline.cli import main
+from pipeline.config import AXES, ConfigError, config_from_dict
+from pipeline.config.composition import compose
+from pipeline.engine.train import evaluate, prepare_trial
+from pipeline.engine.weights import load_weights_file
+from pipeline.record import store as record_store
 from pipeline.record.artifacts import download_artifact, download_weights
 from pipeline.record.readback import batch_mates
-from pipeline.record.runs import local_directory, start_run
-from pipeline.record import store as record_store
-from pipeline.record.store import client, ensure_experiment
-from pipeline.cli import main
-from pipeline.config.composition import compose
-from pipeline.config import AXES, config_from_dict
-from pipeline.config.errors import ConfigError
-from pipeline.engine.weights import load_weights_file
 from pipeline.record.runner import TrialRequest, fetch_pretrained, run_recorded_batch, run_recorded_trial
-from pipeline.engine.train import evaluate, prepare_trial
+from pipeline.record.runs import local_directory, start_run
+from pipeline.record.store import client, ensure_experiment
 from tests.conftest import TINY
 
 EPOCHS = 2  # TINY's train.epochs
@@ -51,8 +51,15 @@ def _config(tstore, *overrides: str) -> dict:
 @pytest.fixture(scope="module")
 def tanh_trial(tstore):
     """A finished tanh trial, initializer given by its alias (recorded by canonical name)."""
-    config = _config(tstore, "initializer=glorot_uniform", "scale=0.5", "activation=tanh",
-                     "normalization=layer", "batch_size=32", "optimizer.lr=0.02")
+    config = _config(
+        tstore,
+        "initializer=glorot_uniform",
+        "scale=0.5",
+        "activation=tanh",
+        "normalization=layer",
+        "batch_size=32",
+        "optimizer.lr=0.02",
+    )
     return config, run_recorded_trial(config)
 
 
@@ -166,10 +173,12 @@ def test_diverged_trial_is_a_finished_run_tagged_diverged(diverged_trial, mlflow
     assert run.data.metrics["final_accuracy"] <= 0.2
 
 
-@pytest.mark.parametrize("raised, status", [(RuntimeError("boom in training"), "FAILED"),
-                                            (KeyboardInterrupt(), "KILLED")])
-def test_an_exception_in_training_ends_the_run_never_leaving_it_running(tstore, mlflow_client, monkeypatch,
-                                                                          raised, status):
+@pytest.mark.parametrize(
+    "raised, status", [(RuntimeError("boom in training"), "FAILED"), (KeyboardInterrupt(), "KILLED")]
+)
+def test_an_exception_in_training_ends_the_run_never_leaving_it_running(
+    tstore, mlflow_client, monkeypatch, raised, status
+):
     def explode(prepared, report):
         report(0, {"val_accuracy": 0.1})  # the run is open and being written to
         raise raised
@@ -190,8 +199,12 @@ def test_an_exception_in_training_ends_the_run_never_leaving_it_running(tstore, 
 
 def test_artifacts_are_config_weights_and_layer_diagnostics(tanh_trial, mlflow_client):
     _, done = tanh_trial
-    assert {"config.yaml", "weights/model.safetensors", "diagnostics/layers.csv",
-            "diagnostics/signal_by_depth.png"} <= _artifacts(mlflow_client, done.run_id)
+    assert {
+        "config.yaml",
+        "weights/model.safetensors",
+        "diagnostics/layers.csv",
+        "diagnostics/signal_by_depth.png",
+    } <= _artifacts(mlflow_client, done.run_id)
 
 
 def test_logged_config_composes_back_to_the_config_that_ran(tanh_trial, mlflow_client, tmp_path):
@@ -202,15 +215,17 @@ def test_logged_config_composes_back_to_the_config_that_ran(tanh_trial, mlflow_c
     assert config_from_dict(logged).initializer.name == "xavier_uniform"
 
 
-def test_layer_table_has_one_row_per_hidden_layer_per_diagnosed_epoch(tanh_trial, diverged_trial,
-                                                                      mlflow_client, tmp_path):
+def test_layer_table_has_one_row_per_hidden_layer_per_diagnosed_epoch(
+    tanh_trial, diverged_trial, mlflow_client, tmp_path
+):
     for (_, done), epochs in ((tanh_trial, EPOCHS + 1), (diverged_trial, 1)):  # diverged: epoch 0 only
         local = mlflow_client.download_artifacts(done.run_id, "diagnostics/layers.csv", str(tmp_path / done.run_id))
         rows = list(csv.DictReader(open(local)))
         assert len(rows) == DEPTH * epochs
         assert {"act_std", "grad_norm", "weight_grad_norm", "dead_fraction"} <= set(rows[0])
         assert sorted({(r["epoch"], r["layer"]) for r in rows}) == sorted(
-            (str(e), str(layer)) for e in range(epochs) for layer in range(1, DEPTH + 1))
+            (str(e), str(layer)) for e in range(epochs) for layer in range(1, DEPTH + 1)
+        )
         assert all(math.isfinite(float(r["act_std"])) for r in rows)
 
 
@@ -233,8 +248,15 @@ def test_logged_weights_are_the_final_weights(tanh_trial, mlflow_client, tmp_pat
 def test_pretrained_run_id_starts_from_that_runs_final_weights(tstore, tanh_trial, mlflow_client, tmp_path):
     _, done = tanh_trial
     weights = load_weights_file(download_weights(done.run_id, tstore[0].partition("=")[2]))
-    cfg = config_from_dict(_config(tstore, "initializer=pretrained", f"initializer.run_id={done.run_id}",
-                                   "activation=tanh", "normalization=layer"))
+    cfg = config_from_dict(
+        _config(
+            tstore,
+            "initializer=pretrained",
+            f"initializer.run_id={done.run_id}",
+            "activation=tanh",
+            "normalization=layer",
+        )
+    )
     fetch_pretrained(cfg)  # the one route from a run to the engine: the trial's own store
     prepared = prepare_trial(cfg)
     state = prepared.model.state_dict()
@@ -245,16 +267,23 @@ def test_pretrained_run_id_starts_from_that_runs_final_weights(tstore, tanh_tria
 
 def test_pretrained_run_id_of_another_model_shape_is_a_config_error(tstore, tanh_trial):
     _, done = tanh_trial
-    config = _config(tstore, "initializer=pretrained", f"initializer.run_id={done.run_id}",
-                     "normalization=layer", "model.width=16")
+    config = _config(
+        tstore, "initializer=pretrained", f"initializer.run_id={done.run_id}", "normalization=layer", "model.width=16"
+    )
     with pytest.raises(ConfigError, match=r"shape mismatch: .*\(16, 64\) vs file \(32, 64\)"):
         run_recorded_trial(config)
 
 
 def test_pretrained_trial_records_the_run_id_it_started_from(tstore, tanh_trial, mlflow_client, tmp_path):
     _, source = tanh_trial
-    config = _config(tstore, "initializer=pretrained", f"initializer.run_id={source.run_id}",
-                     "activation=tanh", "normalization=layer", "train.epochs=1")
+    config = _config(
+        tstore,
+        "initializer=pretrained",
+        f"initializer.run_id={source.run_id}",
+        "activation=tanh",
+        "normalization=layer",
+        "train.epochs=1",
+    )
     done = run_recorded_trial(config)
     run = mlflow_client.get_run(done.run_id)
     assert run.data.params["initializer"] == "pretrained"
@@ -278,8 +307,10 @@ def test_reproduce_reruns_the_logged_config_with_the_same_curves(tstore, relu_tr
     assert new.data.tags["reproduced_from"] == original.run_id
 
     def val_history(run_id):
-        return [(m.step, m.value) for m in sorted(mlflow_client.get_metric_history(run_id, "val_accuracy"),
-                                                  key=lambda m: m.step)]
+        return [
+            (m.step, m.value)
+            for m in sorted(mlflow_client.get_metric_history(run_id, "val_accuracy"), key=lambda m: m.step)
+        ]
 
     assert val_history(new_id) == val_history(original.run_id)
     assert new.data.metrics["final_accuracy"] == mlflow_client.get_run(original.run_id).data.metrics["final_accuracy"]
@@ -294,8 +325,20 @@ def test_a_batched_trial_reproduces_exactly_in_its_batch(tstore, mlflow_client, 
     """Alone, a batch member's matmuls round differently; re-run with its batch-mates, in their
     order, every curve is the same to the last bit."""
     members = [("xavier_normal", 1.0, 0, "tanh"), ("kaiming_normal", 1.5, 1, "relu"), ("orthogonal", 2.0, 2, "relu")]
-    configs = [_config(tstore, f"initializer={i}", f"scale={s}", f"seed={seed}", f"activation={act}", "normalization=batch",
-                       "train.epochs=3", "train.threads=1", "tracking.experiment=batched") for i, s, seed, act in members]
+    configs = [
+        _config(
+            tstore,
+            f"initializer={i}",
+            f"scale={s}",
+            f"seed={seed}",
+            f"activation={act}",
+            "normalization=batch",
+            "train.epochs=3",
+            "train.threads=1",
+            "tracking.experiment=batched",
+        )
+        for i, s, seed, act in members
+    ]
     batch = run_recorded_batch([TrialRequest(config) for config in configs])
     runs = [mlflow_client.get_run(done.run_id) for done in batch]
     assert len({run.data.tags["trial_batch_id"] for run in runs}) == 1
@@ -303,7 +346,9 @@ def test_a_batched_trial_reproduces_exactly_in_its_batch(tstore, mlflow_client, 
     assert batch_mates(tstore[0].partition("=")[2], batch[1].run_id) == [done.run_id for done in batch]
     capsys.readouterr()
     assert main(["reproduce", batch[1].run_id, tstore[0]]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "max abs diff" not in line]
+    rows = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "max abs diff" not in line
+    ]
     assert {row.split("|")[1].split()[0] for row in rows} >= {"val_loss", "train_loss", "final_accuracy"}
     assert all(row.split("|")[4].strip() == "0" for row in rows), rows
 
@@ -371,31 +416,40 @@ def test_a_new_sqlite_store_writes_ahead_and_an_existing_one_keeps_its_journal(t
 
 def test_a_cluster_studys_new_sqlite_store_keeps_the_default_journal(tmp_path):
     """Hosts sharing a store over a network filesystem cannot share SQLite's write-ahead log."""
-    from pipeline.study.plan import plan_study
     from pipeline.study.loop import _open_mlflow_store
+    from pipeline.study.plan import plan_study
 
     for address, mode in ((None, "wal"), ("10.0.0.1:6379", "delete")):
-        plan = plan_study([f"tracking.uri=sqlite:///{tmp_path}/{mode}.db", f"study.output_dir={tmp_path}",
-                           *([f"cluster.address={address}"] if address else [])])
+        plan = plan_study(
+            [
+                f"tracking.uri=sqlite:///{tmp_path}/{mode}.db",
+                f"study.output_dir={tmp_path}",
+                *([f"cluster.address={address}"] if address else []),
+            ]
+        )
         _open_mlflow_store(plan)
         assert _journal_mode(tmp_path / f"{mode}.db") == mode
 
 
-@pytest.mark.parametrize("uri, directory", [
-    ("file:///data/art/1/abc/artifacts", "/data/art/1/abc/artifacts"),
-    ("file://localhost/data/my%20runs/artifacts", "/data/my runs/artifacts"),
-    ("/data/art/artifacts", "/data/art/artifacts"),
-    ("mlflow-artifacts:/1/abc/artifacts", None),  # a server's: uploaded through MLflow
-    ("s3://bucket/1/abc/artifacts", None),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    "uri, directory",
+    [
+        ("file:///data/art/1/abc/artifacts", "/data/art/1/abc/artifacts"),
+        ("file://localhost/data/my%20runs/artifacts", "/data/my runs/artifacts"),
+        ("/data/art/artifacts", "/data/art/artifacts"),
+        ("mlflow-artifacts:/1/abc/artifacts", None),  # a server's: uploaded through MLflow
+        ("s3://bucket/1/abc/artifacts", None),
+        (None, None),
+    ],
+)
 def test_journaled_files_are_written_in_place_only_where_artifacts_are_a_local_directory(uri, directory):
     found = local_directory(uri)
     assert (str(found) if found is not None else None) == directory
 
 
-def test_an_artifact_read_through_the_runs_artifact_uri_is_the_one_mlflow_downloads(tanh_trial, tstore, mlflow_client,
-                                                                                      tmp_path):
+def test_an_artifact_read_through_the_runs_artifact_uri_is_the_one_mlflow_downloads(
+    tanh_trial, tstore, mlflow_client, tmp_path
+):
     """The report opens each run's artifacts from its artifact URI (a local directory: read in
     place), not through MLflow's ``runs:/`` route (the run read twice, logged models looked up)."""
     uri, run_id = tstore[0].partition("=")[2], tanh_trial[1].run_id

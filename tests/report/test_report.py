@@ -5,6 +5,7 @@ complete, pruned and failed trials; its report is built by the study itself at t
 figure functions are also driven directly with hand-made data for the edge cases (nothing to draw,
 one run, zeros everywhere), which costs no training.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,10 +17,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from pipeline.report import figures as plots
 from pipeline.cli import main
-from pipeline.study.loop import run_study
+from pipeline.report import figures as plots
 from pipeline.report.build import HTML_FILE, figure_specs
+from pipeline.study.loop import run_study
 from pipeline.study.storage import default_storage, open_storage
 
 pytestmark = pytest.mark.timeout(300)
@@ -29,10 +30,20 @@ FIGURES = {spec.name: spec.title for spec in figure_specs([], None, "", "val_acc
 
 def _args(root, name: str, *extra: str) -> list[str]:
     return [
-        f"study.name={name}", f"study.output_dir={root}/studies", "study.progress=false",
-        f"tracking.uri=sqlite:///{root}/mlflow.db", f"tracking.artifact_root={root}/artifacts",
-        "cluster.num_cpus=2", "model.depth=2", "model.width=32", "train.probe_size=64", "tracking.log_weights=false",
-        "study.sampler=random", "study.seed=0", "study.max_failure_rate=1.0", *extra,
+        f"study.name={name}",
+        f"study.output_dir={root}/studies",
+        "study.progress=false",
+        f"tracking.uri=sqlite:///{root}/mlflow.db",
+        f"tracking.artifact_root={root}/artifacts",
+        "cluster.num_cpus=2",
+        "model.depth=2",
+        "model.width=32",
+        "train.probe_size=64",
+        "tracking.log_weights=false",
+        "study.sampler=random",
+        "study.seed=0",
+        "study.max_failure_rate=1.0",
+        *extra,
     ]
 
 
@@ -45,12 +56,38 @@ def studies(local_ray, tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("report")
     # Through the command: the report is the run command's to build, once the study is over.
-    assert main(["run", *_args(root, "mix", "study.n_trials=7", "train.epochs=2", "study.pruner=median",
-                    "cluster.max_concurrent=1", "normalization.groups=7",
+    assert (
+        main(
+            [
+                "run",
+                *_args(
+                    root,
+                    "mix",
+                    "study.n_trials=7",
+                    "train.epochs=2",
+                    "study.pruner=median",
+                    "cluster.max_concurrent=1",
+                    "normalization.groups=7",
                     "space.initializer=choice(zeros, kaiming_normal, xavier_normal)",
-                    "space.activation=choice(relu, tanh)", "space.normalization=choice(none, group)")]) == 0
-    run_study(_args(root, "allfail", "study.n_trials=1", "train.epochs=2", "normalization=group",
-                    "normalization.groups=7", "~space.normalization", "study.report=false"))
+                    "space.activation=choice(relu, tanh)",
+                    "space.normalization=choice(none, group)",
+                ),
+            ]
+        )
+        == 0
+    )
+    run_study(
+        _args(
+            root,
+            "allfail",
+            "study.n_trials=1",
+            "train.epochs=2",
+            "normalization=group",
+            "normalization.groups=7",
+            "~space.normalization",
+            "study.report=false",
+        )
+    )
     return root
 
 
@@ -89,7 +126,12 @@ def test_the_report_is_logged_to_the_parent_run(studies):
 
 
 def test_the_report_counts_complete_pruned_and_failed_trials(studies):
-    states = [t.state for t in optuna.load_study(study_name="mix", storage=open_storage(default_storage(f"{studies}/studies", "mix"))).trials]
+    states = [
+        t.state
+        for t in optuna.load_study(
+            study_name="mix", storage=open_storage(default_storage(f"{studies}/studies", "mix"))
+        ).trials
+    ]
     assert {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL} <= set(states)
     page = _html(studies, "mix")
     header = re.search(r"<tr><th>trials</th>(.*?)</tr><tr>(.*?)</tr>", page)
@@ -103,18 +145,26 @@ def test_the_report_counts_complete_pruned_and_failed_trials(studies):
 
 
 def test_report_command_on_a_study_whose_every_trial_failed_skips_figures_with_notes(studies, capsys):
-    code = main(["report", "allfail", f"tracking.uri=sqlite:///{studies}/mlflow.db", f"study.output_dir={studies}/studies"])
+    code = main(
+        ["report", "allfail", f"tracking.uri=sqlite:///{studies}/mlflow.db", f"study.output_dir={studies}/studies"]
+    )
     assert code == 0, capsys.readouterr().err
     assert "allfail/report/report.html" in capsys.readouterr().out
     page = _html(studies, "allfail")
     assert "<img alt='Trial outcomes'" in page  # one failed trial still has an outcome to count
-    for title in ("Convergence by initializer", "Final accuracy: initializer × activation", "Signal propagation at initialization"):
+    for title in (
+        "Convergence by initializer",
+        "Final accuracy: initializer × activation",
+        "Signal propagation at initialization",
+    ):
         assert re.search(rf"<h3>{re.escape(title)}</h3><p class='note'>Figure skipped: ", page), title
     assert "need at least 2 complete trials; this study has 0" in page
 
 
 def test_report_for_an_unknown_study_exits_2_listing_the_studies(studies, capsys):
-    code = main(["report", "nope", f"tracking.uri=sqlite:///{studies}/mlflow.db", f"study.output_dir={studies}/studies"])
+    code = main(
+        ["report", "nope", f"tracking.uri=sqlite:///{studies}/mlflow.db", f"study.output_dir={studies}/studies"]
+    )
     lines = capsys.readouterr().err.splitlines()
     assert code == 2 and len(lines) == 1
     assert lines[0].startswith("error: unknown study 'nope'") and "allfail, mix" in lines[0]
@@ -130,13 +180,34 @@ def test_report_without_a_store_exits_2_and_creates_none(tmp_path, capsys):
 
 
 def _run(trial: int, init: str = "kaiming_normal", act: str = "relu", state: str = "COMPLETE", **kw) -> plots.TrialRun:
-    layers = [{"epoch": e, "layer": i, "act_std": 0.5 ** i, "grad_norm": 0.0 if init == "zeros" else 2.0 ** -i,
-               "weight_grad_norm": 0.1, "dead_fraction": 0.1 * e, **({"saturated_fraction": 0.2} if act == "tanh" else {})}
-              for e in (0, 2) for i in (1, 2, 3)]
+    layers = [
+        {
+            "epoch": e,
+            "layer": i,
+            "act_std": 0.5**i,
+            "grad_norm": 0.0 if init == "zeros" else 2.0**-i,
+            "weight_grad_norm": 0.1,
+            "dead_fraction": 0.1 * e,
+            **({"saturated_fraction": 0.2} if act == "tanh" else {}),
+        }
+        for e in (0, 2)
+        for i in (1, 2, 3)
+    ]
     curves = {"val_accuracy": [(0, 0.1), (1, 0.5), (2, 0.8)], "val_loss": [(0, 2.3), (1, math.inf), (2, 0.0)]}
-    defaults = dict(seed=0, diverged=False, axes={"initializer": init, "scale": 1.0 + trial, "activation": act,
-                                                  "normalization": "none", "batch_size": 64},
-                    final_accuracy=0.5 + 0.01 * trial, curves=curves, layers=layers)
+    defaults = {
+        "seed": 0,
+        "diverged": False,
+        "axes": {
+            "initializer": init,
+            "scale": 1.0 + trial,
+            "activation": act,
+            "normalization": "none",
+            "batch_size": 64,
+        },
+        "final_accuracy": 0.5 + 0.01 * trial,
+        "curves": curves,
+        "layers": layers,
+    }
     return plots.TrialRun(trial=trial, state=state, **{**defaults, **kw})
 
 
@@ -162,9 +233,16 @@ def test_figures_with_nothing_to_draw_say_why(name):
 def test_figures_draw_small_and_degenerate_studies(name, case, tmp_path):
     runs = {
         "one run": [_run(0)],
-        "mixed": [_run(0), _run(1, "xavier_normal", "tanh"), _run(2, state="PRUNED"), _run(3, state="FAIL", curves={}, layers=[])],
-        "zeros and diverged": [_run(0, "zeros", final_accuracy=0.1), _run(1, diverged=True, final_accuracy=0.0,
-                                                                            curves={"val_accuracy": [(0, 0.1)]})],
+        "mixed": [
+            _run(0),
+            _run(1, "xavier_normal", "tanh"),
+            _run(2, state="PRUNED"),
+            _run(3, state="FAIL", curves={}, layers=[]),
+        ],
+        "zeros and diverged": [
+            _run(0, "zeros", final_accuracy=0.1),
+            _run(1, diverged=True, final_accuracy=0.0, curves={"val_accuracy": [(0, 0.1)]}),
+        ],
         # a recurrent net's table: a row per time step of its top layer
         "recurrent": [_run(0, layers=[{**row, "time_step": row["layer"]} for row in _run(0).layers])],
     }[case]
@@ -180,12 +258,18 @@ def test_optuna_figures_handle_too_few_trials(tmp_path):
     study = optuna.create_study(direction="maximize")
     with pytest.raises(plots.NoFigure, match="no complete trial"):
         _history(study, "", "val_accuracy")
-    study.add_trial(optuna.trial.create_trial(params={"scale": 1.0}, distributions={
-        "scale": optuna.distributions.FloatDistribution(0.1, 10)}, value=0.5))
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"scale": 1.0}, distributions={"scale": optuna.distributions.FloatDistribution(0.1, 10)}, value=0.5
+        )
+    )
     with pytest.raises(plots.NoFigure, match="at least 2 complete trials; this study has 1"):
         _importances(study, "", "val_accuracy")
-    study.add_trial(optuna.trial.create_trial(params={"scale": 1.0}, distributions={
-        "scale": optuna.distributions.FloatDistribution(0.1, 10)}, value=0.7))
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"scale": 1.0}, distributions={"scale": optuna.distributions.FloatDistribution(0.1, 10)}, value=0.7
+        )
+    )
     with pytest.raises(plots.NoFigure, match="no study axis varies"):
         _importances(study, "", "val_accuracy")
     with pytest.raises(plots.NoFigure, match="storage gone"):
@@ -195,10 +279,30 @@ def test_optuna_figures_handle_too_few_trials(tmp_path):
 
 
 def test_scale_figure_marks_predicted_critical_scales_beside_the_measured_best():
-    runs = [_run(i, act=act, axes={"initializer": "lecun_normal", "scale": scale, "activation": act,
-                                   "normalization": "none", "batch_size": 64}, final_accuracy=acc)
-            for i, (act, scale, acc) in enumerate([("tanh", 0.5, 0.1), ("tanh", 1.0, 0.9), ("tanh", 2.0, 0.6),
-                                                    ("relu", 1.0, 0.2), ("relu", 1.414, 0.8), ("relu", 2.0, 0.3)])]
+    runs = [
+        _run(
+            i,
+            act=act,
+            axes={
+                "initializer": "lecun_normal",
+                "scale": scale,
+                "activation": act,
+                "normalization": "none",
+                "batch_size": 64,
+            },
+            final_accuracy=acc,
+        )
+        for i, (act, scale, acc) in enumerate(
+            [
+                ("tanh", 0.5, 0.1),
+                ("tanh", 1.0, 0.9),
+                ("tanh", 2.0, 0.6),
+                ("relu", 1.0, 0.2),
+                ("relu", 1.414, 0.8),
+                ("relu", 2.0, 0.3),
+            ]
+        )
+    ]
     fig = plots.plot_accuracy_vs_scale(runs, references={"tanh": 1.0, "relu": 1.414})
     labels = fig.axes[0].get_legend_handles_labels()[1]
     plots.plt.close(fig)
@@ -208,16 +312,27 @@ def test_scale_figure_marks_predicted_critical_scales_beside_the_measured_best()
 
 def _weighable_study() -> optuna.Study:
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    study.optimize(lambda t: t.suggest_float("scale", 0.1, 10, log=True) * 0.01
-                   + (t.suggest_categorical("activation", ["relu", "tanh"]) == "tanh"), n_trials=12)
+    study.optimize(
+        lambda t: (
+            t.suggest_float("scale", 0.1, 10, log=True) * 0.01
+            + (t.suggest_categorical("activation", ["relu", "tanh"]) == "tanh")
+        ),
+        n_trials=12,
+    )
     return study
 
 
 def _in_line(study: optuna.Study) -> dict:
     from optuna.importance import FanovaImportanceEvaluator
 
-    return dict(optuna.importance.get_param_importances(
-        study, evaluator=FanovaImportanceEvaluator(seed=0), params=["activation", "scale"], target=lambda t: t.values[0]))
+    return dict(
+        optuna.importance.get_param_importances(
+            study,
+            evaluator=FanovaImportanceEvaluator(seed=0),
+            params=["activation", "scale"],
+            target=lambda t: t.values[0],
+        )
+    )
 
 
 def test_importances_from_the_helper_process_equal_optunas_in_line():
@@ -256,11 +371,21 @@ def test_an_evaluator_error_in_the_helper_is_the_figures_note_without_a_second_t
     from pipeline.report.build import _importances
 
     study = optuna.create_study(direction="maximize")  # a resumed study whose space changed: dynamic
-    for i, scale in enumerate([(FloatDistribution(0.1, 10), 1.0), (FloatDistribution(0.1, 10), 2.0),
-                               (CategoricalDistribution(["a", "b"]), "a"), (CategoricalDistribution(["a", "b"]), "b")]):
-        study.add_trial(optuna.trial.create_trial(
-            params={"scale": scale[1], "act": "xy"[i % 2]}, value=0.1 * i,
-            distributions={"scale": scale[0], "act": CategoricalDistribution(["x", "y"])}))
+    for i, scale in enumerate(
+        [
+            (FloatDistribution(0.1, 10), 1.0),
+            (FloatDistribution(0.1, 10), 2.0),
+            (CategoricalDistribution(["a", "b"]), "a"),
+            (CategoricalDistribution(["a", "b"]), "b"),
+        ]
+    ):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"scale": scale[1], "act": "xy"[i % 2]},
+                value=0.1 * i,
+                distributions={"scale": scale[0], "act": CategoricalDistribution(["x", "y"])},
+            )
+        )
     with caplog.at_level("WARNING", logger="pipeline.report.importances"):
         with pytest.raises(plots.NoFigure, match="Optuna could not compute the importances: ValueError: .*dynamic"):
             _importances(study, "", "val_accuracy")

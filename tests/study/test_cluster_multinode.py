@@ -9,6 +9,7 @@ node's raylet while one of its trials trains: the study must still end with ever
 Slow (about 3 minutes): ``pytest -m slow tests/test_cluster_multinode.py``. The two fast tests at the
 end check the failure messages a cluster user meets first.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,17 @@ from pipeline.study.storage import default_storage, open_storage
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv whose ray and mlflow CLIs the scripts use
-TINY = ["model.depth=2", "model.width=32", "train.probe_size=64", "tracking.log_weights=false", "study.report=false",
-        "study.progress=false", "study.n_trials=8", "cluster.address=auto", "cluster.cpus_per_trial=1"]
+TINY = [
+    "model.depth=2",
+    "model.width=32",
+    "train.probe_size=64",
+    "tracking.log_weights=false",
+    "study.report=false",
+    "study.progress=false",
+    "study.n_trials=8",
+    "cluster.address=auto",
+    "cluster.cpus_per_trial=1",
+]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -55,8 +65,9 @@ def _port_free(port: int) -> bool:
 
 
 def _script(name: str, command: str, env: dict, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(ROOT / "scripts" / name), command], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / name), command], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +75,29 @@ def stack(tmp_path_factory):
     """The two-node Ray cluster and the MLflow server, started side by side; always stopped."""
     tmp = tmp_path_factory.mktemp("stack")
     head_port = _free_port(pair=True)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "RAY": str(BIN / "ray"), "RAY_HEAD_PORT": str(head_port), "RAY_DASHBOARD_PORT": str(_free_port()),
-           "RAY_HEAD_CPUS": "1", "RAY_WORKER_CPUS": "1", "RAY_CLUSTER_DIR": str(tmp / "ray-cluster"),
-           "RAY_CLUSTER_TMP": f"/tmp/ray-initstudy-test-{head_port}",  # short: Unix socket paths
-           "MLFLOW": str(BIN / "mlflow"), "MLFLOW_PORT": str(_free_port()), "MLFLOW_WORKERS": "1",
-           "MLFLOW_SERVER_DIR": str(tmp / "mlflow-server")}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "RAY": str(BIN / "ray"),
+        "RAY_HEAD_PORT": str(head_port),
+        "RAY_DASHBOARD_PORT": str(_free_port()),
+        "RAY_HEAD_CPUS": "1",
+        "RAY_WORKER_CPUS": "1",
+        "RAY_CLUSTER_DIR": str(tmp / "ray-cluster"),
+        "RAY_CLUSTER_TMP": f"/tmp/ray-initstudy-test-{head_port}",  # short: Unix socket paths
+        "MLFLOW": str(BIN / "mlflow"),
+        "MLFLOW_PORT": str(_free_port()),
+        "MLFLOW_WORKERS": "1",
+        "MLFLOW_SERVER_DIR": str(tmp / "mlflow-server"),
+    }
     t0 = time.time()
-    mlflow = subprocess.Popen(["bash", str(ROOT / "scripts/mlflow_server.sh"), "start"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    mlflow = subprocess.Popen(
+        ["bash", str(ROOT / "scripts/mlflow_server.sh"), "start"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         ray = _script("ray_cluster.sh", "start", env)
         mlflow_out = mlflow.communicate(timeout=180)[0]
@@ -112,9 +137,24 @@ def _project_copy(dst: Path) -> Path:
 
 def _submit(stack: dict, job_id: str, overrides: list[str]) -> None:
     """``ray job submit --no-wait``: the driver runs on the head node, in the uploaded copy."""
-    command = [str(BIN / "ray"), "job", "submit", "--no-wait", "--address", stack["dashboard"],
-               "--submission-id", job_id, "--working-dir", str(stack["project"]),
-               "--", "python", "-m", "pipeline", "run", *overrides]
+    command = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--no-wait",
+        "--address",
+        stack["dashboard"],
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        str(stack["project"]),
+        "--",
+        "python",
+        "-m",
+        "pipeline",
+        "run",
+        *overrides,
+    ]
     done = subprocess.run(command, env=stack["env"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"ray job submit failed:\n{done.stdout}\n{done.stderr}"
 
@@ -122,7 +162,9 @@ def _submit(stack: dict, job_id: str, overrides: list[str]) -> None:
 def _job(stack: dict, job_id: str) -> dict:
     """The jobs REST API (what `ray job status` reads), with the cluster's token."""
     token = os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").read_text().strip()
-    request = urllib.request.Request(f"{stack['dashboard']}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"})
+    request = urllib.request.Request(
+        f"{stack['dashboard']}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"}
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)
 
@@ -134,8 +176,13 @@ def _wait_job(stack: dict, job_id: str, timeout_s: float) -> dict:
         if job["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
             return job
         time.sleep(2)
-    logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", stack["dashboard"], job_id],
-                          env=stack["env"], capture_output=True, text=True, timeout=60).stdout
+    logs = subprocess.run(
+        [str(BIN / "ray"), "job", "logs", "--address", stack["dashboard"], job_id],
+        env=stack["env"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     raise AssertionError(f"job {job_id} still {job['status']} after {timeout_s} s; logs:\n{logs[-5000:]}")
 
 
@@ -156,8 +203,13 @@ def _optuna(output_dir: Path, study: str) -> optuna.Study:
 
 def _overrides(stack: dict, study: str, output_dir: Path, epochs: int) -> list[str]:
     # The driver runs on the head node, which shares this filesystem: an absolute output_dir we can read.
-    return [f"study.name={study}", f"study.output_dir={output_dir}", f"tracking.uri={stack['tracking']}",
-            f"train.epochs={epochs}", *TINY]
+    return [
+        f"study.name={study}",
+        f"study.output_dir={output_dir}",
+        f"tracking.uri={stack['tracking']}",
+        f"train.epochs={epochs}",
+        *TINY,
+    ]
 
 
 @pytest.mark.slow
@@ -191,7 +243,9 @@ def test_study_survives_losing_the_worker_node(stack, tmp_path):
     killed = _script("ray_cluster.sh", "stop-worker", stack["env"], timeout=60)
     assert killed.returncode == 0, killed.stderr
     job = _wait_job(stack, "node-loss", timeout_s=300)
-    print(f"\n[node_loss: worker trial running at {seen:.0f} s, node killed; job {job['status']} in {time.time() - t0:.0f} s]")
+    print(
+        f"\n[node_loss: worker trial running at {seen:.0f} s, node killed; job {job['status']} in {time.time() - t0:.0f} s]"
+    )
     assert job["status"] == "SUCCEEDED", job.get("message")
 
     trials = _optuna(tmp_path, "node_loss").trials
@@ -224,19 +278,24 @@ def _running_on(stack: dict, study: str, node_id: str, timeout_s: float):
 
 # Fast: the messages a cluster user meets first.
 
+
 def test_unreachable_tracking_server_fails_in_seconds_before_ray_starts(tmp_path):
     t0 = time.time()
-    done = subprocess.run([sys.executable, "-m", "pipeline", "run", "tracking.uri=http://127.0.0.1:9",
-                           f"study.output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "tracking.uri=http://127.0.0.1:9", f"study.output_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and time.time() - t0 < 30
     assert done.stderr.startswith("error: tracking.uri=http://127.0.0.1:9 is unreachable")
     assert len(done.stderr.strip().splitlines()) == 1  # one line, nothing from Ray
 
 
 def test_a_node_that_cannot_see_the_sqlite_store_fails_its_trial_clearly(tmp_path):
+    from pipeline.config import ConfigError, TrackingConfig
     from pipeline.record.runs import start_run
-    from pipeline.config import TrackingConfig
-    from pipeline.config.errors import ConfigError
 
     elsewhere = TrackingConfig(uri=f"sqlite:///{tmp_path}/on-the-driver-host/mlflow.db")
     with pytest.raises(ConfigError, match="no such file on host .* MLflow server"):
@@ -247,12 +306,14 @@ def test_a_node_that_cannot_see_the_sqlite_store_fails_its_trial_clearly(tmp_pat
 def test_a_local_instance_keeps_token_authentication_without_a_warning_at_every_start(tmp_path):
     """Ray warns at every local start that it turned token authentication on: we drop that notice
     (it was on every study's stderr), not the authentication."""
-    probe = ("from pipeline.study import cluster; from pipeline.config import ClusterConfig; import ray\n"
-             "def mode():\n"
-             "    from ray._raylet import AuthenticationMode, get_authentication_mode\n"
-             "    return 'token' if get_authentication_mode() == AuthenticationMode.TOKEN else 'no token'\n"
-             "cluster.start(ClusterConfig(num_cpus=1))\n"
-             "print(ray.get(ray.remote(mode).options(num_cpus=0.1).remote())); cluster.shutdown()")
+    probe = (
+        "from pipeline.study import cluster; from pipeline.config import ClusterConfig; import ray\n"
+        "def mode():\n"
+        "    from ray._raylet import AuthenticationMode, get_authentication_mode\n"
+        "    return 'token' if get_authentication_mode() == AuthenticationMode.TOKEN else 'no token'\n"
+        "cluster.start(ClusterConfig(num_cpus=1))\n"
+        "print(ray.get(ray.remote(mode).options(num_cpus=0.1).remote())); cluster.shutdown()"
+    )
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -1,4 +1,5 @@
 """Study spaces: Hydra's sweep grammar -> Optuna distributions; bad spaces fail before Ray starts."""
+
 from __future__ import annotations
 
 import re
@@ -8,9 +9,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import JournalStorage
 
-from pipeline.study import space
+from pipeline.config import ConfigError
 from pipeline.config.composition import compose, group_options
-from pipeline.config.errors import ConfigError
+from pipeline.study import space
 from pipeline.study.plan import plan_study, split_overrides
 from pipeline.study.storage import default_storage, open_storage
 
@@ -22,8 +23,13 @@ def parse(make_config, **exprs):
 
 
 def test_expressions_map_onto_optuna_distributions(make_config):
-    axes = parse(make_config, initializer="choice(xavier_normal, kaiming_normal)",
-                 scale="tag(log, interval(0.25, 4))", batch_size="choice(32, 64)", **{"model.depth": "range(2, 8, 2)"})
+    axes = parse(
+        make_config,
+        initializer="choice(xavier_normal, kaiming_normal)",
+        scale="tag(log, interval(0.25, 4))",
+        batch_size="choice(32, 64)",
+        **{"model.depth": "range(2, 8, 2)"},
+    )
     dists = {a.key: a.distribution for a in axes}
     assert dists["initializer"] == CategoricalDistribution(["xavier_normal", "kaiming_normal"])
     assert dists["scale"] == FloatDistribution(0.25, 4.0, log=True)
@@ -64,8 +70,9 @@ def test_bad_spaces_are_clear_errors(make_config, key, expr, message):
 
 def test_command_line_space_overrides_change_and_drop_axes():
     base = {"initializer": "choice(a, b)", "scale": "interval(1, 2)"}
-    changed = space.apply_overrides(base, ["space.scale=tag(log, interval(0.1, 10))", "~space.initializer",
-                                           "space.model.depth=range(2, 4)"])
+    changed = space.apply_overrides(
+        base, ["space.scale=tag(log, interval(0.1, 10))", "~space.initializer", "space.model.depth=range(2, 4)"]
+    )
     assert changed == {"scale": "tag(log, interval(0.1, 10))", "model.depth": "range(2, 4)"}
     with pytest.raises(ConfigError, match="no such axis"):
         space.apply_overrides(base, ["~space.batch_size"])
@@ -89,11 +96,14 @@ def test_an_axis_fixed_on_the_command_line_is_not_sampled_unless_the_space_is_na
     assert plan.pinned == [] and "initializer" in [a.key for a in plan.axes]
 
 
-@pytest.mark.parametrize("override, named", [
-    ("space.scale=interval(0, 1)", "scale=0.0"),  # an interval's end
-    ("space.optimizer.lr=choice(0.1, 0)", "optimizer.lr=0"),  # any choice
-    ("space.model.depth=range(0, 3)", "model.depth=0"),  # a range's start
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("space.scale=interval(0, 1)", "scale=0.0"),  # an interval's end
+        ("space.optimizer.lr=choice(0.1, 0)", "optimizer.lr=0"),  # any choice
+        ("space.model.depth=range(0, 3)", "model.depth=0"),  # a range's start
+    ],
+)
 def test_a_space_that_can_give_an_invalid_value_is_refused_before_any_trial(tmp_path, override, named):
     with pytest.raises(ConfigError, match=re.escape(named)):
         plan_study([override, f"study.output_dir={tmp_path}"])
@@ -101,8 +111,14 @@ def test_a_space_that_can_give_an_invalid_value_is_refused_before_any_trial(tmp_
 
 def test_an_option_valid_for_the_sampled_initializers_but_not_the_base_one_is_kept(tmp_path):
     # fan_avg is a variance_scaling mode, not a mode of the base kaiming_normal: the space is fine.
-    plan = plan_study(["space=empty", "space.initializer=choice(variance_scaling)",
-                       "space.initializer.mode=choice(fan_in, fan_avg)", f"study.output_dir={tmp_path}"])
+    plan = plan_study(
+        [
+            "space=empty",
+            "space.initializer=choice(variance_scaling)",
+            "space.initializer.mode=choice(fan_in, fan_avg)",
+            f"study.output_dir={tmp_path}",
+        ]
+    )
     assert [a.key for a in plan.axes] == ["initializer", "initializer.mode"]
 
 
@@ -133,11 +149,20 @@ def test_trial_config_applies_params_as_overrides(tmp_path):
 def test_trials_through_one_group_tree_each_get_exactly_what_compose_gives(tmp_path):
     """Trials of the same group choices share one tree their sampled values are written into:
     a value must never leak from one trial into the next, nor into the cached tree."""
-    plan = plan_study(["space.model.width=choice(16, 32)", "space.optimizer.lr=interval(0.01, 0.1)", f"study.output_dir={tmp_path}"])
+    plan = plan_study(
+        ["space.model.width=choice(16, 32)", "space.optimizer.lr=interval(0.01, 0.1)", f"study.output_dir={tmp_path}"]
+    )
     plan.precompose()
     for scale, width, lr in [(0.5, 16, 0.01), (2, 32, 0.1), (0.75, 16, 0.05), (0.5, 16, 0.01)]:
-        params = {"initializer": "orthogonal", "scale": scale, "activation": "tanh", "normalization": "batch",
-                  "batch_size": 32, "model.width": width, "optimizer.lr": lr}
+        params = {
+            "initializer": "orthogonal",
+            "scale": scale,
+            "activation": "tanh",
+            "normalization": "batch",
+            "batch_size": 32,
+            "model.width": width,
+            "optimizer.lr": lr,
+        }
         expected = compose([*plan.hydra_overrides, *space.to_overrides(params)])
         expected["tracking"]["layer_plot"] = expected["study"]["trial_plots"]
         config = plan.trial_config(params, seed=0)
@@ -145,8 +170,14 @@ def test_trials_through_one_group_tree_each_get_exactly_what_compose_gives(tmp_p
 
 
 def test_precompose_composes_every_group_combination_so_trials_call_hydra_no_more(tmp_path):
-    plan = plan_study(["space.initializer=choice(orthogonal, kaiming_normal)", "space.activation=choice(relu, tanh)",
-                       "space.normalization=choice(batch, none)", f"study.output_dir={tmp_path}"])
+    plan = plan_study(
+        [
+            "space.initializer=choice(orthogonal, kaiming_normal)",
+            "space.activation=choice(relu, tanh)",
+            "space.normalization=choice(batch, none)",
+            f"study.output_dir={tmp_path}",
+        ]
+    )
     plan.precompose()
     composed = type(plan)._choice_tree.cache_info().misses
     for init in ("orthogonal", "kaiming_normal"):

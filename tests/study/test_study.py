@@ -1,4 +1,5 @@
 """Studies on a real local Ray with real sqlite Optuna and MLflow stores (no mocks)."""
+
 from __future__ import annotations
 
 import itertools
@@ -10,9 +11,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from pipeline.cli import main
+from pipeline.study import space
 from pipeline.study.grouping import task_cost
 from pipeline.study.loop import run_study
-from pipeline.study import space
 from pipeline.study.plan import TPE_STARTUP_TRIALS, plan_study
 from pipeline.study.storage import default_storage, open_storage
 
@@ -28,10 +29,19 @@ def _ray(local_ray):
 def study_args(tmp_path):
     def args(name: str, *extra: str) -> list[str]:
         return [
-            f"study.name={name}", f"study.output_dir={tmp_path}/studies", "study.progress=false",
-            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
-            "cluster.num_cpus=2", "model.depth=2", "model.width=32", "train.epochs=2", "train.probe_size=64", "study.report=false",
-            "tracking.log_weights=false", *extra,
+            f"study.name={name}",
+            f"study.output_dir={tmp_path}/studies",
+            "study.progress=false",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"tracking.artifact_root={tmp_path}/artifacts",
+            "cluster.num_cpus=2",
+            "model.depth=2",
+            "model.width=32",
+            "train.epochs=2",
+            "train.probe_size=64",
+            "study.report=false",
+            "tracking.log_weights=false",
+            *extra,
         ]
 
     args.tmp_path = tmp_path
@@ -39,7 +49,9 @@ def study_args(tmp_path):
 
 
 def optuna_study(study_args, name):
-    return optuna.load_study(study_name=name, storage=open_storage(default_storage(f"{study_args.tmp_path}/studies", name)))
+    return optuna.load_study(
+        study_name=name, storage=open_storage(default_storage(f"{study_args.tmp_path}/studies", name))
+    )
 
 
 def mlflow_runs(study_args, name):
@@ -64,7 +76,8 @@ def test_study_with_seeds_records_parent_children_and_spread(study_args):
     assert len(children) == 6
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert {(c.data.tags["optuna_trial"], c.data.tags["seed"]) for c in children} == {
-        (str(n), str(s)) for n in range(3) for s in (0, 1)}
+        (str(n), str(s)) for n in range(3) for s in (0, 1)
+    }
     assert all(c.info.status == "FINISHED" and c.data.tags["optuna_state"] == "COMPLETE" for c in children)
     assert all(c.data.tags["ray_node"] and c.data.params["initializer"] for c in children)
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
@@ -80,11 +93,21 @@ def test_grid_sampler_covers_the_grid_exactly_once(study_args):
 
 
 def test_pruned_trials_are_pruned_in_optuna_and_tagged_in_mlflow(study_args):
-    run_study(study_args(
-        "prune", "study.pruner=median", "study.sampler=random", "study.n_trials=10", "train.epochs=4",
-        "space.initializer=choice(zeros, kaiming_normal)", "~space.scale", "~space.normalization",
-        "~space.activation", "~space.batch_size", "cluster.max_concurrent=1",
-    ))
+    run_study(
+        study_args(
+            "prune",
+            "study.pruner=median",
+            "study.sampler=random",
+            "study.n_trials=10",
+            "train.epochs=4",
+            "space.initializer=choice(zeros, kaiming_normal)",
+            "~space.scale",
+            "~space.normalization",
+            "~space.activation",
+            "~space.batch_size",
+            "cluster.max_concurrent=1",
+        )
+    )
     pruned = [t for t in optuna_study(study_args, "prune").trials if t.state == TrialState.PRUNED]
     assert pruned, "a zero-initialized net below the median should have been pruned"
     _, _, children = mlflow_runs(study_args, "prune")
@@ -97,10 +120,16 @@ def test_pruned_trials_are_pruned_in_optuna_and_tagged_in_mlflow(study_args):
 
 
 def test_failing_trials_are_recorded_and_the_study_goes_on(study_args):
-    run_study(study_args(
-        "fail", "study.n_trials=4", "study.sampler=random", "normalization.groups=7", "study.max_failure_rate=1.0",
-        "space.normalization=choice(none, group)",
-    ))
+    run_study(
+        study_args(
+            "fail",
+            "study.n_trials=4",
+            "study.sampler=random",
+            "normalization.groups=7",
+            "study.max_failure_rate=1.0",
+            "space.normalization=choice(none, group)",
+        )
+    )
     trials = optuna_study(study_args, "fail").trials
     assert len(trials) == 4
     failed = [t for t in trials if t.state == TrialState.FAIL]
@@ -114,8 +143,20 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(study_args):
 
 
 def test_too_many_failures_stop_the_study_with_a_clear_error_and_a_report_of_what_ran(study_args, capsys):
-    code = main(["run", *study_args("allfail", "study.n_trials=6", "normalization=group", "normalization.groups=7",
-                                     "~space.normalization", "study.min_trials_for_failure_rate=2", "study.report=true")])
+    code = main(
+        [
+            "run",
+            *study_args(
+                "allfail",
+                "study.n_trials=6",
+                "normalization=group",
+                "normalization.groups=7",
+                "~space.normalization",
+                "study.min_trials_for_failure_rate=2",
+                "study.report=true",
+            ),
+        ]
+    )
     assert code == 1
     out, err = capsys.readouterr()
     assert "trials failed (> study.max_failure_rate=0.5)" in err
@@ -145,8 +186,13 @@ def test_same_sampler_seed_gives_the_same_trials_in_the_same_order(study_args):
 
 
 def test_tpe_start_up_trials_train_together_and_are_the_ones_it_draws_one_by_one(study_args):
-    axes = ["space=empty", "space.initializer=choice(xavier_normal, kaiming_normal, orthogonal)",
-            "space.scale=interval(0.5, 2.0)", "study.sampler=tpe", "study.seed=3"]
+    axes = [
+        "space=empty",
+        "space.initializer=choice(xavier_normal, kaiming_normal, orthogonal)",
+        "space.scale=interval(0.5, 2.0)",
+        "study.sampler=tpe",
+        "study.seed=3",
+    ]
     run_study(study_args("tpe", *axes, "study.n_trials=12"))
     trials = optuna_study(study_args, "tpe").trials
     # Asked one by one, each told before the next is asked: TPE's first 10 are drawn at random.
@@ -170,8 +216,16 @@ def test_bad_space_fails_before_any_record(study_args, capsys):
 
 
 def test_a_diverging_trial_is_a_result_and_the_study_goes_on(study_args):
-    run_study(study_args("diverge", "study.sampler=grid", "study.n_trials=null", "space=empty",
-                         "space.optimizer.lr=choice(0.05, 100000000.0)", "scale=20"))
+    run_study(
+        study_args(
+            "diverge",
+            "study.sampler=grid",
+            "study.n_trials=null",
+            "space=empty",
+            "space.optimizer.lr=choice(0.05, 100000000.0)",
+            "scale=20",
+        )
+    )
     trials = optuna_study(study_args, "diverge").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     by_lr = {t.params["optimizer.lr"]: t for t in trials}
@@ -183,8 +237,15 @@ def test_a_diverging_trial_is_a_result_and_the_study_goes_on(study_args):
 
 
 def test_multi_objective_study_keeps_both_values_and_a_pareto_front(study_args):
-    done = run_study(study_args("multi", "study.n_trials=3", "study.sampler=nsga2",
-                                "study.objectives=[val_accuracy,epochs_to_target]", "train.target_accuracy=0.5"))
+    done = run_study(
+        study_args(
+            "multi",
+            "study.n_trials=3",
+            "study.sampler=nsga2",
+            "study.objectives=[val_accuracy,epochs_to_target]",
+            "train.target_accuracy=0.5",
+        )
+    )
     study = optuna_study(study_args, "multi")
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     assert all(len(t.values) == 2 for t in study.trials)
@@ -193,8 +254,11 @@ def test_multi_objective_study_keeps_both_values_and_a_pareto_front(study_args):
 
 @pytest.mark.parametrize("pruner", ["successive_halving", "hyperband"])
 def test_other_pruners_run_and_end_every_trial(study_args, pruner):
-    run_study(study_args(f"p_{pruner}", f"study.pruner={pruner}", "study.n_trials=4", "train.epochs=3",
-                         "study.sampler=random"))
+    run_study(
+        study_args(
+            f"p_{pruner}", f"study.pruner={pruner}", "study.n_trials=4", "train.epochs=3", "study.sampler=random"
+        )
+    )
     states = {t.state for t in optuna_study(study_args, f"p_{pruner}").trials}
     assert states <= {TrialState.COMPLETE, TrialState.PRUNED}
     _, _, children = mlflow_runs(study_args, f"p_{pruner}")
@@ -219,33 +283,57 @@ def test_trial_batching_trains_members_together_with_the_results_they_get_alone(
     assert together.keys() == apart.keys()
     for member, run in together.items():
         for metric in ("final_val_accuracy", "final_accuracy", "val_loss", "init_act_std_ratio"):
-            assert run.data.metrics[metric] == pytest.approx(apart[member].data.metrics[metric], rel=1e-4, abs=1e-5), (member, metric)
-    values = {t.params["initializer"] + str(t.params["scale"]): t.value for t in optuna_study(study_args, "batched").trials}
-    assert values == pytest.approx({t.params["initializer"] + str(t.params["scale"]): t.value
-                                    for t in optuna_study(study_args, "alone").trials}, abs=1e-5)
+            assert run.data.metrics[metric] == pytest.approx(apart[member].data.metrics[metric], rel=1e-4, abs=1e-5), (
+                member,
+                metric,
+            )
+    values = {
+        t.params["initializer"] + str(t.params["scale"]): t.value for t in optuna_study(study_args, "batched").trials
+    }
+    assert values == pytest.approx(
+        {t.params["initializer"] + str(t.params["scale"]): t.value for t in optuna_study(study_args, "alone").trials},
+        abs=1e-5,
+    )
 
 
 def test_batched_tasks_start_costliest_first_and_max_concurrent_holds(study_args):
-    axes = ["space=empty", "space.batch_size=choice(16, 64, 256)", "space.normalization=choice(none, batch)",
-            "space.initializer=choice(xavier_normal, kaiming_normal)", "study.sampler=random"]
+    axes = [
+        "space=empty",
+        "space.batch_size=choice(16, 64, 256)",
+        "space.normalization=choice(none, batch)",
+        "space.initializer=choice(xavier_normal, kaiming_normal)",
+        "study.sampler=random",
+    ]
     run_study(study_args("order", *axes, "study.n_trials=18", "train.epochs=1", "cluster.max_concurrent=1"))
     _, _, children = mlflow_runs(study_args, "order")
     tasks: dict[str, list] = {}
     for child in children:
-        tasks.setdefault(child.data.tags.get("trial_batch_id", child.info.run_id), []).append(child)  # alone: no batch id
+        tasks.setdefault(child.data.tags.get("trial_batch_id", child.info.run_id), []).append(
+            child
+        )  # alone: no batch id
     assert len(tasks) >= 4  # one per (batch size, normalization) drawn
     started = sorted(tasks.values(), key=lambda runs: min(r.info.start_time for r in runs))
     costs = [task_cost([_cost_config(r) for r in runs]) for runs in started]
     # One slot: Ray runs the tasks one after another in the order the driver sent them.
     assert costs == sorted(costs, reverse=True)
     spans = [(min(r.info.start_time for r in runs), max(r.info.end_time for r in runs)) for runs in started]
-    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))  # never two at once
+    assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(spans))  # never two at once
 
 
 def test_the_progress_bar_tells_running_from_queued_trials(study_args, capsys):
-    run_study(study_args("bar", "space=empty", "space.initializer=choice(xavier_normal, kaiming_normal)", "study.sampler=random",
-                         "study.n_trials=5", "train.epochs=1", "study.trial_batching=false", "cluster.max_concurrent=1",
-                         "study.progress=true"))
+    run_study(
+        study_args(
+            "bar",
+            "space=empty",
+            "space.initializer=choice(xavier_normal, kaiming_normal)",
+            "study.sampler=random",
+            "study.n_trials=5",
+            "train.epochs=1",
+            "study.trial_batching=false",
+            "cluster.max_concurrent=1",
+            "study.progress=true",
+        )
+    )
     bars = re.findall(r"running=(\d+), queued=(\d+), failed=(\d+)", capsys.readouterr().err)
     assert bars and all(int(running) <= 1 for running, _, _ in bars)  # one slot: one trial trains at a time
     assert any(int(queued) >= 1 for _, queued, _ in bars)  # asked ahead, waiting in the driver
@@ -253,8 +341,12 @@ def test_the_progress_bar_tells_running_from_queued_trials(study_args, capsys):
 
 def _cost_config(run) -> dict:
     params = run.data.params
-    return {"model": {"depth": 2, "width": 32}, "train": {"epochs": 1}, "batch_size": int(params["batch_size"]),
-            "normalization": {"name": params["normalization"]}}
+    return {
+        "model": {"depth": 2, "width": 32},
+        "train": {"epochs": 1},
+        "batch_size": int(params["batch_size"]),
+        "normalization": {"name": params["normalization"]},
+    }
 
 
 def test_trial_ended_writes_the_optuna_state_only_where_a_run_does_not_hold_it_yet(tmp_path, monkeypatch):
@@ -264,16 +356,27 @@ def test_trial_ended_writes_the_optuna_state_only_where_a_run_does_not_hold_it_y
     from pipeline.study.plan import plan_study
     from pipeline.study.study_run import StudyRun
 
-    plan = plan_study(["study.name=tags", "study.seeds=2", f"study.output_dir={tmp_path}",
-                       f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts"])
+    plan = plan_study(
+        [
+            "study.name=tags",
+            "study.seeds=2",
+            f"study.output_dir={tmp_path}",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"tracking.artifact_root={tmp_path}/artifacts",
+        ]
+    )
     record = StudyRun.open(plan)
     # As workers leave them: each run tagged with the state its own result implies.
-    runs = [start_run(plan.cfg.tracking, "tags", record.parent.run_id, tags={"optuna_state": state})
-            for state in ("COMPLETE", "PRUNED")]
+    runs = [
+        start_run(plan.cfg.tracking, "tags", record.parent.run_id, tags={"optuna_state": state})
+        for state in ("COMPLETE", "PRUNED")
+    ]
     results = {0: {"run_id": runs[0].run_id, "pruned": False}, 1: {"run_id": runs[1].run_id, "pruned": True}}
     writes = []
     set_tags = Run.set_tags
-    monkeypatch.setattr(Run, "set_tags", lambda self, tags, **kw: (writes.append(self.run_id), set_tags(self, tags, **kw)))
+    monkeypatch.setattr(
+        Run, "set_tags", lambda self, tags, **kw: (writes.append(self.run_id), set_tags(self, tags, **kw))
+    )
     run_ids = [r.run_id for r in runs]
     record.trial_ended(SimpleNamespace(number=0, state=TrialState.PRUNED), results, run_ids)  # seed 1 pruned the trial
     assert writes == [runs[0].run_id]  # seed 0's run said COMPLETE: corrected; seed 1's already said PRUNED

@@ -1,4 +1,5 @@
 """Faults a long study meets: a worker killed mid-trial, the driver killed mid-study."""
+
 from __future__ import annotations
 
 import os
@@ -23,10 +24,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def study_args(tmp_path, name, *extra):
     return [
-        f"study.name={name}", f"study.output_dir={tmp_path}/studies", "study.progress=false",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
-        "cluster.num_cpus=2", "model.depth=2", "model.width=32", "train.probe_size=64", "tracking.log_weights=false", "study.report=false",
-        "study.sampler=random", *extra,
+        f"study.name={name}",
+        f"study.output_dir={tmp_path}/studies",
+        "study.progress=false",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"tracking.artifact_root={tmp_path}/artifacts",
+        "cluster.num_cpus=2",
+        "model.depth=2",
+        "model.width=32",
+        "train.probe_size=64",
+        "tracking.log_weights=false",
+        "study.report=false",
+        "study.sampler=random",
+        *extra,
     ]
 
 
@@ -76,8 +86,11 @@ def test_killed_worker_without_retries_is_a_failed_trial(tmp_path, local_ray):
     killed: list[str] = []
     killer = threading.Thread(target=kill_first_running_worker, args=(tmp_path, "wk0", killed), daemon=True)
     killer.start()
-    run_study(study_args(tmp_path, "wk0", "study.n_trials=3", "train.epochs=600", "study.retries=0",
-                         "study.max_failure_rate=1.0"))
+    run_study(
+        study_args(
+            tmp_path, "wk0", "study.n_trials=3", "train.epochs=600", "study.retries=0", "study.max_failure_rate=1.0"
+        )
+    )
     killer.join()
     assert killed
     killed_run = next(r for r in children(tmp_path, "wk0") if r.info.run_id == killed[0])
@@ -90,8 +103,16 @@ def test_killed_worker_without_retries_is_a_failed_trial(tmp_path, local_ray):
 
 @pytest.mark.slow
 def test_killed_driver_then_same_command_resumes_without_loss(tmp_path):
-    command = [sys.executable, "-m", "pipeline", "run", *study_args(tmp_path, "dk", "study.n_trials=5", "train.epochs=100")]
-    driver = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        *study_args(tmp_path, "dk", "study.n_trials=5", "train.epochs=100"),
+    ]
+    driver = subprocess.Popen(
+        command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         _wait_for(lambda: sum(t.state == TrialState.COMPLETE for t in trials(tmp_path, "dk")) >= 1, 180)
     finally:
@@ -113,7 +134,8 @@ def test_killed_driver_then_same_command_resumes_without_loss(tmp_path):
     assert all(r.info.status == "FAILED" and r.data.tags["optuna_state"] == "FAIL" for r in left)
     parents = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
         [MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("dk").experiment_id],
-        "tags.`initstudy.role` = 'study'")
+        "tags.`initstudy.role` = 'study'",
+    )
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
 
 
@@ -138,7 +160,9 @@ def test_a_running_trials_curve_reaches_the_store_while_it_trains(tmp_path, loca
         end = time.time() + 120
         while time.time() < end and not seen:
             for run in children(tmp_path, "live"):
-                points = client.get_metric_history(run.info.run_id, "val_accuracy") if run.info.status == "RUNNING" else []
+                points = (
+                    client.get_metric_history(run.info.run_id, "val_accuracy") if run.info.status == "RUNNING" else []
+                )
                 if len(points) >= 2:
                     seen.append((run.info.run_id, len(points)))
             time.sleep(0.3)

@@ -10,18 +10,20 @@ the second moment through the layer, g = 1/sqrt(E[phi(z)^2]) for z ~ N(0, 1), co
 Gauss-Hermite quadrature (docs/initializers.md lists the values). Maxout's gain follows the
 same rule for the max of ``pieces`` Gaussians (``maxout_gain``: 1.0 for 2 pieces, 0.80 for 4).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config.catalog import ACTIVATIONS
 from pipeline.config import ActivationConfig
+from pipeline.config.catalog import ACTIVATIONS
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def maxout_gain(pieces: int) -> float:
     the max of more Gaussians has a larger second moment, so the weights must shrink a little.
     """
     x = torch.linspace(-12, 12, 48001, dtype=torch.float64)
-    phi = torch.exp(-x**2 / 2) / math.sqrt(2 * math.pi)
+    phi = torch.exp(-(x**2) / 2) / math.sqrt(2 * math.pi)
     cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
     density = pieces * phi * cdf ** (pieces - 1)
     moment = float(torch.trapezoid(x**2 * density, x))

@@ -23,24 +23,31 @@ Which weights: ``apply_init`` sets every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Co
 ``nn.Conv3d`` weight with ``init_weight`` and its bias with ``init_bias``; normalization layers
 keep their defaults (weight 1, bias 0).
 """
+
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from pipeline.config.catalog import (BIAS_INITIALIZERS, DISTRIBUTIONS, INITIALIZERS, KAIMING_MODES, VARIANCE_MODES, check_bias,
-                              check_choice, check_pretrained_source)
-from pipeline.config.catalog import validate_initializer as validate_config
-from pipeline.config import InitializerConfig
+from pipeline.config import ConfigError, InitializerConfig
+from pipeline.config.catalog import (
+    BIAS_INITIALIZERS,
+    DISTRIBUTIONS,
+    INITIALIZERS,
+    KAIMING_MODES,
+    VARIANCE_MODES,
+    check_bias,
+    check_choice,
+    check_pretrained_source,
+)
 from pipeline.engine.diagnostics import probing
 from pipeline.engine.weights import load_weights_file
-from pipeline.config.errors import ConfigError
 
 __all__ = [
     "BIAS_INITIALIZERS",
@@ -56,7 +63,6 @@ __all__ = [
     "init_weight",
     "load_pretrained",
     "lsuv_normalize",
-    "validate_config",
 ]
 
 #: std of N(0, 1) truncated at +-2, so N(0, (s/c)^2) truncated at +-2s/c has std s (Keras, timm).
@@ -293,9 +299,7 @@ def init_weight(
         entry(weight, InitArgs(cfg, scale, activation_gain, generator))
 
 
-def init_bias(
-    bias: Tensor, cfg: InitializerConfig, fan_in: int, generator: Optional[torch.Generator] = None
-) -> None:
+def init_bias(bias: Tensor, cfg: InitializerConfig, fan_in: int, generator: Optional[torch.Generator] = None) -> None:
     """Set a bias in place by ``cfg.bias`` and ``cfg.bias_value`` (never multiplied by scale).
 
     Args:
@@ -417,7 +421,8 @@ def _forward_order(model: nn.Module, probe: Tensor) -> list[nn.Module]:
     called: list[nn.Module] = []
     handles = [
         m.register_forward_hook(lambda module, inputs, output: called.append(module))
-        for m in model.modules() if isinstance(m, INIT_LAYERS)
+        for m in model.modules()
+        if isinstance(m, INIT_LAYERS)
     ]
     try:
         model(probe)
@@ -443,8 +448,6 @@ def _output_variance(model: nn.Module, layer: nn.Module, probe: Tensor) -> float
     finally:
         handle.remove()
     return float(seen[0].double().var())
-
-
 
 
 #: canonical name -> the model-level step that follows the per-tensor entries: (model, probe, scale).

@@ -8,17 +8,18 @@ linear head. Diagnostics rely on that shape: ``model.blocks`` are the hidden lay
 The recurrent models (``rnn``, ``gru``) live in ``recurrent.py``: their signal runs through time
 steps rather than blocks, and they expose ``layers`` and ``recurrent = True`` instead.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import nn
 
+from pipeline.config import ActivationConfig, ConfigError, ModelConfig, NormalizationConfig
 from pipeline.config.catalog import MODELS, activation_widening
-from pipeline.config import ActivationConfig, ModelConfig, NormalizationConfig
-from pipeline.config.errors import ConfigError
 from pipeline.engine.nn.activations import build_activation
 from pipeline.engine.nn.norms import build_norm
 

@@ -3,15 +3,15 @@
 Each entry builds a layer for ``num_features`` channels of a dense (``spatial_dims=0``) or
 convolutional (1 or 2 spatial dims) layer output.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
+from pipeline.config import ConfigError, NormalizationConfig
 from pipeline.config.catalog import NORMALIZATIONS
-from pipeline.config import NormalizationConfig
-from pipeline.config.errors import ConfigError
 
 NormFactory = Callable[[NormalizationConfig, int, int], nn.Module]
 

@@ -9,6 +9,7 @@ Hidden-to-hidden weights are initialized per gate block by ``initializer.recurre
 the same scheme as the rest): ``orthogonal`` keeps the recurrent signal's norm, ``identity`` is
 IRNN (Le et al. 2015).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from pipeline.config import ActivationConfig, InitializerConfig, ModelConfig, NormalizationConfig
-from pipeline.config.errors import ConfigError
+from pipeline.config import ActivationConfig, ConfigError, InitializerConfig, ModelConfig, NormalizationConfig
 from pipeline.engine.nn.activations import build_activation
 
 GATES = {"rnn": 1, "gru": 3}
@@ -103,8 +103,10 @@ def sequence_shape(input_shape: tuple, features_per_step) -> tuple[int, int]:
         base_steps, base_features = input_shape[0], 1
     group = 1 if features_per_step is None else features_per_step // base_features
     if features_per_step is not None and (group < 1 or features_per_step % base_features or base_steps % group):
-        raise ConfigError(f"model.features_per_step={features_per_step} does not fit inputs of shape {tuple(input_shape)}; "
-                          f"use a multiple of {base_features} that divides {base_steps * base_features}")
+        raise ConfigError(
+            f"model.features_per_step={features_per_step} does not fit inputs of shape {tuple(input_shape)}; "
+            f"use a multiple of {base_features} that divides {base_steps * base_features}"
+        )
     return base_steps // group, base_features * group
 
 
@@ -115,8 +117,10 @@ def build_recurrent(kind: str):
         if kind == "rnn" and act.name not in ("tanh", "relu"):
             raise ConfigError(f"activation={act.name} is invalid for model=rnn; valid: tanh, relu")
         steps, features = sequence_shape(input_shape, cfg.features_per_step)
-        layers = [RecurrentLayer(kind, features if i == 0 else cfg.width, cfg.width, build_activation(act))
-                  for i in range(cfg.depth)]
+        layers = [
+            RecurrentLayer(kind, features if i == 0 else cfg.width, cfg.width, build_activation(act))
+            for i in range(cfg.depth)
+        ]
         return RecurrentNetwork(layers, steps, features, num_classes)
 
     return build

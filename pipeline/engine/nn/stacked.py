@@ -16,11 +16,13 @@ narrows it, so its ``pieces`` are part of the shape): each run of consecutive me
 same activation applies it to its slice, so a caller that orders members by activation pays one
 extra concatenation per layer, not one call per member.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,11 @@ _NORMS = (nn.Identity, nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm)
 
 def stackable(model: nn.Module) -> bool:
     """An MLP ``Network`` (flatten stem, Linear blocks, no pooling) with a supported norm."""
-    if not isinstance(model, Network) or not isinstance(model.stem, nn.Flatten) or not isinstance(model.pool, nn.Identity):
+    if (
+        not isinstance(model, Network)
+        or not isinstance(model.stem, nn.Flatten)
+        or not isinstance(model.pool, nn.Identity)
+    ):
         return False
     return all(isinstance(b.layer, nn.Linear) and type(b.norm) in _NORMS for b in model.blocks)
 
@@ -59,15 +65,22 @@ class _Norm:
     steps: int = 0  # training batches seen (BatchNorm's num_batches_tracked)
 
     @classmethod
-    def of(cls, norms: list[nn.Module]) -> "_Norm":
+    def of(cls, norms: list[nn.Module]) -> _Norm:
         first = norms[0]
         if isinstance(first, nn.Identity):
             return cls(nn.Identity)
         params = {name: _stack([getattr(n, name, None) for n in norms]) for name in ("weight", "bias")}
         buffers = {name: _stack([getattr(n, name, None) for n in norms]) for name in ("running_mean", "running_var")}
         steps = int(first.num_batches_tracked) if isinstance(first, nn.BatchNorm1d) else 0
-        return cls(type(first), **params, **buffers, eps=first.eps, momentum=getattr(first, "momentum", 0.1) or 0.1,
-                   groups=getattr(first, "num_groups", 1), steps=steps)
+        return cls(
+            type(first),
+            **params,
+            **buffers,
+            eps=first.eps,
+            momentum=getattr(first, "momentum", 0.1) or 0.1,
+            groups=getattr(first, "num_groups", 1),
+            steps=steps,
+        )
 
     def __call__(self, h: Tensor, training: bool) -> Tensor:  # h: (K, B, W)
         if self.kind is nn.Identity:
@@ -86,7 +99,9 @@ class _Norm:
         updated with the unbiased variance), running statistics in evaluation; then the affine."""
         if not training:
             xhat = (h - self.running_mean.unsqueeze(1)) * torch.rsqrt(self.running_var.unsqueeze(1) + self.eps)
-            return xhat if self.weight is None else torch.addcmul(self.bias.unsqueeze(1), xhat, self.weight.unsqueeze(1))
+            return (
+                xhat if self.weight is None else torch.addcmul(self.bias.unsqueeze(1), xhat, self.weight.unsqueeze(1))
+            )
         k, _, w = h.shape
         weight = self.weight if self.weight is not None else h.new_ones(k, w)
         bias = self.bias if self.bias is not None else h.new_zeros(k, w)
@@ -182,7 +197,7 @@ class StackedMLP:
         params += [p for norm in self.norms for p in norm.parameters()]
         return params + [t for t in (self.head_weight, self.head_bias) if t is not None]
 
-    def train(self, mode: bool = True) -> "StackedMLP":
+    def train(self, mode: bool = True) -> StackedMLP:
         self.training = mode
         return self
 

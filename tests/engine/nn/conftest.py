@@ -1,4 +1,5 @@
 """Fixtures shared by the nn tests. (conf/ <-> registry contracts live in tests/test_conf.py.)"""
+
 from __future__ import annotations
 
 import pytest

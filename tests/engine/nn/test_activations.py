@@ -1,14 +1,15 @@
 """Activations: every entry finite forward and backward; gains against torch and SCIENCE.md."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from pipeline.config.catalog import activation_widening
 from pipeline.config import ActivationConfig
-from pipeline.engine.nn.activations import ACTIVATIONS, activation_gain, build_activation
+from pipeline.config.catalog import activation_widening
 from pipeline.config.composition import compose
+from pipeline.engine.nn.activations import ACTIVATIONS, activation_gain, build_activation
 
 # Where torch.nn.init.calculate_gain defines the gain, ours must equal it: (our name, slope, torch's).
 TORCH_GAINS = [

@@ -3,6 +3,7 @@
 The expected statistics below are written from shared/SCIENCE.md section 1, independently of
 pipeline/engine/nn/initializers.py: a wrong fan, gain, scale or truncation shows up as a wrong std.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.config import Config, InitializerConfig
-from pipeline.config.errors import ConfigError
+from pipeline.config import Config, ConfigError, InitializerConfig
+from pipeline.config.catalog import validate_initializer
+from pipeline.config.composition import compose
 from pipeline.engine.nn.initializers import (
     BIAS_INITIALIZERS,
     DATA_DEPENDENT,
@@ -26,10 +28,8 @@ from pipeline.engine.nn.initializers import (
     init_bias,
     init_weight,
     load_pretrained,
-    validate_config,
 )
 from pipeline.engine.weights import load_weights_file, save_weights
-from pipeline.config.composition import compose
 
 SHAPES = [(512, 1024), (64, 32, 3, 3)]
 RELU_GAIN = math.sqrt(2.0)  # what gain="auto" resolves to in these tests
@@ -271,8 +271,15 @@ def test_orthogonal_rows_or_columns_are_orthonormal_times_gain(shape):
 
 def small_model() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(64, 256), nn.LayerNorm(256), nn.Tanh(), nn.Linear(256, 10),
+        nn.Conv2d(3, 64, 3),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 256),
+        nn.LayerNorm(256),
+        nn.Tanh(),
+        nn.Linear(256, 10),
     )
 
 
@@ -393,7 +400,9 @@ def test_scale_multiplies_loaded_weights_only(tmp_path):
 def test_the_engine_loads_files_only_and_leaves_a_run_id_to_the_record_layer():
     # The engine never reads MLflow: the runner fetches a run's weights to initializer.path first
     # (tests/record/test_record.py trains from a recorded run through it).
-    with pytest.raises(ConfigError, match="initializer.run_id=abc123 names an MLflow run; the engine alone loads initializer.path"):
+    with pytest.raises(
+        ConfigError, match="initializer.run_id=abc123 names an MLflow run; the engine alone loads initializer.path"
+    ):
         apply(small_model(), name="pretrained", run_id="abc123")
 
 
@@ -458,8 +467,8 @@ def test_unreadable_weight_files_are_config_errors(tmp_path, name, content):
 
 
 def validate(**options) -> bool:
-    """True once validate_config accepted the options (it raises ConfigError otherwise)."""
-    validate_config(Config(initializer=InitializerConfig(**options)))
+    """True once the catalog accepted the options (it raises ConfigError otherwise)."""
+    validate_initializer(Config(initializer=InitializerConfig(**options)))
     return True
 
 
@@ -555,9 +564,11 @@ def test_delta_orthogonal_on_a_linear_weight_is_orthogonal():
 
 
 def test_delta_orthogonal_refuses_more_inputs_than_outputs():
-    expected = ("delta_orthogonal needs in_channels <= out_channels (an orthogonal centre tap that preserves "
-                "norms); got a conv kernel of shape (8, 16, 3) with 16 > 8; use model.channels >= 16, or "
-                "initializer=orthogonal")
+    expected = (
+        "delta_orthogonal needs in_channels <= out_channels (an orthogonal centre tap that preserves "
+        "norms); got a conv kernel of shape (8, 16, 3) with 16 > 8; use model.channels >= 16, or "
+        "initializer=orthogonal"
+    )
     with pytest.raises(ConfigError) as err:
         initialized("delta_orthogonal", (8, 16, 3))
     assert str(err.value) == expected
@@ -566,8 +577,7 @@ def test_delta_orthogonal_refuses_more_inputs_than_outputs():
 def layer_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """Every Linear/Conv layer's output on ``x``, in the order the forward pass calls them."""
     outputs = []
-    handles = [m.register_forward_hook(lambda mod, inp, out: outputs.append(out.detach()))
-               for m in init_layers(model)]
+    handles = [m.register_forward_hook(lambda mod, inp, out: outputs.append(out.detach())) for m in init_layers(model)]
     with torch.no_grad():
         model.train()(x)
     for handle in handles:
@@ -584,7 +594,9 @@ def deep_network(model: str = "mlp", act: str = "relu", norm: str = "none", dept
     return build_model(cfg, ActivationConfig(name=act), NormalizationConfig(name=norm), shape, 10)
 
 
-@pytest.mark.parametrize("model, act, norm", [("mlp", "relu", "none"), ("mlp", "tanh", "batch"), ("cnn", "relu", "none")])
+@pytest.mark.parametrize(
+    "model, act, norm", [("mlp", "relu", "none"), ("mlp", "tanh", "batch"), ("cnn", "relu", "none")]
+)
 def test_lsuv_gives_every_layer_unit_output_variance_on_the_probe(model, act, norm):
     torch.manual_seed(0)
     net, probe = deep_network(model, act, norm), 3 * torch.randn(128, 1, 8, 8) + 1
@@ -610,7 +622,10 @@ def test_lsuv_leaves_batch_norm_statistics_and_the_mode_alone():
     assert not net.training
     for norm in net.modules():
         if isinstance(norm, nn.BatchNorm1d):
-            assert torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean)) and int(norm.num_batches_tracked) == 0
+            assert (
+                torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean))
+                and int(norm.num_batches_tracked) == 0
+            )
 
 
 def test_lsuv_needs_a_probe_batch():

@@ -1,14 +1,14 @@
 """Normalizations: every entry finite forward and backward, normalizing over the right axes."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from pipeline.config import NormalizationConfig
-from pipeline.config.errors import ConfigError
-from pipeline.engine.nn.norms import NORMALIZATIONS, build_norm
+from pipeline.config import ConfigError, NormalizationConfig
 from pipeline.config.composition import compose
+from pipeline.engine.nn.norms import NORMALIZATIONS, build_norm
 
 BATCH, FEATURES, GROUPS = 8, 16, 8
 SHAPES = {0: (BATCH, FEATURES), 1: (BATCH, FEATURES, 10), 2: (BATCH, FEATURES, 6, 6)}  # by spatial_dims

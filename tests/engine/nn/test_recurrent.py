@@ -1,4 +1,5 @@
 """Recurrent models, recurrent-weight init and diagnostics, maxout, LARS."""
+
 from __future__ import annotations
 
 import math
@@ -7,9 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ActivationConfig, InitializerConfig, ModelConfig, NormalizationConfig, OptimizerConfig
+from pipeline.config import (
+    ActivationConfig,
+    ConfigError,
+    InitializerConfig,
+    ModelConfig,
+    NormalizationConfig,
+    OptimizerConfig,
+)
 from pipeline.engine.diagnostics import probe
-from pipeline.config.errors import ConfigError
 from pipeline.engine.nn.activations import Maxout, maxout_gain
 from pipeline.engine.nn.models import build_model
 from pipeline.engine.nn.recurrent import init_recurrent, sequence_shape
@@ -84,7 +91,9 @@ def test_orthogonal_recurrence_keeps_the_gradient_over_40_steps_where_gaussians_
 def test_maxout_takes_the_max_of_each_group_and_widens_the_layer_before():
     out = Maxout(3)(torch.tensor([[1.0, 5.0, 2.0, -1.0, -3.0, -2.0]]))
     assert out.tolist() == [[5.0, -1.0]]
-    model = build_model(ModelConfig(depth=2, width=8), ActivationConfig(name="maxout", pieces=3), NormalizationConfig(), (4,), 10)
+    model = build_model(
+        ModelConfig(depth=2, width=8), ActivationConfig(name="maxout", pieces=3), NormalizationConfig(), (4,), 10
+    )
     assert model.blocks[0].layer.out_features == 24 and model.blocks[1].layer.in_features == 8
     assert model(torch.randn(5, 4)).shape == (5, 10)
 
@@ -126,7 +135,9 @@ def test_lars_leaves_biases_unadapted_and_moves_zero_weights():
 
 def test_recurrent_models_reject_what_they_cannot_do():
     with pytest.raises(ConfigError, match="normalization=batch is not available for model=rnn"):
-        build_model(ModelConfig(name="rnn"), ActivationConfig(name="tanh"), NormalizationConfig(name="batch"), (1, 40), 10)
+        build_model(
+            ModelConfig(name="rnn"), ActivationConfig(name="tanh"), NormalizationConfig(name="batch"), (1, 40), 10
+        )
     with pytest.raises(ConfigError, match="activation=gelu is invalid for model=rnn"):
         build_model(ModelConfig(name="rnn"), ActivationConfig(name="gelu"), NormalizationConfig(), (1, 40), 10)
     assert math.isfinite(recurrent("gru", shape=(1, 8, 8))(torch.randn(2, 1, 8, 8)).sum().item())

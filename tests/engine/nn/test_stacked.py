@@ -1,4 +1,5 @@
 """The stacked model's own batch norm against each member's nn.BatchNorm1d."""
+
 from __future__ import annotations
 
 import torch
@@ -39,5 +40,7 @@ def test_stacked_batch_norm_gives_each_member_its_own_batch_norm_forward_backwar
         assert torch.allclose(stacked.running_mean[m], norm.running_mean, rtol=1e-5, atol=1e-6)
         assert torch.allclose(stacked.running_var[m], norm.running_var, rtol=1e-5, atol=1e-6)
         with torch.no_grad():  # evaluation: the running statistics both updated
-            assert torch.allclose(stacked(h.detach(), training=False)[m], norm.eval()(h[m].detach()), rtol=1e-5, atol=1e-6)
+            assert torch.allclose(
+                stacked(h.detach(), training=False)[m], norm.eval()(h[m].detach()), rtol=1e-5, atol=1e-6
+            )
     assert stacked.steps == 1
