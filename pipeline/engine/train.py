@@ -160,7 +160,7 @@ def train_trial(prep: PreparedTrial, report: Optional[Report] = None) -> TrialRe
     state = TrainState()
 
     # Epoch 0: the network as initialized, before any update.
-    init_metrics = epoch_zero(cfg, state, lambda: measure(model, splits, cfg, probe_batch))
+    init_metrics = epoch_zero(state, lambda: measure(model, splits, cfg, probe_batch))
     pruned = bool(report(0, init_metrics))
 
     for epoch in range(1, cfg.train.epochs + 1):
@@ -206,7 +206,7 @@ def probe_samples(splits: data.Splits, size: int) -> tuple[torch.Tensor, torch.T
     return splits.x_train[:size], splits.y_train[:size]
 
 
-def epoch_zero(cfg: Config, state: TrainState, measures: Callable[[], EpochMeasures]) -> dict:
+def epoch_zero(state: TrainState, measures: Callable[[], EpochMeasures]) -> dict:
     """Epoch 0: the network as initialized, before any update."""
     m = measures()
     metrics = {"val_loss": m.val[0], "val_accuracy": m.val[1]}

@@ -369,7 +369,7 @@ def _html(
     for section, items in sections.items():
         body.append(f"<h2 id='{_anchor(section)}'>{esc(section)}</h2>")
         body.extend(_figure_html(item) for item in items)
-    body.append(_summary_html(optuna_study, parent, runs))
+    body.append(_summary_html(optuna_study, parent))
     body.append(_trials_table(runs))
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
@@ -413,7 +413,7 @@ def _figure_html(item: Drawn) -> str:
     )
 
 
-def _summary_html(optuna_study, parent: RunRecord, runs: list[plots.TrialRun]) -> str:
+def _summary_html(optuna_study, parent: RunRecord) -> str:
     from pipeline.study.summary import study_summary
 
     head = "<h2 id='summary'>Summary tables</h2>"

@@ -76,7 +76,7 @@ def parse_space(space: dict, config: dict, group_options: dict[str, list[str]]) 
     valid_keys = _valid_keys(config)
     axes = [_parse_axis(key, str(expr), valid_keys, group_options) for key, expr in space.items()]
     sampled = {axis.key for axis in axes}
-    return [_with_condition(axis, sampled, config) for axis in axes]
+    return [_with_condition(axis, sampled) for axis in axes]
 
 
 def _valid_keys(config: dict) -> set[str]:
@@ -176,7 +176,7 @@ def extreme_values(axis: Axis) -> list[Any]:
     return [dist.low, dist.high]
 
 
-def _with_condition(axis: Axis, sampled: set[str], config: dict) -> Axis:
+def _with_condition(axis: Axis, sampled: set[str]) -> Axis:
     condition = CONDITIONS.get(axis.key)
     if condition is None or condition[0] not in sampled:
         return axis
