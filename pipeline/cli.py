@@ -20,7 +20,10 @@ from collections.abc import Callable
 
 from pipeline.config import ConfigError, compose
 
-USAGE = "usage: python -m pipeline {trial,run,reproduce,report} [overrides | RUN_ID | STUDY]"
+USAGE = (
+    "usage: python -m pipeline (or initstudy) [run|trial|reproduce|report] [--cfg job] [--config-dir DIR] "
+    "[overrides | RUN_ID | STUDY]; no command: run (the default study)"
+)
 HELP_FLAGS = ("-h", "--help")
 
 
@@ -45,6 +48,7 @@ def _trial_summary(done) -> str:
 
 def reproduce_command(args: list[str]) -> int:
     from pipeline.record.reproduce import reproduce
+    from pipeline.record.uris import check_reachable
 
     if not args:
         raise ConfigError("reproduce needs a RUN_ID; e.g. python -m pipeline reproduce 3f2a... [tracking.uri=...]")
@@ -56,7 +60,9 @@ def reproduce_command(args: list[str]) -> int:
             f"reproduce re-runs the logged config as it was; it takes only tracking.uri=... "
             f"(or tracking=<name>), got: {' '.join(others)}"
         )
-    done, comparison = reproduce(run_id, compose(overrides)["tracking"]["uri"])
+    uri = compose(overrides)["tracking"]["uri"]
+    check_reachable(uri)
+    done, comparison = reproduce(run_id, uri)
     print(_trial_summary(done))
     print(comparison)
     return 0
@@ -99,6 +105,8 @@ def _study_report(done) -> None:
 
 
 def report_command(args: list[str]) -> int:
+    from pipeline.config.catalog import check_study_name
+    from pipeline.record.uris import check_reachable
     from pipeline.report import build_report
 
     if not args or "=" in args[0]:
@@ -107,7 +115,9 @@ def report_command(args: list[str]) -> int:
             "[tracking.uri=...] [study.output_dir=...]"
         )
     study, overrides = args[0], args[1:]
+    check_study_name(study)
     config = compose(overrides)
+    check_reachable(config["tracking"]["uri"])
     path = build_report(study, config["tracking"]["uri"], config["study"]["output_dir"])
     print(f"report: {path} (also logged to the study's MLflow run under report/)")
     return 0
@@ -164,21 +174,81 @@ def help_text(command: str | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # every run was ended (KILLED) on the way out
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
+    # Hydra's own options may stand anywhere, before the command too.
+    config_dirs, argv = _take_option(argv, "--config-dir", "-cd")
+    shown, argv = _take_option(argv, "--cfg", "-c")
     command = argv[0] if argv else "run"
     if command in HELP_FLAGS:
         print(help_text())
         return 0
     if command not in COMMANDS:
-        print(f"error: unknown command '{command}'; valid: {', '.join(COMMANDS)} ({USAGE})", file=sys.stderr)
-        return 2
+        raise ConfigError(f"unknown command '{command}'; valid: {', '.join(COMMANDS)} ({USAGE})")
     if any(arg in HELP_FLAGS for arg in argv[1:]):  # Hydra would read "--help" as a malformed override
         print(help_text(command))
         return 0
-    try:
-        return COMMANDS[command](argv[1:])
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    from pipeline.config.composition import add_config_dir
+
+    for folder in config_dirs:
+        add_config_dir(folder)
+    if shown:
+        return print_config(command, shown[-1], argv[1:])
+    return COMMANDS[command](argv[1:])
+
+
+def _take_option(args: list[str], *names: str) -> tuple[list[str], list[str]]:
+    """Every value of ``NAME VALUE`` or ``NAME=VALUE`` for the option ``names``, and the other args."""
+    values, rest, pending = [], [], False
+    for arg in args:
+        if pending:
+            values.append(arg)
+            pending = False
+        elif arg in names:
+            pending = True
+        elif arg.partition("=")[0] in names:
+            values.append(arg.partition("=")[2])
+        else:
+            rest.append(arg)
+    if pending:
+        raise ConfigError(f"{args[-1]} needs a value; e.g. --cfg job, --config-dir ./my_conf")
+    return values, rest
+
+
+CFG_MODES = ("job", "all")
+
+
+def print_config(command: str, mode: str, args: list[str]) -> int:
+    """``--cfg job``: print the composed, resolved and checked config of ``run`` or ``trial``, then exit.
+
+    ``all`` prints the same: initstudy composes no Hydra runtime section (``hydra:``) to add.
+    """
+    import yaml
+
+    if mode not in CFG_MODES:
+        raise ConfigError(f"--cfg {mode} is invalid; valid: {', '.join(CFG_MODES)}")
+    if command not in ("run", "trial"):
+        raise ConfigError(f"--cfg shows the config of run or trial; {command} re-reads a recorded one")
+    if command == "run":
+        from pipeline.study.plan import plan_study
+
+        config = plan_study(args).base_config
+    else:
+        from pipeline.config import config_from_dict, validate
+
+        config = compose(args)
+        validate(config_from_dict(config))
+    print(yaml.safe_dump(config, sort_keys=False), end="")
+    return 0
 
 
 def console() -> None:

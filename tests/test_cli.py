@@ -90,6 +90,14 @@ def other_width_weights(tmp_path) -> Path:
         ),
         (["train.device=tpu"], ["train.device=tpu", "cpu"]),
         (["dataset.classes=[1]"], ["dataset.classes=[1]", "at least two"]),
+        (["scale=inf"], ["scale=inf", "finite"]),
+        (["optimizer.lr=inf"], ["optimizer.lr=inf", "finite"]),
+        (["optimizer.lr=nan"], ["optimizer.lr=nan", "finite"]),
+        (["optimizer.momentum=-5"], ["optimizer.momentum=-5.0", "[0, 1)"]),
+        (["optimizer.momentum=1"], ["optimizer.momentum=1.0", "[0, 1)"]),
+        (["optimizer.weight_decay=-1"], ["optimizer.weight_decay=-1.0", ">= 0"]),
+        (["initializer.gain=inf"], ["initializer.gain=inf", "finite"]),
+        (["study.name=../x"], ["study.name='../x'", "not a path"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run(capsys, store, overrides, names):
@@ -188,3 +196,89 @@ def test_python_m_pipeline_prints_its_result_before_leaving(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "final_accuracy=" in done.stdout and "run_id=" in done.stdout
+
+
+# --- Hydra's options, and a CLI that fails fast --------------------------------------------------------
+
+
+def test_cfg_job_prints_the_composed_checked_config_and_runs_nothing(capsys, tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["trial", "--cfg", "job", "initializer=orthogonal", "scale=0.5"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["initializer"]["name"] == "orthogonal" and config["scale"] == 0.5
+    assert main(["run", "--cfg=all", "space.scale=choice(0.5,2)"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["space"]["scale"] == "choice(0.5,2)"
+    assert list(tmp_path.iterdir()) == []  # no store, no study folder
+    assert main(["run", "--cfg", "hydra"]) == 2
+    assert "--cfg hydra is invalid; valid: job, all" in capsys.readouterr().err
+
+
+def test_a_users_config_dir_adds_groups_and_experiments_checked_like_ours(capsys, store, tmp_path):
+    mine = tmp_path / "my_conf"
+    (mine / "initializer").mkdir(parents=True)
+    (mine / "experiment").mkdir()
+    (mine / "initializer" / "wide_orthogonal.yaml").write_text(
+        "defaults:\n  - base_initializer\nname: orthogonal\ngain: 2.0\n"
+    )
+    (mine / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /initializer: wide_orthogonal\ntrain:\n  epochs: 1\n"
+    )
+    assert main(["--config-dir", str(mine), "trial", "experiment=mine", *store]) == 0
+    run = MlflowClient(store[0].partition("=")[2]).get_run(capsys.readouterr().out.split("run_id=")[1].split()[0])
+    assert run.data.params["initializer"] == "orthogonal" and run.data.params["initializer.gain"] == "2.0"
+    assert run.data.params["train.epochs"] == "1"
+    (mine / "initializer" / "bad.yaml").write_text("defaults:\n  - base_initializer\nname: orthogonal\ngian: 2.0\n")
+    assert main(["--config-dir", str(mine), "trial", "initializer=bad", *store]) == 2  # the schema checks it
+    assert "gian" in capsys.readouterr().err
+    assert main(["--config-dir", str(tmp_path / "nowhere"), "trial"]) == 2
+    assert "--config-dir" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(COMMANDS, "trial", interrupted)
+    assert main(["trial"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+@pytest.mark.parametrize("command", [["report", "demo"], ["reproduce", "0123abc"]])
+def test_a_dead_tracking_server_fails_in_seconds_in_one_line(capsys, command):
+    import time
+
+    start = time.monotonic()
+    assert main([*command, "tracking.uri=http://127.0.0.1:9"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: tracking.uri=http://127.0.0.1:9 is unreachable within 5 s")
+    assert time.monotonic() - start < 15
+
+
+def test_an_unwritable_artifact_root_is_refused_before_training(capsys, store, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    line = _trial_error(capsys, store[:1], f"tracking.artifact_root={blocker}/artifacts")
+    assert line.startswith(f"error: tracking.artifact_root={blocker}/artifacts cannot be used")
+
+
+def test_the_local_default_ignores_a_ray_address_left_by_ray_start(tmp_path):
+    # A `ray start` (even a dead one) leaves /tmp/ray/ray_current_cluster; the local default must
+    # start its own instance rather than join it, or refuse num_cpus.
+    address_file = Path("/tmp/ray/ray_current_cluster")
+    saved = address_file.read_text() if address_file.exists() else None
+    address_file.parent.mkdir(parents=True, exist_ok=True)
+    address_file.write_text("127.0.0.1:1")  # nothing listens there
+    probe = (
+        "from pipeline.study import cluster; from pipeline.config import ClusterConfig\n"
+        "print(cluster.start(ClusterConfig(num_cpus=1))['CPU']); cluster.shutdown()"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    finally:
+        if saved is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(saved)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "1.0", done.stderr[-2000:]

@@ -31,8 +31,9 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOT_DOC = ROOT / "docs" / "img" / "mlflow_ui.png"
 STUDY = "ui_study"
 WAIT_S = 60  # React renders after the API answers; on 2 busy CPUs that can take a while
-# MLflow 3 opens an experiment in its GenAI view (traces); its "Model training" switch adds this
-# query parameter, which shows the runs table and the classic run pages.
+# MLflow 3.17's UI opens an experiment in its GenAI view (traces) even when the experiment's
+# mlflow.experimentKind tag (which initstudy sets) says model training; its "Model training" switch
+# adds this query parameter, which shows the runs table and the classic run pages.
 MODEL_TRAINING = "?workflowType=machine_learning"
 CHROMIUM_FLAGS = [
     "--headless=new",

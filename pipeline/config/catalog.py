@@ -14,6 +14,7 @@ implementation under that name, add its YAML file to conf/ (docs/initializers.md
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
@@ -92,6 +93,20 @@ def validate(cfg: Config) -> None:
     MODELS.canonical(cfg.model.name)
     validate_dataset(cfg.dataset)
     OPTIMIZERS.canonical(cfg.optimizer.name)
+    check_study_name(cfg.study.name)
+
+
+#: A study's name names its MLflow experiment, its Optuna study and its folder under
+#: ``study.output_dir``: a name, never a path (no ``/``, no ``..``, no leading dot).
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_study_name(name: str) -> None:
+    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name):
+        raise ConfigError(
+            f"study.name={name!r} is invalid; a study name is a name, not a path: up to 128 letters, digits, "
+            "'.', '_' or '-', starting with a letter or a digit"
+        )
 
 
 def check_numbers(cfg: Config) -> None:
@@ -113,6 +128,9 @@ def check_numbers(cfg: Config) -> None:
         )
     if cfg.train.grad_clip is not None:
         check_positive("train.grad_clip", cfg.train.grad_clip)
+    check_range("optimizer.momentum", cfg.optimizer.momentum, 0, 1, "[0, 1)")
+    check_range("optimizer.weight_decay", cfg.optimizer.weight_decay, 0, math.inf, ">= 0")
+    check_positive("optimizer.trust_coefficient", cfg.optimizer.trust_coefficient)
 
 
 def _dotted(cfg: Config, key: str) -> object:
@@ -151,6 +169,8 @@ def validate_initializer(cfg: Config) -> None:
     _check_recurrent(init.recurrent)
     if init.bias in ("normal", "uniform"):
         check_positive(f"initializer.bias_value (bias={init.bias})", init.bias_value)
+    check_finite("initializer.bias_value", init.bias_value)
+    check_finite("initializer.value", init.value)
 
 
 def _check_recurrent(name: Optional[str]) -> None:
@@ -171,9 +191,22 @@ def check_choice(key: str, value: str, valid: tuple[str, ...], name: str = "") -
 
 
 def check_positive(key: str, value: float) -> None:
-    """The one positivity check of every config number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    """The one positivity check of every config number: finite and > 0."""
+    check_finite(key, value)
+    if not value > 0:
         raise ConfigError(f"{key}={value} is invalid; it must be > 0")
+
+
+def check_finite(key: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key}={value} is invalid; it must be a finite number")
+
+
+def check_range(key: str, value: float, low: float, high: float, meaning: str) -> None:
+    """``low <= value < high``, finite; ``meaning`` says the range in the message."""
+    check_finite(key, value)
+    if not low <= value < high:
+        raise ConfigError(f"{key}={value} is invalid; it must be in {meaning}")
 
 
 def _check_gain(gain: object) -> None:
@@ -183,8 +216,8 @@ def _check_gain(gain: object) -> None:
         value = float(gain) if not isinstance(gain, bool) else math.nan
     except (TypeError, ValueError):
         value = math.nan
-    if not value > 0:
-        raise ConfigError(f"initializer.gain={gain} is invalid; valid: auto or a number > 0")
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"initializer.gain={gain} is invalid; valid: auto or a finite number > 0")
 
 
 def check_bias(name: str) -> None:

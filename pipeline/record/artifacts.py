@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,12 +13,14 @@ from typing import Optional
 
 import yaml
 
-from pipeline.config import ConfigError, TrackingConfig, one_line
+from pipeline.config import ConfigError, TrackingConfig, one_line, user_cache_dir
 from pipeline.record import names
 from pipeline.record.runs import local_directory
 from pipeline.record.store import quiet_logs
 from pipeline.record.uris import local_store, resolve_uri
 
+# A progress bar per download swamps a report's log and a command's one-line output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # libyaml's dumper writes the same text as yaml.safe_dump, ~5x faster (a trial config: 0.7 ms).
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
@@ -54,16 +57,38 @@ def _write_csv(path: Path, rows: Iterable[dict]) -> None:
 
 
 def download_weights(run_id: str, tracking_uri: Optional[str] = None) -> Path:
-    """A local copy of a run's final weights (for ``initializer=pretrained initializer.run_id=...``)."""
-    return _download(run_id, names.WEIGHTS_ARTIFACT, tracking_uri)
+    """A local copy of a run's final weights (for ``initializer=pretrained initializer.run_id=...``),
+    kept in this node's cache (a run's artifacts never change): fetched once, reused by later trials."""
+    cached = user_cache_dir() / "weights" / run_id / Path(names.WEIGHTS_ARTIFACT).name
+    if cached.is_file():
+        return cached
+    with tempfile.TemporaryDirectory(prefix="initstudy-") as tmp:
+        fetched = _download(run_id, names.WEIGHTS_ARTIFACT, tracking_uri, tmp)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_name(f".{cached.name}.{os.getpid()}.partial")
+            shutil.copyfile(fetched, partial)
+            os.replace(partial, cached)  # atomic: a concurrent trial sees the whole file or none
+        except OSError as err:
+            raise ConfigError(
+                f"cannot keep the weights of run {run_id} in {cached.parent} ({err.strerror or err})"
+            ) from err
+    return cached
 
 
 def download_config(run_id: str, tracking_uri: Optional[str] = None) -> dict:
     """A run's resolved config (for ``reproduce``)."""
-    return yaml.safe_load(_download(run_id, names.CONFIG_ARTIFACT, tracking_uri).read_text())
+    with tempfile.TemporaryDirectory(prefix="initstudy-") as tmp:
+        text = _download(run_id, names.CONFIG_ARTIFACT, tracking_uri, tmp).read_text()
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:  # an edited file: a python tag, a syntax error
+        raise ConfigError(
+            f"the {names.CONFIG_ARTIFACT} of run {run_id} is not plain YAML: {one_line(err, 200)}"
+        ) from err
 
 
-def _download(run_id: str, artifact: str, tracking_uri: Optional[str]) -> Path:
+def _download(run_id: str, artifact: str, tracking_uri: Optional[str], dst: str) -> Path:
     import mlflow.artifacts
 
     uri = resolve_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", TrackingConfig().uri))
@@ -74,7 +99,6 @@ def _download(run_id: str, artifact: str, tracking_uri: Optional[str]) -> Path:
             f"cannot fetch '{artifact}' of MLflow run {run_id}: there is no MLflow store at {uri} (check tracking.uri)"
         )
     try:
-        dst = tempfile.mkdtemp(prefix="initstudy-")
         local = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=artifact, dst_path=dst, tracking_uri=uri
         )
@@ -98,7 +122,6 @@ def download_artifact(
         return path if path.is_file() else None
     import mlflow.artifacts
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per run swamps the log
     try:
         local = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=artifact, dst_path=str(dst), tracking_uri=resolve_uri(uri)

@@ -6,6 +6,11 @@ read these names, so they change only together with docs/record.md.
 
 from __future__ import annotations
 
+# --- experiments ------------------------------------------------------------------------------------
+#: MLflow's UI opens an experiment in the view this tag names: the model-training view (runs table,
+#: charts) rather than the GenAI view (traces) it shows by default.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
 # --- tags -------------------------------------------------------------------------------------------
 ROLE_TAG = "initstudy.role"  # "study" on a study's parent run, "trial" on each trial run
 STUDY_ROLE, TRIAL_ROLE = "study", "trial"

@@ -22,7 +22,7 @@ from pipeline.record import names
 from pipeline.record.artifacts import download_weights, log_trial_artifacts
 from pipeline.record.provenance import trial_params
 from pipeline.record.runs import start_run as start_mlflow_run
-from pipeline.record.uris import check_reachable
+from pipeline.record.uris import check_reachable, check_writable
 
 EpochHook = Callable[[int, dict], Optional[bool]]
 #: ``runs.start_run``, or a look-alike that records elsewhere (a study worker's journal: pipeline/record/journal.py).
@@ -149,6 +149,7 @@ def _prepare(request: TrialRequest, record_failures: bool, start_run: StartRun) 
         complete = config_to_dict(cfg)
         if start_run is start_mlflow_run:  # a journal's store is the driver's business
             check_reachable(cfg.tracking.uri)
+            check_writable(cfg.tracking.uri, cfg.tracking.artifact_root)
         fetch_pretrained(cfg)
         prepared = prepare_trial(cfg)
     except ConfigError as err:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.config import TrackingConfig, user_cache_dir
+from pipeline.record import names
 from pipeline.record.uris import is_server, local_store, resolve_uri
 
 # MLflow 3 sends usage telemetry by default; a study's processes must not phone out (and it costs time).
@@ -138,10 +139,13 @@ def _find_or_create_experiment(tracking: TrackingConfig, name: str) -> str:
     mlflow_client = client(tracking.uri)
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
+        if found.tags.get(names.EXPERIMENT_KIND_TAG) != names.MODEL_TRAINING_KIND:  # made before the tag was set
+            mlflow_client.set_experiment_tag(found.experiment_id, names.EXPERIMENT_KIND_TAG, names.MODEL_TRAINING_KIND)
         return found.experiment_id
     location = None if is_server(tracking.uri) else Path(tracking.artifact_root).resolve().as_uri()
+    kind = {names.EXPERIMENT_KIND_TAG: names.MODEL_TRAINING_KIND}
     try:
-        return mlflow_client.create_experiment(name, artifact_location=location)
+        return mlflow_client.create_experiment(name, artifact_location=location, tags=kind)
     except Exception:  # another process created it meanwhile
         return mlflow_client.get_experiment_by_name(name).experiment_id
 

@@ -6,6 +6,7 @@ A sqlite store (``sqlite:///relative/or/absolute.db``) is a file one host writes
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
@@ -55,7 +56,30 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).read()
     except Exception as err:
-        raise ConfigError(f"tracking.uri={uri} is unreachable ({err}); start it with scripts/mlflow_server.sh") from err
+        raise ConfigError(
+            f"tracking.uri={uri} is unreachable within {timeout_s:g} s ({err}); start it with scripts/mlflow_server.sh"
+        ) from err
+
+
+def check_writable(tracking_uri: str, artifact_root: str) -> None:
+    """A local store's folder and its artifact root can be written, checked before any work starts
+    (a trial would otherwise train and then fail to save its artifacts)."""
+    store = local_store(tracking_uri)
+    places = [("tracking.uri", tracking_uri, store.parent)] if store is not None else []
+    if not is_server(tracking_uri):
+        places.append(("tracking.artifact_root", artifact_root, Path(artifact_root).resolve()))
+    for key, value, folder in places:
+        _check_folder(key, value, folder)
+
+
+def _check_folder(key: str, value: str, folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        ok = os.access(folder, os.W_OK | os.X_OK)
+    except OSError as err:
+        raise ConfigError(f"{key}={value} cannot be used: {err.strerror or err} ({folder})") from err
+    if not ok:
+        raise ConfigError(f"{key}={value} cannot be used: {folder} is not writable")
 
 
 def check_store_exists(uri: str) -> None:

@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 import os
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
@@ -29,6 +30,7 @@ PRIVATE_RAY_APIS = (
     ("ray._private.authentication.authentication_token_setup", "logger"),  # _quiet_token_notice
 )
 TOKEN_NOTICE_LOGGER = PRIVATE_RAY_APIS[2][0]
+CONNECT_TIMEOUT_S = 5.0  # how long a cluster's head may take to answer a first connection
 DIED = "worker died"  # how a task's failure reason starts when its worker (or node) died
 
 
@@ -40,12 +42,27 @@ def start(cfg: ClusterConfig) -> dict[str, float]:
     """
     global _started_here
     if not ray.is_initialized():
+        _check_reachable(cfg.address)
         try:
             ray.init(**_init_args(cfg))
         except ConnectionError as err:
             raise ConfigError(f"cluster.address={cfg.address}: cannot reach a Ray cluster ({err})") from err
         _started_here = True
     return ray.cluster_resources()
+
+
+def _check_reachable(address: Optional[str], timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """A ``host:port`` that does not answer fails now, in one line: Ray would retry for minutes."""
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return  # the local instance, "auto", or a ray:// client address: Ray's own checks
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(
+            f"cluster.address={address} is unreachable within {timeout_s:g} s ({err}); start its head with "
+            "`ray start --head` or use cluster.address=auto (a running cluster) or null (a local instance)"
+        ) from err
 
 
 def _init_args(cfg: ClusterConfig) -> dict[str, Any]:
@@ -56,7 +73,9 @@ def _init_args(cfg: ClusterConfig) -> dict[str, Any]:
     # Local workers inherit the driver's environment: make sure they find this package and conf/
     # (cheaper than a runtime_env, which costs an agent round-trip at start-up).
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_project_root(), os.environ.get("PYTHONPATH")]))
-    return {"num_cpus": cfg.num_cpus or os.cpu_count(), "include_dashboard": False, **common}
+    # "local": always a new instance of our own, never one that a `ray start` on this machine left
+    # (its address file would otherwise be joined, or refuse num_cpus); cluster.address=auto joins one.
+    return {"address": "local", "num_cpus": cfg.num_cpus or os.cpu_count(), "include_dashboard": False, **common}
 
 
 TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"

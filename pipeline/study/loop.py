@@ -10,10 +10,12 @@ config, sends one Ray task per seed, and tells Optuna the outcome when all seeds
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import optuna
@@ -22,13 +24,14 @@ from optuna.trial import TrialState
 from pipeline.config import ConfigError
 from pipeline.record import journal, names
 from pipeline.record.store import ensure_experiment, new_store
-from pipeline.record.uris import check_reachable
+from pipeline.record.uris import check_reachable, check_writable
 from pipeline.study import cluster, space
 from pipeline.study import objectives as obj
 from pipeline.study.grouping import batch_key, task_cost
+from pipeline.study.lock import StudyLock
 from pipeline.study.plan import StudyPlan, blind_trials, plan_study
 from pipeline.study.progress import Progress
-from pipeline.study.storage import open_storage
+from pipeline.study.storage import open_storage, repair_torn_tail, unreadable
 from pipeline.study.study_run import StudyRun
 from pipeline.study.worker import PruneDecider, trial_task, warm_up
 
@@ -90,6 +93,15 @@ def run_study(cli_overrides: list[str]) -> StudyDone:
             file=sys.stderr,
         )
     check_reachable(plan.cfg.tracking.uri)
+    check_writable(plan.cfg.tracking.uri, plan.cfg.tracking.artifact_root)
+    study_cfg = plan.cfg.study
+    with StudyLock(Path(study_cfg.output_dir, study_cfg.name), study_cfg.name):  # one driver per study
+        repair_torn_tail(plan.storage)
+        return _run_locked(plan)
+
+
+def _run_locked(plan: StudyPlan) -> StudyDone:
+    """Start Ray and open the stores (overlapped), recover what a dead driver left, run the loop."""
     # Opening the stores and composing the trials' configs take seconds, and so does starting Ray:
     # overlap them (one thread: the MLflow store, then the Optuna study and the compositions).
     setup = ThreadPoolExecutor(max_workers=1)
@@ -101,7 +113,7 @@ def run_study(cli_overrides: list[str]) -> StudyDone:
         cluster.warm_up(warm_up, slots, plan.cfg.cluster)
         mlflow_ready.result()
         study = optuna_ready.result()
-        record = StudyRun.open(plan)
+        record = StudyRun.open(plan, finished=len(counted_trials(study)))
         _recover_interrupted(study, record)
         loop = None
         try:
@@ -157,14 +169,19 @@ def _open_optuna_study_and_precompose(plan: StudyPlan) -> optuna.Study:
 
 def _open_optuna_study(plan: StudyPlan) -> optuna.Study:
     directions = [obj.direction(name) for name in plan.cfg.study.objectives]
-    return optuna.create_study(
-        storage=open_storage(plan.storage),
-        study_name=plan.cfg.study.name,
-        sampler=plan.sampler,
-        pruner=plan.pruner,
-        directions=directions,
-        load_if_exists=True,
-    )
+    try:
+        return optuna.create_study(
+            storage=open_storage(plan.storage),
+            study_name=plan.cfg.study.name,
+            sampler=plan.sampler,
+            pruner=plan.pruner,
+            directions=directions,
+            load_if_exists=True,
+        )
+    except ValueError as err:  # a journal with a damaged record in its middle (JSONDecodeError is one)
+        if isinstance(err, json.JSONDecodeError) or "Invalid log format" in str(err):
+            raise unreadable(plan.storage, err) from err
+        raise
 
 
 def _recover_interrupted(study: optuna.Study, record: StudyRun) -> None:

@@ -13,7 +13,6 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -237,9 +236,7 @@ def _key(override: str) -> str:
 def _storage(cfg: Config) -> str:
     if cfg.study.storage:
         return cfg.study.storage
-    spec = default_storage(cfg.study.output_dir, cfg.study.name)
-    Path(cfg.study.output_dir, cfg.study.name).mkdir(parents=True, exist_ok=True)
-    return spec
+    return default_storage(cfg.study.output_dir, cfg.study.name)
 
 
 def _check_objectives(cfg: Config) -> None:

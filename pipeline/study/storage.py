@@ -6,9 +6,12 @@ A spec is an RDB URL (``sqlite:///...``, ``postgresql://...``) or the path of a 
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
+from pipeline.config import ConfigError, one_line
 from pipeline.record.uris import sqlite_path
 
 JOURNAL_NAME = "optuna.journal"
@@ -42,3 +45,48 @@ def open_storage(spec: str):
     from optuna.storages.journal import JournalFileBackend
 
     return JournalStorage(JournalFileBackend(spec))
+
+
+def repair_torn_tail(spec: str) -> int:
+    """Drop a journal's last record if a write was cut short (a power loss, a full disk): Optuna
+    writes each record as one line, so a last line without its newline is a partial record, and
+    the next record appended to it would make the journal unreadable. Only a study's driver, which
+    holds the study's lock (pipeline/study/lock.py), may call this. Returns the bytes dropped."""
+    path = storage_file(spec)
+    if path is None or sqlite_path(spec) is not None or not path.is_file():
+        return 0
+    with path.open("rb+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        keep = _end_of_last_line(handle, size)
+        if keep < size:
+            handle.truncate(keep)
+    if keep < size:
+        print(
+            f"warning: {path} ended in a partial record (a write cut short); dropped its last {size - keep} bytes",
+            file=sys.stderr,
+        )
+    return size - keep
+
+
+def _end_of_last_line(handle, size: int, chunk: int = 1 << 16) -> int:
+    """The offset just after the file's last newline (0 if it has none)."""
+    position = size
+    while position > 0:
+        start = max(0, position - chunk)
+        handle.seek(start)
+        block = handle.read(position - start)
+        if start + len(block) == size and block.endswith(b"\n"):
+            return size
+        newline = block.rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        position = start
+    return 0
+
+
+def unreadable(spec: str, err: Exception) -> ConfigError:
+    """The one-line error for a storage Optuna cannot read."""
+    return ConfigError(
+        f"study.storage={spec} cannot be read ({type(err).__name__}: {one_line(err, 300)}); "
+        "restore it from a backup or give the study another study.name"
+    )

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
+from pipeline.config import ConfigError
 from pipeline.record import names
 from pipeline.record.provenance import command_line
 from pipeline.record.runs import Run, find_runs, reopen_run, start_run, tag_run
@@ -30,11 +31,22 @@ class StudyRun:
     parent: Run
 
     @classmethod
-    def open(cls, plan: StudyPlan) -> StudyRun:
-        """Reuse the study's parent run if it exists (resume), else start one."""
+    def open(cls, plan: StudyPlan, finished: int = 0) -> StudyRun:
+        """Reuse the study's parent run if it exists (resume), else start one.
+
+        ``finished``: the trials its Optuna storage already holds. A study with finished trials
+        but no parent run in this store was recorded elsewhere (another ``tracking.uri``): resuming
+        would report on nothing, so it is refused before anything is written.
+        """
         cfg = plan.cfg
         _warn_if_store_is_local(plan)
         found = find_runs(cfg.tracking, cfg.study.name, {ROLE_TAG: names.STUDY_ROLE, STUDY_TAG: cfg.study.name})
+        if not found and finished:
+            raise ConfigError(
+                f"study {cfg.study.name} has {finished} finished trials in its Optuna storage {plan.storage} but no "
+                f"record in the MLflow store {cfg.tracking.uri}: run it with the tracking.uri it was recorded in, "
+                "or give it another study.name"
+            )
         if found:
             parent = reopen_run(cfg.tracking.uri, found[0])
         else:

@@ -459,3 +459,36 @@ def test_an_artifact_read_through_the_runs_artifact_uri_is_the_one_mlflow_downlo
     assert direct is not None and routed is not None and direct.read_bytes() == routed.read_bytes()
     assert download_artifact(uri, run_id, "no/such.csv", tmp_path / "c", artifact_uri) is None
     assert download_artifact(uri, run_id, "no/such.csv", tmp_path / "d") is None
+
+
+# --- hostile values --------------------------------------------------------------------------------
+
+
+def test_a_tag_value_with_a_quote_is_searched_for_as_it_is(tmp_path):
+    from pipeline.config import TrackingConfig
+    from pipeline.record.runs import find_runs
+
+    tracking = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "a"))
+    with start_run(tracking, "quotes", tags={"note": "it's"}) as run:
+        pass
+    with start_run(tracking, "quotes", tags={"note": "its"}):
+        pass
+    assert find_runs(tracking, "quotes", {"note": "it's"}) == [run.run_id]
+    with pytest.raises(ConfigError, match="both kinds of quote"):
+        find_runs(tracking, "quotes", {"note": 'it\'s "quoted"'})
+
+
+def test_a_logged_config_edited_into_unsafe_yaml_is_a_one_line_error(tstore, tanh_trial, capsys):
+    from pipeline.record.runs import local_directory
+
+    _, done = tanh_trial
+    run = MlflowClient(tstore[0].partition("=")[2]).get_run(done.run_id)
+    config = local_directory(run.info.artifact_uri) / "config.yaml"
+    original = config.read_text()
+    config.write_text("!!python/object/apply:os.system ['echo pwned']\n")
+    try:
+        assert main(["reproduce", done.run_id, tstore[0]]) == 2
+    finally:
+        config.write_text(original)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: the config.yaml of run {done.run_id} is not plain YAML")
