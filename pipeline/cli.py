@@ -50,8 +50,10 @@ def reproduce_command(args: list[str]) -> int:
     from pipeline.record.reproduce import reproduce
     from pipeline.record.uris import check_reachable
 
-    if not args:
-        raise ConfigError("reproduce needs a RUN_ID; e.g. python -m pipeline reproduce 3f2a... [tracking.uri=...]")
+    if not args or "=" in args[0]:
+        raise ConfigError(
+            "reproduce needs a RUN_ID first; e.g. python -m pipeline reproduce 3f2a... [tracking.uri=...]"
+        )
     run_id, overrides = args[0], args[1:]
     # Only the store is chosen here; anything else would be silently ignored, so refuse it.
     others = [o for o in overrides if o.partition("=")[0] not in ("tracking", "tracking.uri")]

@@ -98,6 +98,7 @@ def other_width_weights(tmp_path) -> Path:
         (["optimizer.weight_decay=-1"], ["optimizer.weight_decay=-1.0", ">= 0"]),
         (["initializer.gain=inf"], ["initializer.gain=inf", "finite"]),
         (["study.name=../x"], ["study.name='../x'", "not a path"]),
+        (["model.dpeth=3"], ["unknown key 'model.dpeth'", "did you mean model.depth?", "depth, width"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run(capsys, store, overrides, names):
@@ -157,6 +158,7 @@ def test_help_describes_the_commands_and_every_group_choice_and_runs_nothing(cap
         ([], ["RUN_ID"]),
         (["0123abc"], ["0123abc"]),  # no such run in the store
         (["0123abc", "train.epochs=5"], ["train.epochs=5"]),  # would be silently ignored: refused
+        (["tracking.uri=sqlite:///x.db"], ["RUN_ID first"]),  # the URI is not a run id
     ],
 )
 def test_reproduce_bad_input_is_one_line_exit_2(capsys, store, args, names):
@@ -282,3 +284,10 @@ def test_the_local_default_ignores_a_ray_address_left_by_ray_start(tmp_path):
         else:
             address_file.write_text(saved)
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "1.0", done.stderr[-2000:]
+
+
+def test_rejected_input_leaves_no_folder_behind(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default store and artifact root would appear here
+    for bad in (["scale=-1"], ["initializer=nope"], ["optimizer.momentum=2"]):
+        assert main(["trial", *bad]) == 2
+    assert list(tmp_path.iterdir()) == []

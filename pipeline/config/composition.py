@@ -7,14 +7,18 @@ every Hydra or OmegaConf error becomes a one-line ``ConfigError``.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import functools
 import os
+import re
+import typing
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import compose_cache
 from pipeline.config.errors import ConfigError, one_line
-from pipeline.config.schema import register_schemas
+from pipeline.config.schema import Config, register_schemas
 
 CONF_DIR = Path(os.environ.get("INITSTUDY_CONF", Path(__file__).resolve().parents[2] / "conf"))
 # Hydra's own config groups (logging, launcher, sweeper, help...) serve @hydra.main apps; the
@@ -81,7 +85,28 @@ def _hydra_compose(overrides: list[str], config_name: str) -> Any:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose(config_name, overrides=[*_HYDRA_OWN_GROUPS, *overrides])
     except Exception as err:  # hydra/omegaconf errors: parse, unknown key, wrong type
-        raise ConfigError(one_line(err, with_cause=True)) from err
+        unknown = UNKNOWN_KEY.match(str(err))
+        raise ConfigError(_unknown_key(unknown.group(1)) if unknown else one_line(err, with_cause=True)) from err
+
+
+# Hydra's message for a key no schema has suggests "+key=...", which a schema then refuses too.
+UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'")
+
+
+def _unknown_key(key: str) -> str:
+    """``model.dpeth`` -> "unknown key 'model.dpeth' (did you mean model.depth?); model's keys: ..."."""
+    *parents, leaf = key.split(".")
+    schema = Config
+    for part in parents:
+        hints = typing.get_type_hints(schema)
+        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+            return f"unknown key '{key}'"
+        schema = hints[part]
+    valid = [f.name for f in dataclasses.fields(schema)]
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    guess = f" (did you mean {'.'.join([*parents, close[0]])}?)" if close else ""
+    where = f"{'.'.join(parents)}'s keys" if parents else "top-level keys"
+    return f"unknown key '{key}'{guess}; {where}: {', '.join(valid)}"
 
 
 def is_value_override(override: str) -> bool:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from pipeline.config import Config, ConfigError, TrackingConfig, config_from_dict, config_to_dict
+from pipeline.config import Config, ConfigError, TrackingConfig, config_from_dict, config_to_dict, validate
 from pipeline.engine.batched import train_batch
 from pipeline.engine.train import PreparedTrial, TrialResult, prepare_trial, train_trial
 from pipeline.record import names
@@ -147,6 +147,7 @@ def _prepare(request: TrialRequest, record_failures: bool, start_run: StartRun) 
         # The complete config (keys deleted with ~key come back with their defaults), taken before
         # prepare_trial swaps a pretrained run_id for a local path: what reproduce must re-run.
         complete = config_to_dict(cfg)
+        validate(cfg)  # bad input fails before anything is made, folders included
         if start_run is start_mlflow_run:  # a journal's store is the driver's business
             check_reachable(cfg.tracking.uri)
             check_writable(cfg.tracking.uri, cfg.tracking.artifact_root)

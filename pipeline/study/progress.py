@@ -30,7 +30,7 @@ class Progress:
         if self.bar.disable:  # no bar, no need to read every trial back from the store
             return
         trials = study.get_trials(deepcopy=False)
-        failed = sum(t.state == TrialState.FAIL for t in trials)
+        failed = sum(t.state == TrialState.FAIL and not t.user_attrs.get("interrupted") for t in trials)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         postfix = {"running": running, "queued": queued, "failed": failed}
         if complete and len(study.directions) == 1:

@@ -44,6 +44,7 @@ def open_storage(spec: str):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    Path(spec).parent.mkdir(parents=True, exist_ok=True)  # Optuna makes the file, not its folder
     return JournalStorage(JournalFileBackend(spec))
 
 

@@ -21,14 +21,17 @@ from pipeline.record import names
 def study_summary(study, objectives: list[str], axis_keys: list[str]) -> dict[str, Any]:
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    # A trial a stopped driver left is queued again when the study resumes: not a failure of its own.
+    interrupted = sum(bool(t.user_attrs.get("interrupted")) for t in trials)
     counts = {
-        state: sum(t.state == state for t in trials)
+        state: sum(t.state == state and not t.user_attrs.get("interrupted") for t in trials)
         for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     }
     best = _best(study, complete, objectives)
     lines = [
         f"## Study {study.study_name}: {counts[TrialState.COMPLETE]} complete, "
-        f"{counts[TrialState.PRUNED]} pruned, {counts[TrialState.FAIL]} failed",
+        f"{counts[TrialState.PRUNED]} pruned, {counts[TrialState.FAIL]} failed"
+        + (f" ({interrupted} interrupted by a stopped driver, run again)" if interrupted else ""),
         "",
     ]
     lines += _best_table(best, objectives) + [""]

@@ -123,3 +123,20 @@ def test_an_unreachable_cluster_fails_in_seconds(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"cluster.address=127.0.0.1:1 is unreachable within 5 s"):
         cluster._check_reachable("127.0.0.1:1")
     assert time.monotonic() - start < 10
+
+
+def test_trials_a_stopped_driver_left_are_not_counted_as_failed():
+    import optuna
+
+    from pipeline.study.summary import study_summary
+
+    study = optuna.create_study(direction="maximize")
+    left = study.ask({"scale": optuna.distributions.FloatDistribution(0.1, 2)})
+    left.set_user_attr("interrupted", True)
+    study.tell(left, state=optuna.trial.TrialState.FAIL)
+    study.enqueue_trial(left.params)
+    rerun = study.ask()
+    study.tell(rerun, 0.9)
+    summary = study_summary(study, ["val_accuracy"], ["scale"])
+    assert summary["metrics"]["n_failed"] == 0 and summary["metrics"]["n_complete"] == 1
+    assert "0 failed (1 interrupted by a stopped driver, run again)" in summary["text"]
