@@ -14,6 +14,8 @@ import logging
 import math
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
@@ -48,6 +50,8 @@ def start(cfg: ClusterConfig) -> dict[str, float]:
         except ConnectionError as err:
             raise ConfigError(f"cluster.address={cfg.address}: cannot reach a Ray cluster ({err})") from err
         _started_here = True
+        if not cfg.address:
+            _start_reaper()
     return ray.cluster_resources()
 
 
@@ -116,6 +120,28 @@ def shutdown() -> None:
         _stop_monitor()
         ray.shutdown()
     _started_here = False
+    _stop_reaper()
+
+
+_reaper: Optional[subprocess.Popen] = None
+
+
+def _start_reaper() -> None:
+    """A watchdog that kills the local instance's processes if this driver dies without shutting
+    it down (pipeline/study/reaper.py)."""
+    global _reaper
+    if _reaper is not None and _reaper.poll() is None:
+        return  # one watchdog covers every descendant of this process
+    command = [sys.executable, "-m", "pipeline.study.reaper", str(os.getpid())]
+    _reaper = subprocess.Popen(command, stdin=subprocess.DEVNULL)  # PYTHONPATH: set by _init_args
+
+
+def _stop_reaper() -> None:
+    global _reaper
+    if _reaper is not None:
+        _reaper.kill()
+        _reaper.wait()
+        _reaper = None
 
 
 def _stop_monitor() -> None:

@@ -140,3 +140,26 @@ def test_trials_a_stopped_driver_left_are_not_counted_as_failed():
     summary = study_summary(study, ["val_accuracy"], ["scale"])
     assert summary["metrics"]["n_failed"] == 0 and summary["metrics"]["n_complete"] == 1
     assert "0 failed (1 interrupted by a stopped driver, run again)" in summary["text"]
+
+
+def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
+    from pipeline.study.reaper import descendants, process_stat
+
+    driver = subprocess.Popen(
+        [sys.executable, "-c", "from pipeline.study import cluster; from pipeline.config import ClusterConfig\n"
+         "cluster.start(ClusterConfig(num_cpus=1)); print('up', flush=True)\nimport time; time.sleep(120)"],
+        cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert driver.stdout.readline().strip() == "up"
+    time.sleep(3)  # the raylet starts its agents
+    ray_processes = descendants(driver.pid)
+    assert len(ray_processes) >= 4  # GCS, raylet, its agents, the watchdog...
+    driver.kill()  # kill -9: no ray.shutdown
+    driver.wait(10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        alive = [pid for pid, start in ray_processes.items() if (process_stat(pid) or (0, None))[1] == start]
+        if not alive:
+            break
+        time.sleep(0.5)
+    assert not alive, f"left behind: {alive}"
