@@ -31,7 +31,7 @@ from pipeline.study.grouping import batch_key, task_cost
 from pipeline.study.lock import StudyLock
 from pipeline.study.plan import StudyPlan, blind_trials, plan_study
 from pipeline.study.progress import Progress
-from pipeline.study.storage import open_storage, repair_torn_tail, unreadable
+from pipeline.study.storage import check_storage, open_storage, repair_torn_tail, unreadable
 from pipeline.study.study_run import StudyRun
 from pipeline.study.worker import PruneDecider, trial_task, warm_up
 
@@ -94,6 +94,7 @@ def run_study(cli_overrides: list[str]) -> StudyDone:
         )
     check_reachable(plan.cfg.tracking.uri)
     check_writable(plan.cfg.tracking.uri, plan.cfg.tracking.artifact_root)
+    check_storage(plan.storage)
     study_cfg = plan.cfg.study
     with StudyLock(Path(study_cfg.output_dir, study_cfg.name), study_cfg.name):  # one driver per study
         repair_torn_tail(plan.storage)

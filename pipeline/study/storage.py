@@ -7,6 +7,7 @@ A spec is an RDB URL (``sqlite:///...``, ``postgresql://...``) or the path of a 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -38,14 +39,48 @@ def storage_file(spec: str) -> Optional[Path]:
 def open_storage(spec: str):
     """What Optuna's ``create_study``/``load_study`` take for ``study.storage``: a ``*.journal``
     path becomes a journal storage on that file (lock-protected: the pruning oracle's process
-    writes to it too), anything else is an RDB URL."""
-    if not spec.endswith(".journal"):
-        return spec
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+    writes to it too); a database server's URL an RDB storage that gives up connecting after
+    ``CONNECT_TIMEOUT_S``; a sqlite URL goes to Optuna as it is."""
+    if spec.endswith(".journal"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
 
-    Path(spec).parent.mkdir(parents=True, exist_ok=True)  # Optuna makes the file, not its folder
-    return JournalStorage(JournalFileBackend(spec))
+        Path(spec).parent.mkdir(parents=True, exist_ok=True)  # Optuna makes the file, not its folder
+        return JournalStorage(JournalFileBackend(spec))
+    if spec.startswith(DATABASE_SERVERS):
+        return _database_server(spec)
+    return spec
+
+
+def check_storage(spec: str) -> None:
+    """A database server that is missing its driver or does not answer fails now, before Ray starts."""
+    if spec.startswith(DATABASE_SERVERS):
+        _database_server(spec)
+
+
+CONNECT_TIMEOUT_S = 5
+DATABASE_SERVERS = ("postgresql", "mysql")
+DRIVERS = "psycopg2-binary for PostgreSQL, pymysql for MySQL"
+
+
+def _database_server(spec: str):
+    from optuna.storages import RDBStorage
+
+    try:
+        return RDBStorage(spec, engine_kwargs={"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}})
+    except ImportError as err:
+        raise ConfigError(
+            f"study.storage={masked(spec)} needs its database driver ({DRIVERS}): {one_line(err, 200)}"
+        ) from err
+    except Exception as err:  # SQLAlchemy's OperationalError: refused, timed out, bad credentials
+        raise ConfigError(
+            f"study.storage={masked(spec)} cannot be opened within {CONNECT_TIMEOUT_S} s ({one_line(err, 300)})"
+        ) from err
+
+
+def masked(spec: str) -> str:
+    """A storage URL with its password replaced by ***, for messages."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", spec)
 
 
 def repair_torn_tail(spec: str) -> int:

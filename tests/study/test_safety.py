@@ -163,3 +163,14 @@ def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
             break
         time.sleep(0.5)
     assert not alive, f"left behind: {alive}"
+
+
+def test_a_database_storage_that_cannot_be_opened_is_one_line_without_its_password(tmp_path, capsys):
+    start = time.monotonic()
+    storage = "study.storage=postgresql://u:secret@127.0.0.1:1/optuna"
+    assert main(["run", *_args(tmp_path, "db", storage, "study.n_trials=1")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: study.storage=postgresql://u:***@127.0.0.1:1/optuna")
+    assert "secret" not in err[0]
+    assert "needs its database driver (psycopg2-binary" in err[0] or "cannot be opened within 5 s" in err[0]
+    assert time.monotonic() - start < 20 and _runs(tmp_path, "db") == []

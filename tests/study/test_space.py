@@ -13,7 +13,7 @@ from pipeline.config import ConfigError
 from pipeline.config.composition import compose, group_options
 from pipeline.study import space
 from pipeline.study.plan import plan_study, split_overrides
-from pipeline.study.storage import default_storage, open_storage
+from pipeline.study.storage import default_storage, masked, open_storage
 
 OPTIONS = {group: group_options(group) for group in space.GROUP_AXES}
 
@@ -194,4 +194,5 @@ def test_a_study_stores_its_trials_in_a_journal_file_but_keeps_an_earlier_sqlite
     (tmp_path / "old").mkdir()
     optuna.create_study(storage=f"sqlite:///{tmp_path}/old/optuna.db", study_name="old")  # a study from before
     assert default_storage(str(tmp_path), "old") == f"sqlite:///{(tmp_path / 'old' / 'optuna.db').resolve()}"
-    assert open_storage("postgresql://u@db/optuna") == "postgresql://u@db/optuna"  # an RDB URL goes to Optuna as it is
+    assert open_storage(f"sqlite:///{tmp_path}/x.db") == f"sqlite:///{tmp_path}/x.db"  # a sqlite URL as it is
+    assert masked("postgresql://u:pw@db:5432/optuna") == "postgresql://u:***@db:5432/optuna"  # servers: RDBStorage
