@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.config import compose_cache
 from pipeline.config.errors import ConfigError, one_line
 from pipeline.config.schema import Config, register_schemas
+from pipeline.config.stores import artifacts_beside
 
 CONF_DIR = Path(os.environ.get("INITSTUDY_CONF", Path(__file__).resolve().parents[2] / "conf"))
 # Hydra's own config groups (logging, launcher, sweeper, help...) serve @hydra.main apps; the
@@ -29,6 +30,15 @@ _HYDRA_OWN_GROUPS = [
     for group in ("job_logging", "hydra_logging", "help", "hydra_help", "launcher", "sweeper", "output", "env")
 ]
 
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    # conf/tracking/local.yaml: artifact_root: ${artifacts_beside:${tracking.uri}}
+    OmegaConf.register_new_resolver("artifacts_beside", artifacts_beside, replace=True)
+
+
+_register_resolvers()
 
 #: The user's own config folders (``--config-dir``), searched after conf/: their config groups,
 #: experiments and spaces compose, and are checked, like the built-in ones.

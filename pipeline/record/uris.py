@@ -12,13 +12,7 @@ from typing import Optional
 from urllib.parse import urlparse
 
 from pipeline.config import ConfigError
-
-SQLITE = "sqlite:///"
-
-
-def sqlite_path(uri: str) -> Optional[Path]:
-    """The file a ``sqlite:///`` URI names, as written (relative paths stay relative); None otherwise."""
-    return Path(uri[len(SQLITE) :]) if uri.startswith(SQLITE) else None
+from pipeline.config.stores import SQLITE, sqlite_path
 
 
 def local_store(uri: str) -> Optional[Path]:

@@ -137,3 +137,13 @@ def test_a_config_dict_of_convertible_values_is_converted_as_omegaconf_does():
     config.update(scale=2, seed="3")
     cfg = config_from_dict(config)
     assert (cfg.scale, type(cfg.scale), cfg.seed) == (2.0, float, 3)
+
+
+def test_the_artifact_root_follows_the_store_unless_given(tmp_path):
+    from pipeline.config.composition import compose
+
+    assert compose([])["tracking"]["artifact_root"] == "runs/artifacts"  # the default store's, as always
+    elsewhere = f"sqlite:///{tmp_path}/store/mlflow.db"
+    assert compose([f"tracking.uri={elsewhere}"])["tracking"]["artifact_root"] == str(tmp_path / "store" / "artifacts")
+    given = [f"tracking.uri={elsewhere}", f"tracking.artifact_root={tmp_path}/a"]
+    assert compose(given)["tracking"]["artifact_root"] == f"{tmp_path}/a"
