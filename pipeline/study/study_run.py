@@ -22,8 +22,6 @@ from pipeline.record.uris import for_workers, local_store
 from pipeline.study.plan import StudyPlan
 from pipeline.study.summary import study_summary
 
-ROLE_TAG, STUDY_TAG = names.ROLE_TAG, names.STUDY_TAG
-
 
 @dataclass
 class StudyRun:
@@ -40,7 +38,9 @@ class StudyRun:
         """
         cfg = plan.cfg
         _warn_if_store_is_local(plan)
-        found = find_runs(cfg.tracking, cfg.study.name, {ROLE_TAG: names.STUDY_ROLE, STUDY_TAG: cfg.study.name})
+        found = find_runs(
+            cfg.tracking, cfg.study.name, {names.ROLE_TAG: names.STUDY_ROLE, names.STUDY_TAG: cfg.study.name}
+        )
         if not found and finished:
             raise ConfigError(
                 f"study {cfg.study.name} has {finished} finished trials in its Optuna storage {plan.storage} but no "
@@ -54,7 +54,7 @@ class StudyRun:
                 cfg.tracking,
                 cfg.study.name,
                 run_name=f"study-{cfg.study.name}",
-                tags={ROLE_TAG: names.STUDY_ROLE, STUDY_TAG: cfg.study.name},
+                tags={names.ROLE_TAG: names.STUDY_ROLE, names.STUDY_TAG: cfg.study.name},
             )
             parent.log_params(_study_params(plan))
         references = json.dumps(dict(cfg.study.reference_scales), sort_keys=True)
@@ -86,8 +86,8 @@ class StudyRun:
 
     def _child_tags(self, number: int, seed_index: int, seed: int) -> dict:
         return {
-            STUDY_TAG: self.plan.cfg.study.name,
-            ROLE_TAG: names.TRIAL_ROLE,
+            names.STUDY_TAG: self.plan.cfg.study.name,
+            names.ROLE_TAG: names.TRIAL_ROLE,
             names.OPTUNA_TRIAL_TAG: number,
             names.SEED_INDEX_TAG: seed_index,
             names.SEED_TAG: seed,
@@ -108,7 +108,7 @@ class StudyRun:
         for a trial a dead driver left) with Optuna's final state, where its worker did not
         already (a run is tagged with its own result's state as it ends)."""
         if run_ids is None:
-            tags = {STUDY_TAG: self.plan.cfg.study.name, names.OPTUNA_TRIAL_TAG: frozen.number}
+            tags = {names.STUDY_TAG: self.plan.cfg.study.name, names.OPTUNA_TRIAL_TAG: frozen.number}
             run_ids = find_runs(self.plan.cfg.tracking, self.plan.cfg.study.name, tags)
         tagged = {
             r["run_id"]
@@ -121,7 +121,7 @@ class StudyRun:
 
     def close_stale_runs(self, reason: str) -> None:
         """End the study's trial runs left RUNNING (by a dead driver, or a stopped study) as FAILED, with the reason."""
-        tags: dict[str, Any] = {STUDY_TAG: self.plan.cfg.study.name, ROLE_TAG: names.TRIAL_ROLE}
+        tags: dict[str, Any] = {names.STUDY_TAG: self.plan.cfg.study.name, names.ROLE_TAG: names.TRIAL_ROLE}
         for run_id in find_runs(self.plan.cfg.tracking, self.plan.cfg.study.name, tags, status="RUNNING"):
             Run(self.plan.cfg.tracking.uri, run_id).end("FAILED", reason=reason)
 
