@@ -32,17 +32,18 @@ def trial_command(args: list[str]) -> int:
 
     config = compose(args)
     done = run_recorded_trial(config)
-    print(_trial_summary(done))
+    print(_trial_summary(done, config["tracking"]["uri"]))
     return 0
 
 
-def _trial_summary(done) -> str:
+def _trial_summary(done, tracking_uri: str) -> str:
     r = done.result
     state = f"diverged at epoch {r.diverged_epoch}" if r.diverged else "converged" if r.epochs_to_target else "finished"
     return (
         f"final_accuracy={r.final_accuracy:.4f} best_val_accuracy={r.best_val_accuracy:.4f} "
         f"diverged={str(r.diverged).lower()} ({state}, {r.epochs_run} epochs, {r.wall_time_s:.1f} s)\n"
-        f"run_id={done.run_id} experiment={done.experiment}"
+        f"run_id={done.run_id} experiment={done.experiment}\n"
+        f"mlflow: {_ui_address(tracking_uri, done.run_id)}"
     )
 
 
@@ -65,7 +66,7 @@ def reproduce_command(args: list[str]) -> int:
     uri = compose(overrides)["tracking"]["uri"]
     check_reachable(uri)
     done, comparison = reproduce(run_id, uri)
-    print(_trial_summary(done))
+    print(_trial_summary(done, uri))
     print(comparison)
     return 0
 
@@ -81,7 +82,14 @@ def run_command(args: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     _study_report(done)
+    print(f"mlflow: {_ui_address(done.tracking_uri, done.parent_run_id, experiment_page=True)}")
     return 0
+
+
+def _ui_address(uri: str, run_id: str, experiment_page: bool = False) -> str:
+    from pipeline.record.store import ui_address
+
+    return ui_address(uri, run_id, experiment_page)
 
 
 def _study_report(done) -> None:

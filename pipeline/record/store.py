@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -39,11 +40,12 @@ def client(uri: str):
 
 @functools.lru_cache(maxsize=64)
 def _client(resolved_uri: str):
-    """One client per store and process: a study's driver opens a handle per run (~1 ms each)."""
+    """One client per store and process (a study's driver opens a handle per run, ~1 ms each),
+    made once the store answers (``_wait_for_store``)."""
     from mlflow.tracking import MlflowClient
 
     quiet_logs()
-    return MlflowClient(tracking_uri=resolved_uri)
+    return _wait_for_store(lambda: MlflowClient(tracking_uri=resolved_uri), resolved_uri)
 
 
 def quiet_logs() -> None:
@@ -57,6 +59,37 @@ def new_store(uri: str, write_ahead: bool = True) -> None:
     write-ahead-log mode or, for a store that processes on several hosts may share over a network
     filesystem (where SQLite's write-ahead log does not work), in its default journal mode."""
     _seed_store(resolve_uri(uri), write_ahead)
+
+
+def open_store(uri: str, write_ahead: bool = True) -> None:
+    """``new_store``, then this process's client to it (a study opens the store while Ray
+    starts, so its first run finds it ready)."""
+    new_store(uri, write_ahead)
+    client(uri)
+
+
+#: How long a fresh sqlite store may take another process (an ``mlflow ui`` started at the same
+#: moment) to finish building before this one gives up on it.
+STORE_BUILD_WAIT_S = 30.0
+
+
+def _wait_for_store(make_client, resolved_uri: str):
+    """A client whose first query answered, waiting while another process builds a fresh sqlite store.
+
+    MLflow builds a new sqlite store by replaying its migrations; a second process that opens the
+    file meanwhile sees a half-built schema and fails (``No such constraint``, missing columns).
+    Such a store is complete a few seconds later, so retry until then; any other store fails at once.
+    """
+    deadline = time.monotonic() + STORE_BUILD_WAIT_S
+    while True:
+        try:
+            mlflow_client = make_client()  # the store is opened (and a new one built) here
+            mlflow_client.search_experiments(max_results=1)
+            return mlflow_client
+        except Exception:
+            if local_store(resolved_uri) is None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _seed_store(uri: str, write_ahead: bool = True) -> None:
@@ -154,3 +187,19 @@ def experiment_of(uri: str, run_id: str) -> str:
     """The name of the experiment a run belongs to."""
     mlflow_client = client(uri)
     return mlflow_client.get_experiment(mlflow_client.get_run(run_id).info.experiment_id).name
+
+
+#: MLflow 3's UI opens an experiment in its GenAI view (traces) unless the address asks for the
+#: model-training one, whatever the experiment's kind tag says (tests/test_mlflow_ui.py).
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_address(uri: str, run_id: str, experiment_page: bool = False) -> str:
+    """Where a run (or, with ``experiment_page``, its experiment's run table) is in the MLflow UI,
+    in the model-training view; for a sqlite store, the command that serves it first."""
+    experiment_id = client(uri).get_run(run_id).info.experiment_id
+    page = f"#/experiments/{experiment_id}" + ("" if experiment_page else f"/runs/{run_id}")
+    page += f"?{MODEL_TRAINING_VIEW}"
+    if is_server(uri):
+        return f"{resolve_uri(uri).rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {resolve_uri(uri)}, then http://127.0.0.1:5000/{page}"

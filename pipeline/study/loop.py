@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from pipeline.config import ConfigError
 from pipeline.record import journal, names
-from pipeline.record.store import ensure_experiment, new_store
+from pipeline.record.store import open_store
 from pipeline.record.uris import check_reachable, check_writable
 from pipeline.study import cluster, space
 from pipeline.study import objectives as obj
@@ -153,11 +153,12 @@ def _record_stop(record: StudyRun, study: optuna.Study, plan: StudyPlan, err: Ba
     record.fail(err)
 
 
-def _open_mlflow_store(plan: StudyPlan) -> str:
+def _open_mlflow_store(plan: StudyPlan) -> None:
     # Nodes on other hosts may share a sqlite store over a network filesystem, where SQLite's
     # write-ahead log does not work: a new store for a cluster keeps the default journal.
-    new_store(plan.cfg.tracking.uri, write_ahead=not plan.cfg.cluster.address)
-    return ensure_experiment(plan.cfg.tracking, plan.cfg.study.name)
+    # The experiment is not made here: a study that StudyRun.open refuses (recorded in another
+    # store) must leave none behind; its parent run makes it.
+    open_store(plan.cfg.tracking.uri, write_ahead=not plan.cfg.cluster.address)
 
 
 def _open_optuna_study_and_precompose(plan: StudyPlan) -> optuna.Study:

@@ -492,3 +492,55 @@ def test_a_logged_config_edited_into_unsafe_yaml_is_a_one_line_error(tstore, tan
         config.write_text(original)
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: the config.yaml of run {done.run_id} is not plain YAML")
+
+
+def test_a_store_another_process_is_still_building_is_waited_for(tmp_path, monkeypatch):
+    """MLflow's migrations of a fresh sqlite store race with a second process opening it (an
+    `mlflow ui` started with a study): that process sees a half-built schema and must wait."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    record_store.new_store(uri)
+    real, failures = MlflowClient, ["No such constraint: 'uq_experiments_name'"] * 2
+
+    def half_built(tracking_uri):
+        if failures:
+            raise RuntimeError(failures.pop())
+        return real(tracking_uri)
+
+    monkeypatch.setattr("mlflow.tracking.MlflowClient", half_built)
+    monkeypatch.setattr(record_store, "STORE_BUILD_WAIT_S", 10.0)
+    record_store._client.cache_clear()
+    assert record_store.client(uri).search_experiments()[0].name == "Default"
+    assert failures == []
+
+
+def test_a_tracking_server_that_fails_is_not_waited_for(monkeypatch):
+    calls = []
+
+    def failing(tracking_uri):
+        calls.append(tracking_uri)
+        raise RuntimeError("500 from the server")
+
+    monkeypatch.setattr("mlflow.tracking.MlflowClient", failing)
+    record_store._client.cache_clear()
+    with pytest.raises(RuntimeError, match="500"):
+        record_store.client("http://127.0.0.1:9")
+    assert len(calls) == 1
+
+
+@pytest.mark.slow
+def test_a_fresh_store_opened_by_mlflow_and_a_study_at_once_opens_in_both(tmp_path):
+    """The real race, several times at offsets inside MLflow's migration window (half of these
+    failed with `No such constraint` or a missing column before the study waited)."""
+    import subprocess
+    import sys
+    import time
+
+    mlflow_side = "import sys; from mlflow.tracking import MlflowClient; MlflowClient(sys.argv[1]).search_experiments()"
+    ours = "import sys; from pipeline.record.store import open_store; open_store(sys.argv[1])"
+    for attempt, delay in enumerate((0.2, 0.3, 0.4, 0.5, 0.6, 0.8)):
+        uri = f"sqlite:///{tmp_path}/race{attempt}.db"
+        other = subprocess.Popen([sys.executable, "-c", mlflow_side, uri], stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        study = subprocess.run([sys.executable, "-c", ours, uri], capture_output=True, text=True, timeout=120)
+        assert other.wait(timeout=120) == 0, other.stderr.read()[-500:]
+        assert study.returncode == 0, study.stderr[-500:]
