@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.record.store import ui_address
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,10 +33,6 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOT_DOC = ROOT / "docs" / "img" / "mlflow_ui.png"
 STUDY = "ui_study"
 WAIT_S = 60  # React renders after the API answers; on 2 busy CPUs that can take a while
-# MLflow 3.17's UI opens an experiment in its GenAI view (traces) even when the experiment's
-# mlflow.experimentKind tag (which initstudy sets) says model training; its "Model training" switch
-# adds this query parameter, which shows the runs table and the classic run pages.
-MODEL_TRAINING = "?workflowType=machine_learning"
 CHROMIUM_FLAGS = [
     "--headless=new",
     "--no-sandbox",
@@ -255,7 +253,9 @@ def _column_texts(driver, name: str) -> list[str]:
 
 
 def test_experiment_page_lists_the_trial_runs_with_their_params(driver, study, shots):
-    driver.get(f"{study['url']}/#/experiments/{study['experiment_id']}{MODEL_TRAINING}")
+    # The address a study prints: MLflow 3.17's UI opens an experiment in its GenAI view (traces)
+    # whatever the experiment's kind tag says, unless the address asks for model training.
+    driver.get(ui_address(study["url"], study["parent"].info.run_id, experiment_page=True))
     _element(driver, f"//a[normalize-space(.)='study-{STUDY}']", "the study's parent run")
     _close_assistant(driver)
     # Trial runs are nested under the study's run: expand it.
@@ -299,8 +299,7 @@ def _is_number(text: str) -> bool:
 
 def test_run_page_shows_the_params_and_the_val_accuracy_chart(driver, study, shots):
     run = study["children"]["trial-0-seed-0"]
-    base = f"{study['url']}/#/experiments/{study['experiment_id']}/runs/{run.info.run_id}"
-    driver.get(base + MODEL_TRAINING)
+    driver.get(ui_address(study["url"], run.info.run_id))  # the address a trial prints
     _element(
         driver,
         "//h2[normalize-space(.)='trial-0-seed-0'] | //*[normalize-space(text())='trial-0-seed-0']",
