@@ -78,7 +78,10 @@ def other_width_weights(tmp_path) -> Path:
         (["initializer=pretrained"], ["initializer.path", "initializer.run_id"]),
         (["initializer=pretrained", "initializer.path=/nonexistent/w.safetensors"], ["/nonexistent/w.safetensors"]),
         (["initializer=pretrained", "initializer.run_id=0123abc"], ["0123abc", "no MLflow store"]),
-        (["dataset=mnist", "dataset.root=/nonexistent/dir"], ["/nonexistent/dir", "train-images-idx3-ubyte"]),
+        (
+            ["dataset=mnist", "dataset.root=/nonexistent/dir", "dataset.download=false"],
+            ["/nonexistent/dir", "train-images-idx3-ubyte", "nothing is downloaded"],
+        ),
         (["scale=("], ["scale=("]),
         (["=3"], ["'=3'"]),
         (["nosuchkey=1"], ["nosuchkey"]),

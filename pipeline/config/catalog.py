@@ -66,8 +66,8 @@ for _name, *_aliases in (
     ACTIVATIONS.declare(_name, *_aliases)
 for _registry, _names in (
     (NORMALIZATIONS, ("none", "batch", "layer", "group")),
-    (MODELS, ("mlp", "cnn", "rnn", "gru")),
-    (DATASETS, ("digits", "mnist1d", "synthetic", "mnist", "fashion_mnist", "cifar10")),
+    (MODELS, ("mlp", "cnn", "rnn", "gru", "resnet")),
+    (DATASETS, ("digits", "mnist1d", "synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn")),
     (OPTIMIZERS, ("sgd", "adam", "lars")),
 ):
     for _name in _names:
@@ -79,7 +79,9 @@ BIAS_INITIALIZERS = ("zeros", "constant", "normal", "uniform", "torch_default")
 KAIMING_MODES = ("fan_in", "fan_out")
 VARIANCE_MODES = ("fan_in", "fan_out", "fan_avg")
 DISTRIBUTIONS = ("normal", "truncated_normal", "uniform")
-INPUT_NORMS = ("none", "zscore", "minmax")
+INPUT_NORMS = ("none", "zscore", "minmax", "channel")
+#: ``model.residual_init``: how a ResNet's blocks start (pipeline/engine/nn/resnet.py).
+RESIDUAL_INITS = ("none", "zero_gamma", "fixup", "skipinit")
 
 
 def validate(cfg: Config) -> None:
@@ -90,7 +92,7 @@ def validate(cfg: Config) -> None:
     validate_initializer(cfg)
     activation_widening(cfg.activation)  # checks the activation's name, and maxout's pieces
     NORMALIZATIONS.canonical(cfg.normalization.name)
-    MODELS.canonical(cfg.model.name)
+    validate_model(cfg)
     validate_dataset(cfg.dataset)
     OPTIMIZERS.canonical(cfg.optimizer.name)
     check_study_name(cfg.study.name)
@@ -99,6 +101,17 @@ def validate(cfg: Config) -> None:
 #: A study's name names its MLflow experiment, its Optuna study and its folder under
 #: ``study.output_dir``: a name, never a path (no ``/``, no ``..``, no leading dot).
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def validate_model(cfg: Config) -> None:
+    """The model's name, and the options only a ResNet reads (its depth is checked when it is built)."""
+    name = MODELS.canonical(cfg.model.name)
+    check_choice("model.residual_init", cfg.model.residual_init, RESIDUAL_INITS)
+    check_positive("model.width_multiplier", cfg.model.width_multiplier)
+    if cfg.model.residual_init != "none" and name != "resnet":
+        raise ConfigError(
+            f"model.residual_init={cfg.model.residual_init} is for model=resnet; model={name} takes residual_init=none"
+        )
 
 
 def check_study_name(name: str) -> None:

@@ -66,20 +66,24 @@ class NormalizationConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"  # mlp | cnn | rnn | gru
-    depth: int = 4  # hidden layers (mlp), conv blocks (cnn) or stacked recurrent layers (rnn/gru)
+    name: str = "mlp"  # mlp | cnn | rnn | gru | resnet
+    depth: int = 4  # hidden layers (mlp), conv blocks (cnn), stacked recurrent layers (rnn/gru), 6n+2 (resnet)
     width: int = 128  # hidden units (mlp, rnn/gru)
     residual: bool = False  # mlp: h <- h + block(h) on width->width layers
     features_per_step: Optional[int] = None  # rnn/gru: input features read per time step (default: one column/row)
     channels: int = 32  # cnn
     kernel_size: int = 3  # cnn
+    width_multiplier: float = 1.0  # resnet: stage channels 16/32/64 times this
+    residual_init: str = "none"  # resnet: none | zero_gamma | fixup | skipinit
 
 
 @dataclass
 class DatasetConfig:
     name: str = "digits"
-    root: Optional[str] = None  # mnist / fashion_mnist / cifar10: the directory with the files
-    input_norm: str = "zscore"  # none | zscore | minmax, fitted on the training split only
+    root: Optional[str] = None  # file datasets: their directory (null: $INITSTUDY_DATA/<name>, else ~/.cache)
+    augment: bool = False  # images: random crop (4-pixel padding) and horizontal flip, in batch on the device
+    download: bool = True  # file datasets: fetch missing files (verified) into that directory; false: only read
+    input_norm: str = "zscore"  # none | zscore | minmax | channel (per-channel zscore), fitted on the training split
     val_fraction: float = 0.2
     test_fraction: float = 0.2  # datasets without their own test split
     split_seed: int = 0  # the split stays fixed across trials, whatever the trial's seed

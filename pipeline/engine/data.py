@@ -15,12 +15,15 @@ the source gives them (uint8 images stay uint8), with the source's own test spli
 
 ``val_fraction`` and ``test_fraction`` are shares of the dataset's whole labelled pool (digits:
 all 1797 samples, so 0.2/0.2 gives 1079/359/359); a dataset with its own test split (mnist1d, mnist,
-fashion_mnist, cifar10) ignores ``test_fraction`` and carves val from its training set.
+fashion_mnist, cifar10, cifar100, svhn) ignores ``test_fraction`` and carves val from its training set.
 
-Nothing is ever downloaded: digits ships with scikit-learn, mnist1d is generated locally, synthetic
-is drawn by scikit-learn, and the file datasets (mnist, fashion_mnist, cifar10) are read from
-``dataset.root``, with a one-line ``ConfigError`` saying which files to put where if they are
-missing. The raw load is cached per process because a worker runs many trials on the same data.
+digits ships with scikit-learn, mnist1d is generated locally and synthetic is drawn by
+scikit-learn. The file datasets (mnist, fashion_mnist, cifar10, cifar100, svhn) are read from their
+directory (``dataset.root``, else ``$INITSTUDY_DATA/<name>``, else ``~/.cache/initstudy/<name>``)
+and downloaded there, verified, on first use unless ``dataset.download=false``:
+pipeline/engine/download.py (no PyTorch, so the study driver fetches them before Ray starts).
+Missing files that cannot be fetched are a one-line ``ConfigError`` saying which files to put where.
+The raw load is cached per process because a worker runs many trials on the same data.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
+import io
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -40,14 +44,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.config import ConfigError, DatasetConfig
+from pipeline.config import ConfigError, DatasetConfig, one_line
 from pipeline.config.catalog import DATASETS, informative_features
 from pipeline.config.catalog import validate_dataset as validate_config
-
-#: ``dataset.input_norm`` values: per-feature statistics fitted on the training split only.
-
-#: Where the file datasets are looked for when ``dataset.root`` is null: ``<this>/<name>``.
-DEFAULT_ROOT = "~/.cache/initstudy"
+from pipeline.engine.download import CIFAR10_FILES, dataset_files
 
 
 @dataclass(frozen=True)
@@ -290,10 +290,22 @@ def _fit_norm(x_train: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     elif kind == "minmax":
         shift = flat.min(axis=0).astype(np.float64)
         scale = flat.max(axis=0).astype(np.float64) - shift
+    elif kind == "channel":
+        shift, scale = _channel_stats(x_train)
     else:
         return np.zeros(flat.shape[1]), np.ones(flat.shape[1])
     scale[scale == 0] = 1.0  # constant features (digits' border pixels) stay constant, not NaN
     return shift, scale
+
+
+def _channel_stats(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std over samples and positions (the usual image normalization, which
+    keeps the image's spatial structure, unlike a per-pixel zscore), repeated per feature."""
+    channels = x_train.shape[1] if x_train.ndim > 2 else 1
+    per_channel = x_train.reshape(len(x_train), channels, -1).transpose(1, 0, 2).reshape(channels, -1)
+    mean, std = per_channel.mean(axis=1, dtype=np.float64), per_channel.std(axis=1, dtype=np.float64)
+    positions = int(np.prod(x_train.shape[2:])) if x_train.ndim > 2 else x_train.shape[1]
+    return np.repeat(mean, positions), np.repeat(std, positions)
 
 
 def _apply_norm(x: np.ndarray, shift: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -386,68 +398,11 @@ def _synthetic(cfg: DatasetConfig) -> RawData:
 
 
 # ---------------------------------------------------------------------------------------------
-# File datasets: mnist, fashion_mnist (IDX), cifar10 (binary version)
+# File datasets: mnist, fashion_mnist (IDX), cifar10, cifar100 (binary versions), svhn (.mat)
 # ---------------------------------------------------------------------------------------------
 
-_IDX = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-_CIFAR = tuple(f"data_batch_{i}.bin" for i in range(1, 6)) + ("test_batch.bin",)
-
-
-@dataclass(frozen=True)
-class _FileSource:
-    """Which files a file dataset needs, the layouts looked in under its root, and how to get them."""
-
-    files: tuple[str, ...]
-    layouts: tuple[str, ...]  # sub-directories of the root, "" = the root itself
-    how_to_get: str
-
-
-_SOURCES = {
-    "mnist": _FileSource(
-        _IDX,
-        ("", "mnist", "MNIST/raw"),
-        "download them yourself from https://yann.lecun.com/exdb/mnist/ (or a mirror) or copy torchvision's "
-        "MNIST/raw folder",
-    ),
-    "fashion_mnist": _FileSource(
-        _IDX,
-        ("", "fashion_mnist", "FashionMNIST/raw"),
-        "download them yourself from https://github.com/zalandoresearch/fashion-mnist (data/fashion) or copy "
-        "torchvision's FashionMNIST/raw folder",
-    ),
-    "cifar10": _FileSource(
-        _CIFAR,
-        ("", "cifar-10-batches-bin", "cifar10", "cifar10/cifar-10-batches-bin"),
-        "download the BINARY version cifar-10-binary.tar.gz yourself from https://www.cs.toronto.edu/~kriz/cifar.html "
-        "and extract it (torchvision's cifar-10-batches-py pickles are not read)",
-    ),
-}
-
-
-def _find_files(name: str, root: Optional[str]) -> dict[str, Path]:
-    """{file name: path} of the first layout under the root that holds every file (plain or .gz)."""
-    source = _SOURCES[name]
-    base = Path(root).expanduser() if root else Path(DEFAULT_ROOT).expanduser() / name
-    for layout in source.layouts:
-        found = _files_in(base / layout, source.files)
-        if found is not None:
-            return found
-    others = ", ".join(str(base / layout) for layout in source.layouts if layout)
-    raise ConfigError(
-        f"dataset={name}: expected {', '.join(source.files)} (each may end in .gz) in {base} "
-        f"(or in {others}); they are not there and nothing is downloaded: {source.how_to_get}, "
-        f"then put them in {base} or pass dataset.root=DIR"
-    )
-
-
-def _files_in(directory: Path, names: tuple[str, ...]) -> Optional[dict[str, Path]]:
-    found = {}
-    for name in names:
-        path = next((p for p in (directory / name, directory / f"{name}.gz") if p.is_file()), None)
-        if path is None:
-            return None
-        found[name] = path
-    return found
+#: The config fields a file dataset's loader reads: where its files are, and whether to fetch them.
+_FILE_FIELDS = ("root", "download")
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -484,19 +439,19 @@ def _idx_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _idx_dataset(name: str, cfg: DatasetConfig) -> RawData:
-    files = _find_files(name, cfg.root)
+    files = dataset_files(name, cfg.root, cfg.download)
     x, y = _idx_pair(files["train-images-idx3-ubyte"], files["train-labels-idx1-ubyte"])
     x_test, y_test = _idx_pair(files["t10k-images-idx3-ubyte"], files["t10k-labels-idx1-ubyte"])
     return RawData(x=x, y=y, num_classes=10, x_test=x_test, y_test=y_test)
 
 
-@_dataset("mnist", uses=("root",))
+@_dataset("mnist", uses=_FILE_FIELDS)
 def _mnist(cfg: DatasetConfig) -> RawData:
     """MNIST from IDX files: 60000 train / 10000 test, shape (1, 28, 28)."""
     return _idx_dataset("mnist", cfg)
 
 
-@_dataset("fashion_mnist", uses=("root",))
+@_dataset("fashion_mnist", uses=_FILE_FIELDS)
 def _fashion_mnist(cfg: DatasetConfig) -> RawData:
     """Fashion-MNIST from IDX files: 60000 train / 10000 test, shape (1, 28, 28)."""
     return _idx_dataset("fashion_mnist", cfg)
@@ -508,21 +463,76 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         (N, 3, 32, 32) uint8 images and (N,) int64 labels.
     """
-    raw = np.frombuffer(_read_bytes(Path(path)), dtype=np.uint8)
-    if raw.size % 3073:
-        raise ConfigError(f"{path} is not a CIFAR-10 binary batch: {raw.size} bytes is not a multiple of 3073")
-    records = raw.reshape(-1, 3073)
-    y = records[:, 0].astype(np.int64)
-    if y.size and y.max() > 9:
-        raise ConfigError(f"{path} is not a CIFAR-10 binary batch: label {y.max()} > 9 (CIFAR-100?)")
-    return records[:, 1:].reshape(-1, 3, 32, 32), y
+    return _cifar_records(Path(path), label_bytes=1, num_classes=10, what="a CIFAR-10 binary batch")
 
 
-@_dataset("cifar10", uses=("root",))
+def read_cifar100(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-100 binary file: records of a coarse and a fine label byte + 3072 pixel bytes.
+
+    Returns:
+        (N, 3, 32, 32) uint8 images and (N,) int64 fine labels (100 classes).
+    """
+    return _cifar_records(Path(path), label_bytes=2, num_classes=100, what="a CIFAR-100 binary file")
+
+
+def _cifar_records(path: Path, label_bytes: int, num_classes: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Records of ``label_bytes`` label bytes (the last one is the label used) + R, G, B planes of 32x32."""
+    size = label_bytes + 3072
+    raw = np.frombuffer(_read_bytes(path), dtype=np.uint8)
+    if raw.size % size:
+        raise ConfigError(f"{path} is not {what}: {raw.size} bytes is not a multiple of {size}")
+    records = raw.reshape(-1, size)
+    y = records[:, label_bytes - 1].astype(np.int64)
+    if y.size and y.max() >= num_classes:
+        hint = " (CIFAR-100?)" if num_classes == 10 else ""
+        raise ConfigError(f"{path} is not {what}: label {y.max()} > {num_classes - 1}{hint}")
+    return records[:, label_bytes:].reshape(-1, 3, 32, 32), y
+
+
+@_dataset("cifar10", uses=_FILE_FIELDS)
 def _cifar10(cfg: DatasetConfig) -> RawData:
     """CIFAR-10 from the binary batches: 50000 train / 10000 test, shape (3, 32, 32)."""
-    files = _find_files("cifar10", cfg.root)
-    train = [read_cifar_batch(files[name]) for name in _CIFAR[:5]]
+    files = dataset_files("cifar10", cfg.root, cfg.download)
+    train = [read_cifar_batch(files[name]) for name in CIFAR10_FILES[:5]]
     x_test, y_test = read_cifar_batch(files["test_batch.bin"])
     x, y = np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train])
+    return RawData(x=x, y=y, num_classes=10, x_test=x_test, y_test=y_test)
+
+
+@_dataset("cifar100", uses=_FILE_FIELDS)
+def _cifar100(cfg: DatasetConfig) -> RawData:
+    """CIFAR-100 from the binary files, fine labels: 50000 train / 10000 test, 100 classes, shape (3, 32, 32)."""
+    files = dataset_files("cifar100", cfg.root, cfg.download)
+    x, y = read_cifar100(files["train.bin"])
+    x_test, y_test = read_cifar100(files["test.bin"])
+    return RawData(x=x, y=y, num_classes=100, x_test=x_test, y_test=y_test)
+
+
+def read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An SVHN cropped-digits .mat file: ``X`` (32, 32, 3, N) uint8 and ``y`` (N, 1), where 10 is digit 0.
+
+    Returns:
+        (N, 3, 32, 32) uint8 images and (N,) int64 labels in 0..9.
+    """
+    from scipy.io import loadmat  # only SVHN needs scipy.io (~0.1 s to import)
+
+    path = Path(path)
+    try:
+        mat = loadmat(io.BytesIO(_read_bytes(path)) if path.suffix == ".gz" else path)
+    except (ValueError, TypeError, OSError) as err:  # scipy's reader says ValueError for most bad files
+        raise ConfigError(f"{path} is not a MATLAB file with SVHN's X and y: {one_line(err, 200)}") from err
+    x, y = mat.get("X"), mat.get("y")
+    if x is None or y is None or x.ndim != 4 or x.shape[:3] != (32, 32, 3) or y.size != x.shape[3]:
+        shapes = [getattr(a, "shape", None) for a in (x, y)]
+        raise ConfigError(f"{path}: X, y have shapes {shapes}; expected (32, 32, 3, N) and (N, 1)")
+    # (H, W, C, N) -> (N, C, H, W), contiguous so that batches are cheap views
+    return np.ascontiguousarray(x.transpose(3, 2, 0, 1), dtype=np.uint8), y.reshape(-1).astype(np.int64) % 10
+
+
+@_dataset("svhn", uses=_FILE_FIELDS)
+def _svhn(cfg: DatasetConfig) -> RawData:
+    """SVHN cropped digits (format 2): 73257 train / 26032 test, shape (3, 32, 32); extra_32x32 is not used."""
+    files = dataset_files("svhn", cfg.root, cfg.download)
+    x, y = read_svhn(files["train_32x32.mat"])
+    x_test, y_test = read_svhn(files["test_32x32.mat"])
     return RawData(x=x, y=y, num_classes=10, x_test=x_test, y_test=y_test)

@@ -25,10 +25,12 @@ from torch import nn
 
 from pipeline.config import Config, ConfigError, TrainConfig, config_from_dict, validate
 from pipeline.engine import data, diagnostics
+from pipeline.engine.augment import batch_augmenter
 from pipeline.engine.nn.activations import ACTIVATIONS, activation_gain
 from pipeline.engine.nn.initializers import apply_init
 from pipeline.engine.nn.models import build_model
 from pipeline.engine.nn.recurrent import init_recurrent
+from pipeline.engine.nn.resnet import initialize_residual
 from pipeline.engine.optim import build_optimizer
 
 Report = Callable[[int, dict], Optional[bool]]
@@ -93,6 +95,8 @@ def prepare_trial(config: dict | Config, device: Optional[str] = None) -> Prepar
     probe = splits.x_train[: cfg.train.probe_size].cpu()
     apply_init(model, cfg.initializer, cfg.scale, gain, generator, probe=probe)
     init_recurrent(model, cfg.initializer, cfg.scale, gain, generator)
+    if cfg.initializer.name != "pretrained":  # loaded weights are the start; nothing is reset on them
+        initialize_residual(model)
     return PreparedTrial(cfg, splits, model.to(dev), dev)
 
 
@@ -155,6 +159,7 @@ def train_trial(prep: PreparedTrial, report: Optional[Report] = None) -> TrialRe
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     shuffle = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+    augment = batch_augmenter(cfg.dataset.augment, cfg.seed, prep.device)
     optimizer = build_optimizer(model.parameters(), cfg.optimizer)
     probe_batch = probe_samples(splits, cfg.train.probe_size)
     state = TrainState()
@@ -166,7 +171,7 @@ def train_trial(prep: PreparedTrial, report: Optional[Report] = None) -> TrialRe
     for epoch in range(1, cfg.train.epochs + 1):
         if pruned or state.diverged_epoch is not None:
             break
-        metrics = _train_epoch(model, optimizer, splits, cfg, shuffle, epoch, probe_batch, state)
+        metrics = _train_epoch(model, optimizer, splits, cfg, (shuffle, augment), epoch, probe_batch, state)
         pruned = bool(report(epoch, metrics))
 
     return finish_trial(model, splits, state, pruned, start)
@@ -250,10 +255,12 @@ def probe_due(train: TrainConfig, epoch: int) -> bool:
     return train.probe_schedule == "every" or epoch == train.epochs or epoch & (epoch - 1) == 0
 
 
-def _train_epoch(model, optimizer, splits, cfg: Config, shuffle, epoch: int, probe_batch, state: TrainState) -> dict:
+def _train_epoch(model, optimizer, splits, cfg: Config, draws, epoch: int, probe_batch, state: TrainState) -> dict:
+    """``draws``: the epoch's randomness, (the shuffle's generator, the augmenter or None)."""
+    shuffle, augment = draws
     before = diagnostics.weight_snapshot(model)
     batches = data.batch_indices(len(splits.y_train), cfg.batch_size, shuffle, splits.y_train.device)
-    train_loss, train_acc = _fit_batches(model, optimizer, splits, batches, cfg.train.grad_clip)
+    train_loss, train_acc = _fit_batches(model, optimizer, splits, batches, cfg.train.grad_clip, augment)
     measures = lambda: measure(model, splits, cfg, probe_batch, before, len(batches), epoch)  # noqa: E731
     return close_epoch(cfg, epoch, state, (train_loss, train_acc), measures)
 
@@ -280,13 +287,16 @@ def close_epoch(
     return metrics
 
 
-def _fit_batches(model, optimizer, splits: data.Splits, batches, grad_clip) -> tuple[float, float]:
-    """One pass over the batches; returns mean loss and accuracy (loss is NaN/inf if it diverged)."""
+def _fit_batches(model, optimizer, splits: data.Splits, batches, grad_clip, augment=None) -> tuple[float, float]:
+    """One pass over the batches; returns mean loss and accuracy (loss is NaN/inf if it diverged).
+    ``augment`` (or None) transforms each batch of inputs; accuracy is on what was trained on."""
     model.train()
     loss_sum = torch.zeros((), device=splits.y_train.device)
     correct = torch.zeros((), device=splits.y_train.device)
     for idx in batches:
         x, y = splits.x_train[idx], splits.y_train[idx]
+        if augment is not None:
+            x = augment(x)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)

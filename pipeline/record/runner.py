@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from pipeline.config import Config, ConfigError, TrackingConfig, config_from_dict, config_to_dict, validate
 from pipeline.engine.batched import train_batch
+from pipeline.engine.download import ensure_dataset
 from pipeline.engine.train import PreparedTrial, TrialResult, prepare_trial, train_trial
 from pipeline.record import names
 from pipeline.record.artifacts import download_weights, log_trial_artifacts
@@ -151,6 +152,7 @@ def _prepare(request: TrialRequest, record_failures: bool, start_run: StartRun) 
         if start_run is start_mlflow_run:  # a journal's store is the driver's business
             check_reachable(cfg.tracking.uri)
             check_writable(cfg.tracking.uri, cfg.tracking.artifact_root)
+        ensure_dataset(cfg.dataset)  # fetched (or offline: one line) before any run is opened
         fetch_pretrained(cfg)
         prepared = prepare_trial(cfg)
     except ConfigError as err:

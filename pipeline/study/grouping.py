@@ -60,4 +60,5 @@ def _batchable(config: dict) -> bool:
         config["model"]["name"] == "mlp"
         and config["optimizer"]["name"] in ELEMENTWISE_OPTIMIZERS
         and config["train"].get("grad_clip") is None  # a global norm per member: not element-wise
+        and not config["dataset"].get("augment")  # each trial's crops and flips come from its own seed
     )

@@ -22,6 +22,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.config import ConfigError
+from pipeline.engine.download import ensure_dataset
 from pipeline.record import journal, names
 from pipeline.record.store import open_store
 from pipeline.record.uris import check_reachable, check_writable
@@ -95,6 +96,8 @@ def run_study(cli_overrides: list[str]) -> StudyDone:
     check_reachable(plan.cfg.tracking.uri)
     check_writable(plan.cfg.tracking.uri, plan.cfg.tracking.artifact_root)
     check_storage(plan.storage)
+    for dataset in plan.datasets():  # on this node before Ray starts: offline is one line, not failed trials
+        ensure_dataset(dataset)
     study_cfg = plan.cfg.study
     with StudyLock(Path(study_cfg.output_dir, study_cfg.name), study_cfg.name):  # one driver per study
         repair_torn_tail(plan.storage)

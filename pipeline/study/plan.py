@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 from optuna.distributions import CategoricalDistribution
 
-from pipeline.config import Config, ConfigError, check_numbers, config_from_dict, validate
+from pipeline.config import Config, ConfigError, DatasetConfig, check_numbers, config_from_dict, validate
 from pipeline.config.composition import (
     compose,
     compose_tree,
@@ -64,6 +64,15 @@ class StudyPlan:
         config["seed"] = seed
         config["tracking"]["layer_plot"] = self.cfg.study.trial_plots
         return config
+
+    def datasets(self) -> list[DatasetConfig]:
+        """The dataset config of each dataset the study's trials can use (one per ``dataset`` choice
+        of the space, composed as a trial composes it), for the driver to fetch before Ray starts."""
+        axis = next((a for a in self.axes if a.key == "dataset"), None)
+        if axis is None:
+            return [self.cfg.dataset]
+        choices = axis.distribution.choices if axis.distribution is not None else (axis.fixed,)
+        return [config_from_dict(self.trial_config({"dataset": name}, self.cfg.seed)).dataset for name in choices]
 
     def precompose(self) -> None:
         """Compose every combination of the space's group choices now (up to the cache's size).

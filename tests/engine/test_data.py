@@ -270,10 +270,19 @@ def test_batch_indices_deterministic_per_seed():
 # --- file datasets: errors -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, files", [("mnist", IDX_FILES), ("fashion_mnist", IDX_FILES), ("cifar10", CIFAR_FILES)])
+@pytest.mark.parametrize(
+    "name, files",
+    [
+        ("mnist", IDX_FILES),
+        ("fashion_mnist", IDX_FILES),
+        ("cifar10", CIFAR_FILES),
+        ("cifar100", ["train.bin", "test.bin"]),
+        ("svhn", ["train_32x32.mat", "test_32x32.mat"]),
+    ],
+)
 def test_missing_files_name_what_and_where(name, files, tmp_path):
     with pytest.raises(ConfigError) as err:
-        load(name, root=str(tmp_path / "nowhere"))
+        load(name, root=str(tmp_path / "nowhere"), download=False)  # downloads: tests/engine/test_download.py
     message = str(err.value)
     assert "\n" not in message and str(tmp_path / "nowhere") in message and "dataset.root" in message
     assert all(f in message for f in files)
@@ -281,8 +290,12 @@ def test_missing_files_name_what_and_where(name, files, tmp_path):
 
 def test_missing_default_root_names_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("INITSTUDY_DATA", raising=False)
     with pytest.raises(ConfigError, match=str(tmp_path / ".cache" / "initstudy" / "mnist")):
-        load("mnist")
+        load("mnist", download=False)
+    monkeypatch.setenv("INITSTUDY_DATA", str(tmp_path / "data"))
+    with pytest.raises(ConfigError, match=str(tmp_path / "data" / "mnist")):
+        load("mnist", download=False)
 
 
 def test_unknown_dataset_lists_valid_names():

@@ -260,11 +260,16 @@ def _variance_scaling(tensor: Tensor, args: InitArgs) -> None:
 
 @INITIALIZERS.register("identity")
 def _identity(tensor: Tensor, args: InitArgs) -> None:
-    """scale * I: IRNN's recurrent weights (Le et al. 2015). Not variance-based, so no gain."""
+    """scale * I: IRNN's recurrent weights (Le et al. 2015). Not variance-based, so no gain.
+
+    A conv kernel gets the conv's identity, a Dirac delta at the centre tap (channel i to channel i;
+    PyTorch's ``dirac_``), so a stack of them passes its input through as a stack of I does.
+    """
     _require_2d(tensor, "identity")
-    if tensor.dim() != 2:
-        raise ConfigError(f"identity needs a 2-D weight, got shape {tuple(tensor.shape)}")
-    nn.init.eye_(tensor)
+    if tensor.dim() == 2:
+        nn.init.eye_(tensor)
+    else:
+        nn.init.dirac_(tensor)
     tensor.mul_(args.scale)
 
 

@@ -1,4 +1,4 @@
-"""Models built from the registries: an MLP and a small CNN.
+"""Models built from the registries: an MLP, a plain CNN (any depth), and where the others live.
 
 Both are a stack of ``Block``s (layer -> normalization -> activation, optionally residual) and a
 linear head. Diagnostics rely on that shape: ``model.blocks`` are the hidden layers, each with
@@ -6,67 +6,26 @@ linear head. Diagnostics rely on that shape: ``model.blocks`` are the hidden lay
 
 ``MODELS`` maps a name to ``factory(model_cfg, activation_cfg, norm_cfg, input_shape, num_classes)``.
 The recurrent models (``rnn``, ``gru``) live in ``recurrent.py``: their signal runs through time
-steps rather than blocks, and they expose ``layers`` and ``recurrent = True`` instead.
+steps rather than blocks, and they expose ``layers`` and ``recurrent = True`` instead. CIFAR
+ResNets (``resnet``) live in ``resnet.py``: a ``Network`` whose blocks are residual blocks.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Optional
 
-import torch
 from torch import nn
 
 from pipeline.config import ActivationConfig, ConfigError, ModelConfig, NormalizationConfig
 from pipeline.config.catalog import MODELS, activation_widening
 from pipeline.engine.nn.activations import build_activation
+from pipeline.engine.nn.network import Block, Network
 from pipeline.engine.nn.norms import build_norm
 
 ModelFactory = Callable[[ModelConfig, ActivationConfig, NormalizationConfig, tuple, int], nn.Module]
 
 # MODELS (pipeline/config/catalog.py): each declared name is registered below.
-
-
-class Block(nn.Module):
-    """One hidden layer: ``act(norm(layer(x)))``, plus ``x`` when residual.
-
-    While ``capture`` is a dict (the diagnostics probe sets one), a forward pass keeps in it the
-    layer's output ``pre_act`` (in the graph), the activation's input ``act_in`` and output ``out``:
-    cheaper than three forward hooks, which also put every call on PyTorch's slow path.
-    """
-
-    def __init__(self, layer: nn.Module, norm: nn.Module, act: nn.Module, residual: bool) -> None:
-        super().__init__()
-        self.layer, self.norm, self.act = layer, norm, act
-        self.residual = residual
-        self.capture: Optional[dict] = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre_act = self.layer(x)
-        act_in = self.norm(pre_act)
-        h = self.act(act_in)
-        if self.capture is not None:
-            self.capture.update(pre_act=pre_act, act_in=act_in.detach(), out=h.detach())
-        return x + h if self.residual else h
-
-
-class Network(nn.Module):
-    """``head(pool(blocks(x)))``; ``pool`` flattens (MLP) or averages positions (CNN)."""
-
-    def __init__(self, stem: nn.Module, blocks: list[Block], pool: nn.Module, head: nn.Linear) -> None:
-        super().__init__()
-        self.stem, self.pool, self.head = stem, pool, head
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(x)
-        for block in self.blocks:
-            h = block(h)
-        return self.head(self.pool(h))
-
-    def hidden_weights(self) -> list[torch.Tensor]:
-        return [block.layer.weight for block in self.blocks]
 
 
 @MODELS.register("mlp")
@@ -108,9 +67,11 @@ def build_cnn(
 
 
 from pipeline.engine.nn.recurrent import build_recurrent  # noqa: E402  (registered beside the others)
+from pipeline.engine.nn.resnet import build_resnet  # noqa: E402
 
 MODELS.add("rnn", build_recurrent("rnn"))
 MODELS.add("gru", build_recurrent("gru"))
+MODELS.add("resnet", build_resnet)
 
 
 def build_model(

@@ -192,11 +192,14 @@ def test_fan_based_entries_refuse_1d(name):
         initialized(name, (5,), **OPTIONS[name])
 
 
-def test_identity_is_scale_times_eye_and_needs_a_matrix():
+def test_identity_is_scale_times_eye_and_a_conv_passes_its_input_through():
     assert torch.equal(initialized("identity", (3, 4), 2.0), 2.0 * torch.eye(3, 4))
-    for shape in ((5,), (4, 4, 3)):
-        with pytest.raises(ConfigError, match="identity needs"):
-            initialized("identity", shape)
+    with pytest.raises(ConfigError, match="identity needs"):
+        initialized("identity", (5,))
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    conv.weight.data = initialized("identity", (4, 4, 3, 3), 2.0)
+    x = torch.randn(2, 4, 5, 5)
+    assert torch.allclose(conv(x), 2.0 * x)
 
 
 def test_zeros_and_constant_are_exact():
