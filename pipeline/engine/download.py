@@ -15,7 +15,7 @@ matching multi-GB CUDA build), and its dataset classes import torch, which the d
 - Every file is checked against its published md5; a file that does not match is removed.
 - Nothing half-written is ever read: a download goes to a temporary file in the same folder, is
   fsynced and verified, then renamed into place; an archive is extracted into a temporary folder
-  that is renamed into place.
+  that is renamed into place. The next download removes what a killed one left.
 - Once per node: the download holds an fcntl lock on ``<folder>/.download.lock``; another process
   that needs the same files waits, then finds them.
 - Mirrors are tried in order, ``$INITSTUDY_DATASET_MIRROR`` first (a base URL serving the canonical
@@ -257,9 +257,20 @@ def _node_lock(name: str, base: Path) -> Iterator[None]:
 
 def _fetch(name: str, source: FileDataset, base: Path) -> None:
     """Download and install every resource not yet in ``base`` (one a past run installed is kept)."""
+    _remove_leftovers(base)
     for resource in source.resources:
         if not (base / resource.target).exists():
             _fetch_one(name, source, resource, base)
+
+
+def _remove_leftovers(base: Path) -> None:
+    """The temporary files and folders of a process killed while downloading: under the lock no
+    other process is writing them, and nothing ever reads them."""
+    for path in base.glob(".*.part"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _fetch_one(name: str, source: FileDataset, resource: Resource, base: Path) -> None:

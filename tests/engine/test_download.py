@@ -233,6 +233,18 @@ def test_download_verifies_caches_and_reads_every_file_dataset(name, mirror, mon
     assert len(mirror.requests) == len(download.FILE_DATASETS[name].resources)  # read from the cache
 
 
+def test_what_a_killed_download_left_is_removed_and_never_read(mirror, monkeypatch, tmp_path):
+    arrays = serve(monkeypatch, mirror, "cifar100")
+    monkeypatch.setenv(download.MIRROR_ENV, mirror.url)
+    base = tmp_path / "c100"
+    (base / ".cifar-100-binary.tar.gz.x1.part").parent.mkdir(parents=True)
+    (base / ".cifar-100-binary.tar.gz.x1.part").write_bytes(b"half an archive")
+    (base / ".cifar-100-binary.x2.part").mkdir()
+    (base / ".cifar-100-binary.x2.part" / "train.bin").write_bytes(b"half a file")
+    np.testing.assert_array_equal(raw("cifar100", str(base)).y_test, arrays["y_test"])
+    assert leftovers(base) == ["cifar-100-binary"]
+
+
 def test_cache_directory_is_root_then_env_then_home(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert download.dataset_dir("svhn", None) == tmp_path / "home" / ".cache" / "initstudy" / "svhn"
