@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 INITS = ["xavier_normal", "kaiming_normal", "lecun_normal", "orthogonal", "normal"]
@@ -517,6 +518,135 @@ def _counts(multiple: int):
     return parse
 
 
+# ---------------------------------------------------------------- ResNet-20 on CIFAR-10: engine vs bare loop
+def _cifar_files(folder: Path, images: int, root: Optional[str]) -> str:
+    """CIFAR-10's binary batches: the real ones under ``root`` if given, else random pixels in
+    the real format (throughput does not depend on what the pixels show)."""
+    if root:
+        return root
+    import numpy as np
+
+    rng, per_batch = np.random.default_rng(0), int(images / 0.9 / 5) + 1  # 10% become validation
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        records = rng.integers(0, 256, (per_batch, 3073), dtype=np.uint8)
+        records[:, 0] %= 10
+        (folder / name).write_bytes(records.tobytes())
+    return str(folder)
+
+
+def _resnet_config(root: str, images: int, epochs: int, device: str, diagnostics: bool) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from pipeline.config.composition import compose
+
+    return compose([
+        "dataset=cifar10", f"dataset.root={root}", "dataset.download=false", f"dataset.max_train={images}",
+        "dataset.augment=true", "dataset.input_norm=channel", "model=resnet", "model.depth=20",
+        "normalization=batch", "batch_size=128", "optimizer.lr=0.1", f"train.epochs={epochs}",
+        f"train.diagnostics={str(diagnostics).lower()}", f"train.device={device}",
+    ])  # fmt: skip
+
+
+def _bare_resnet_loop(prep, epochs: int) -> None:
+    """The same model, data (tensors on the device) and augmentation, in plain PyTorch: shuffled
+    index batches, SGD, and a validation pass per epoch, as any training loop has."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.engine.augment import augment_images
+
+    model, s, cfg = prep.model, prep.splits, prep.cfg
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum)
+    gen = torch.Generator(device=prep.device).manual_seed(0)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(s.y_train), device=prep.device).split(cfg.batch_size):
+            loss = F.cross_entropy(model(augment_images(s.x_train[idx], gen)), s.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            float((model(s.x_val).argmax(1) == s.y_val).float().mean())
+
+
+def resnet_bench(images: int, epochs: int, device: str, root: Optional[str], repeats: int) -> dict:
+    """Images/s of training ResNet-20 on CIFAR-10 images: the trial engine (diagnostics on and
+    off) against the bare loop, each timed from a prepared trial (data on the device, model built)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from pipeline.engine.train import prepare_trial, train_trial
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _cifar_files(Path(tmp), images, root)
+        configs = {d: _resnet_config(root, images, epochs, device, d) for d in (True, False)}
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+        def timed_run(fn) -> float:
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            return time.perf_counter() - start
+
+        sides = {
+            "bare": lambda: _bare_resnet_loop(prepare_trial(configs[False]), epochs),
+            "engine": lambda: train_trial(prepare_trial(configs[True])),
+            "engine_no_diagnostics": lambda: train_trial(prepare_trial(configs[False])),
+        }
+        sides["bare"]()  # warm-up: kernels, allocator, the data cache
+        seconds = {name: statistics.median(timed_run(fn) for _ in range(repeats)) for name, fn in sides.items()}
+    out = {name: images * epochs / t for name, t in seconds.items()}
+    out["ratio"] = out["engine"] / out["bare"]
+    out["ratio_no_diagnostics"] = out["engine_no_diagnostics"] / out["bare"]
+    print(
+        f"ResNet-20, CIFAR-10 {images} images x {epochs} epochs on {device}: bare loop {out['bare']:.0f} images/s, "
+        f"engine {out['engine']:.0f} images/s with diagnostics (ratio {out['ratio']:.2f}), "
+        f"{out['engine_no_diagnostics']:.0f} without ({out['ratio_no_diagnostics']:.2f})"
+    )
+    return out
+
+
+# ---------------------------------------------------------------- batching conv nets: does it pay?
+def conv_batching(members: int, repeats: int) -> dict:
+    """One training step's forward+backward of ``members`` same-shaped conv nets, one after another
+    against all at once (``torch.func.vmap`` over stacked weights, as the MLP batching stacks
+    them), one thread. Measures whether batching CNN and ResNet trials could pay on this device."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    sys.path.insert(0, str(ROOT))
+    from pipeline.config import ActivationConfig, ModelConfig, NormalizationConfig
+    from pipeline.engine.nn.models import build_model
+
+    torch.set_num_threads(1)
+    out = {}
+    for kind, depth, shape in (("cnn", 4, (1, 8, 8)), ("cnn", 4, (3, 32, 32)), ("resnet", 20, (1, 8, 8))):
+        models = [
+            build_model(ModelConfig(name=kind, depth=depth), ActivationConfig(), NormalizationConfig(), shape, 10)
+            for _ in range(members)
+        ]
+        x, y = torch.randn(128, *shape), torch.randint(0, 10, (128,))
+        params, buffers = stack_module_state(models)
+        skeleton = copy.deepcopy(models[0]).to("meta")
+        step = vmap(grad(lambda p, b: F.cross_entropy(functional_call(skeleton, (p, b), (x,)), y)))
+        one_by_one = lambda: [F.cross_entropy(m(x), y).backward() for m in models]  # noqa: E731
+        sides = {"one_by_one": one_by_one, "vmap": lambda: step(params, buffers)}
+        for fn in sides.values():
+            fn()  # warm-up
+        times = {name: statistics.median(_time(fn) for _ in range(repeats)) for name, fn in sides.items()}
+        label = f"{kind}{depth} {'x'.join(map(str, shape))}"
+        out[label] = times
+        print(
+            f"conv batching, {members} members, {label}: one by one {times['one_by_one']:.3f} s a step, "
+            f"vmapped {times['vmap']:.3f} s ({times['one_by_one'] / times['vmap']:.2f}x)"
+        )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
@@ -543,11 +673,26 @@ def main() -> None:
     )
     ap.add_argument("--no-diagnostics", dest="diagnostics", action="store_false", help="skip the diagnostics cost")
     ap.add_argument("--memory-trials", type=int, default=0)
+    ap.add_argument("--resnet", action="store_true", help="only the ResNet-20 / CIFAR-10 engine-vs-bare-loop figures")
+    ap.add_argument("--resnet-images", type=int, default=2000, help="training images for --resnet")
+    ap.add_argument("--resnet-epochs", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="--resnet's device: cpu | cuda")
+    ap.add_argument("--conv-batching", type=int, default=0, help="only: conv nets batched by vmap, N members")
+    ap.add_argument("--cifar-root", help="--resnet reads the real CIFAR-10 here (default: random pixels)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     if args.bare:
         return bare_main(args.trials, args.epochs, args.procs, args.grid_bare)
     report = {"machine": f"{os.cpu_count()} CPUs", "workloads": []}
+    if args.conv_batching:
+        report["conv_batching"] = conv_batching(args.conv_batching, args.repeats)
+    if args.resnet:
+        report["resnet"] = resnet_bench(
+            args.resnet_images, args.resnet_epochs, args.device, args.cifar_root, args.repeats
+        )
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return
     for n in args.workloads:
         report["workloads"].append(throughput(n, args.epochs, args.procs, args.repeats))
         _print_workload(report["workloads"][-1])

@@ -79,6 +79,26 @@ def test_every_experiment_composes_plans_and_states_its_outcome(name, plan):
         study_plan.trial_config(first, seed=0)  # composes and validates
 
 
+# --- resnet_init -------------------------------------------------------------------------------------
+
+
+def test_an_unnormalized_resnet_trains_with_fixup_or_skipinit_not_with_he_alone(plan):
+    """Zhang et al. 2019, De & Smith 2020: each block adds its branch's variance, so He init alone
+    blows the signal up with depth; starting every block as its shortcut trains."""
+    digits = plan("resnet_init", "dataset=digits", "dataset.augment=false", "dataset.input_norm=zscore",
+                  "train.epochs=3", "train.threads=1", "batch_size=64", "optimizer.lr=0.05")  # fmt: skip
+    runs = {
+        ri: trial(digits, model__residual_init=ri, normalization="none", model__depth=20)
+        for ri in ("none", "fixup", "skipinit")
+    }
+    # Every block its shortcut: the signal only thins where option A pads new channels with zeros
+    # (twice, so about 1/2), while He init alone grows the stream block by block.
+    assert 0.35 < init(runs["fixup"], "act_std_ratio") < 0.75
+    assert init(runs["none"], "act_std_ratio") > 4 * init(runs["fixup"], "act_std_ratio")
+    assert runs["none"].best_val_accuracy < 0.5 or runs["none"].diverged
+    assert runs["fixup"].best_val_accuracy > 0.75 and runs["skipinit"].best_val_accuracy > 0.75
+
+
 # --- depth_vanishing_exploding ---------------------------------------------------------------------
 
 

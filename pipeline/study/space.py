@@ -39,6 +39,8 @@ CONDITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "model.width": ("model", ("mlp",)),
     "model.residual": ("model", ("mlp", "cnn")),
     "model.channels": ("model", ("cnn",)),
+    "model.residual_init": ("model", ("resnet",)),
+    "model.width_multiplier": ("model", ("resnet",)),
     "model.features_per_step": ("model", ("rnn", "gru")),
     "initializer.recurrent": ("model", ("rnn", "gru")),
     "activation.pieces": ("activation", ("maxout",)),
