@@ -64,7 +64,8 @@ def squared_singular_values(model: nn.Module, probe: torch.Tensor) -> Optional[t
 def spectrum_summary(sv2: torch.Tensor) -> dict[str, float]:
     """Mean and spread of squared singular values, pooled over samples."""
     values = sv2.flatten().double()
-    low, high = torch.quantile(values, torch.tensor([0.05, 0.95], dtype=values.dtype)).tolist()
+    levels = torch.tensor([0.05, 0.95], dtype=values.dtype, device=values.device)
+    low, high = torch.quantile(values, levels).tolist()
     return {
         "isometry_sv2_mean": float(values.mean()),
         "isometry_sv2_std": float(values.std()) if values.numel() > 1 else 0.0,
