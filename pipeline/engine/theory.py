@@ -124,11 +124,16 @@ def _moments(phi: _Phi, q: float) -> _Moments:
 
 
 def _moment_table(phi: _Phi, qs: np.ndarray) -> np.ndarray:
-    """(len(qs), 4): the ``_Moments`` at each q, from one evaluation of phi."""
-    qs = np.maximum(np.asarray(qs, dtype=np.float64), _Q_TINY)
-    u, w = _gaussian_nodes(0.0, np.sqrt(qs), 8)
+    """(len(qs), 4): the ``_Moments`` at each q, from one evaluation of phi; at q = 0 (no signal at
+    all) phi(0) and the derivative autograd gives at 0, as a measured net has them."""
+    qs = np.asarray(qs, dtype=np.float64)
+    u, w = _gaussian_nodes(0.0, np.sqrt(np.maximum(qs, _Q_TINY)), 8)
+    u[qs <= 0], w[qs <= 0] = 0.0, 1.0 / u.shape[1]
     f, df = phi(u)
-    return np.stack([(w * f).sum(1), (w * f**2).sum(1), (w * df**2).sum(1), (w * f * df * u).sum(1) / qs], axis=1)
+    safe = np.where(qs > 0, qs, 1.0)
+    table = [(w * f).sum(1), (w * f**2).sum(1), (w * df**2).sum(1), (w * f * df * u).sum(1) / safe]
+    table[3] = np.where(qs > 0, table[3], table[2])  # d E[phi^2] / dq at 0: phi'(0)^2 (phi(0) phi''(0) aside)
+    return np.stack(table, axis=1)
 
 
 def _pair(phi: _Phi, q: float, c: float) -> tuple[float, float]:
@@ -401,8 +406,8 @@ def _field_trajectory(
     phi: _Phi, layers: list[nn.Module], sigma_w2s: list[float], sigma_b2s: list[float], probe: torch.Tensor
 ) -> _Trajectory:
     """The length map for each probe sample, and in a CNN for each position (Xiao et al. 2018):
-    a conv's output q at a position averages its window's E[phi^2], zero padding adding nothing,
-    so border positions see less signal. Backward, each sample's squared gradient flows through
+    a conv's output q at a position averages its window's E[phi^2] (``_spread``), zero padding
+    adding nothing, so border positions see less signal. Backward, each sample's squared gradient flows through
     the adjoint of the same windows; the loss's gradient is taken alike for every sample.
 
     The first layer sums fan_in inputs of this sample, so its pre-activation is Gaussian over the
@@ -436,11 +441,15 @@ def _input_field(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _spread(layer: nn.Module, field: torch.Tensor) -> torch.Tensor:
     """What a layer's outputs see of its inputs' second moments, per unit of sigma_w^2: a dense
-    layer averages all its inputs, a conv its window (zero padding counts as zero)."""
+    layer averages all its inputs, a conv its window, weighting each tap by its share of the
+    weights' energy (1/k for random weights, the centre alone for delta-orthogonal kernels);
+    zero padding counts as zero."""
     conv = _CONVS.get(type(layer))
     if conv is None:
         return field
-    kernel = torch.full((1, 1, *layer.kernel_size), 1.0 / math.prod(layer.kernel_size), dtype=field.dtype)
+    energy = layer.weight.detach().double().cpu().square().sum(dim=(0, 1))  # (*kernel)
+    total = float(energy.sum())
+    kernel = (energy / total if total > 0 else torch.full_like(energy, 1.0 / energy.numel()))[None, None]
     return conv(field.unsqueeze(1), kernel, None, layer.stride, layer.padding, layer.dilation).squeeze(1)
 
 
@@ -454,13 +463,19 @@ def _spread_adjoint(layer: nn.Module, energy: torch.Tensor, like: torch.Tensor) 
 
 
 def _field_moments(phi: _Phi, field: torch.Tensor) -> _Moments:
-    """``_moments`` at every q of a field (tensors of its shape), by a cubic spline in log q
-    through 64 exact evaluations spanning the field's range."""
-    q = field.clamp(_Q_TINY, _Q_CEIL).numpy()
-    low, high = float(q.min()), float(q.max())
-    grid = np.geomspace(low, high, 64) if high > low * (1.0 + 1e-9) else np.array([low])
-    table = _moment_table(phi, grid)  # (grid, 4)
-    values = interpolate.CubicSpline(np.log(grid), table)(np.log(q)) if len(grid) > 1 else table[0] + 0 * q[..., None]
+    """``_moments`` at every q of a field (tensors of its shape): a cubic spline in log q through
+    exact evaluations, 16 a decade, over the field's positive values down to 1e-12 of the largest
+    (the rest evaluated there); q = 0 exactly (a window of zeros and no bias) at 0."""
+    q = field.clamp(max=_Q_CEIL).numpy()
+    values = np.broadcast_to(_moment_table(phi, np.zeros(1))[0], (*q.shape, 4)).copy()
+    positive = q > 0
+    if positive.any():
+        high = float(q[positive].max())
+        low = max(float(q[positive].min()), high * 1e-12)
+        grid = np.geomspace(low, high, int(16 * math.log10(high / low)) + 2)
+        logs = np.log(np.maximum(q[positive], low))
+        table = _moment_table(phi, grid)
+        values[positive] = interpolate.CubicSpline(np.log(grid), table)(logs) if high > low * (1 + 1e-9) else table[0]
     return _Moments(*(torch.from_numpy(np.ascontiguousarray(values[..., i])) for i in range(4)))
 
 

@@ -204,10 +204,13 @@ def test_wide_random_nets_follow_the_predicted_q_and_gradient_ratio(act, sigma_w
         ["model.width=1024", "model.depth=4", "activation=tanh"],
         ["model.width=1024", "model.depth=4", "activation=tanh", "initializer=orthogonal", "scale=1.5"],
         ["model=cnn", "model.channels=128", "model.depth=4", "activation=tanh"],
+        ["model=cnn", "model.channels=128", "model.depth=4", "activation=tanh", "initializer=delta_orthogonal"],
     ],
 )
 def test_trial_predictions_match_what_the_probe_measures(overrides):
-    # Digits: z-scored, strongly correlated samples; an 8x8 CNN loses 16-31% of its taps to padding.
+    # Digits: z-scored, strongly correlated samples; an 8x8 CNN loses 16-31% of its taps to padding,
+    # except with delta-orthogonal kernels (centre tap only), whose first conv's channels all
+    # carry one pixel, and whose zero pixels stay exactly zero (q = 0).
     prep = prepare_trial(compose(overrides))
     x, y = prep.splits.x_train[:256], prep.splits.y_train[:256]
     predicted = theory.trial_predictions(prep.model, prep.cfg, x)
