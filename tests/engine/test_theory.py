@@ -249,6 +249,7 @@ def test_trial_predictions_name_every_metric_and_mark_no_critical_point_nan():
         ["model.residual=true"],
         ["model=rnn", "dataset=digits"],
         ["activation=maxout"],
+        ["model=resnet", "model.depth=8"],
     ],
 )
 def test_trial_predictions_are_empty_where_the_theory_does_not_apply(overrides):
