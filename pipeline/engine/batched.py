@@ -55,7 +55,7 @@ class _Member:
         return self.result is None
 
     def begin(self, measures: EpochMeasures) -> None:
-        self.pruned = bool(self.report(0, epoch_zero(self.state, lambda: measures)))
+        self.pruned = bool(self.report(0, epoch_zero(self.state, lambda: measures, self.prep.at_init)))
 
     def close(self, epoch: int, fit: tuple[float, float], measures: EpochMeasures) -> None:
         self.pruned = bool(self.report(epoch, close_epoch(self.prep.cfg, epoch, self.state, fit, lambda: measures)))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import Config, ConfigError, TrainConfig, config_from_dict, validate
-from pipeline.engine import data, diagnostics
+from pipeline.engine import data, diagnostics, isometry, theory
 from pipeline.engine.augment import batch_augmenter
 from pipeline.engine.nn.activations import ACTIVATIONS, activation_gain
 from pipeline.engine.nn.initializers import apply_init
@@ -42,6 +42,7 @@ class PreparedTrial:
     splits: data.Splits
     model: nn.Module
     device: torch.device
+    at_init: dict[str, float] = field(default_factory=dict)  # theory and isometry, logged at epoch 0
 
 
 @dataclass
@@ -97,7 +98,24 @@ def prepare_trial(config: dict | Config, device: Optional[str] = None) -> Prepar
     init_recurrent(model, cfg.initializer, cfg.scale, gain, generator)
     if cfg.initializer.name != "pretrained":  # loaded weights are the start; nothing is reset on them
         initialize_residual(model)
-    return PreparedTrial(cfg, splits, model.to(dev), dev)
+    at_init = theory_at_init(model, cfg, probe) if cfg.train.diagnostics else {}
+    return PreparedTrial(cfg, splits, model.to(dev), dev, at_init)
+
+
+#: Probe samples whose input-output Jacobians are decomposed (the cost grows with each one).
+ISOMETRY_SAMPLES = 8
+
+
+def theory_at_init(model: nn.Module, cfg: Config, probe: torch.Tensor) -> dict[str, float]:
+    """What the network is predicted to do (mean-field theory, where it applies: pipeline/engine/
+    theory.py) and the spectrum of its input-output Jacobian (pipeline/engine/isometry.py), on the
+    diagnostics' probe inputs, before any update; finite values only (an infinite depth scale,
+    at criticality, has no metric). Computed per trial, so batched members get their own."""
+    values = {
+        **theory.trial_predictions(model, cfg, probe),
+        **isometry.isometry_metrics(model, probe[:ISOMETRY_SAMPLES]),
+    }
+    return {key: value for key, value in values.items() if math.isfinite(value)}
 
 
 def _built_from_seed(cfg: Config, splits: data.Splits) -> nn.Module:
@@ -165,7 +183,7 @@ def train_trial(prep: PreparedTrial, report: Optional[Report] = None) -> TrialRe
     state = TrainState()
 
     # Epoch 0: the network as initialized, before any update.
-    init_metrics = epoch_zero(state, lambda: measure(model, splits, cfg, probe_batch))
+    init_metrics = epoch_zero(state, lambda: measure(model, splits, cfg, probe_batch), prep.at_init)
     pruned = bool(report(0, init_metrics))
 
     for epoch in range(1, cfg.train.epochs + 1):
@@ -211,10 +229,10 @@ def probe_samples(splits: data.Splits, size: int) -> tuple[torch.Tensor, torch.T
     return splits.x_train[:size], splits.y_train[:size]
 
 
-def epoch_zero(state: TrainState, measures: Callable[[], EpochMeasures]) -> dict:
-    """Epoch 0: the network as initialized, before any update."""
+def epoch_zero(state: TrainState, measures: Callable[[], EpochMeasures], at_init: Optional[dict] = None) -> dict:
+    """Epoch 0: the network as initialized, before any update (``at_init``: ``theory_at_init``'s)."""
     m = measures()
-    metrics = {"val_loss": m.val[0], "val_accuracy": m.val[1]}
+    metrics = {"val_loss": m.val[0], "val_accuracy": m.val[1], **(at_init or {})}
     diag = _tabulate_probe(m.probe, state, epoch=0)
     metrics.update({f"init_{k}": v for k, v in diag.items() if k in ("act_std_ratio", "grad_norm_ratio")})
     if "probe_loss" in diag:

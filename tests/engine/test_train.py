@@ -203,3 +203,16 @@ def test_a_trial_process_reuses_freed_tensor_memory_without_faulting_it_in_again
     # glibc's defaults: ~90,000 (blocks trimmed or unmapped, then mapped and faulted in again every step);
     # kept: 0 usually, up to ~6,000 when the heap settles in a later step than the warm-up.
     assert faults < 20_000, faults
+
+
+def test_a_plain_net_records_its_mean_field_prediction_beside_what_it_measures(make_config):
+    plain = run_trial(make_config("activation=tanh", "normalization=none", "model.depth=8", "train.threads=1",
+                                  tiny=False))  # fmt: skip
+    init = plain.history[0]
+    assert init["theory_grad_norm_ratio"] == pytest.approx(init["init_grad_norm_ratio"], rel=0.15)
+    assert init["theory_act_std_ratio"] == pytest.approx(init["init_act_std_ratio"], rel=0.15)
+    assert init["theory_chi1"] > 0 and init["theory_trainable_depth"] > 0 and init["isometry_sv2_mean"] > 0
+    normalized = run_trial(make_config("normalization=batch", "train.threads=1"))
+    assert not [key for key in normalized.history[0] if key.startswith(("theory_", "isometry_"))]  # not theirs
+    quiet = run_trial(make_config("normalization=none", "train.diagnostics=false", "train.threads=1"))
+    assert "theory_chi1" not in quiet.history[0]
