@@ -180,7 +180,9 @@ def test_orthogonal_deep_linear_map_is_an_isometry_gaussian_spreads(plan):
 
 
 def test_batch_norm_shrinks_the_spread_of_accuracy_across_scales(plan):
-    p = plan("normalization_softens", "train.epochs=3", "train.probe_size=128")
+    # Four epochs, one thread: at three, batch norm's slow start at scale 4 (lr_eff ~ lr / scale^2)
+    # leaves its spread level with the plain net's on some CPUs.
+    p = plan("normalization_softens", "train.epochs=4", "train.probe_size=128", "train.threads=1")
     runs = {
         (norm, residual): [trial(p, normalization=norm, model__residual=residual, scale=s) for s in (0.25, 1.0, 4.0)]
         for norm, residual in (("none", False), ("batch", False), ("batch", True))
