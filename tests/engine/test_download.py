@@ -434,11 +434,12 @@ def run_cli(tmp_path: Path, mirror_url: str, data_dir: Path, md5s: dict, *args: 
     )
 
 
-def test_trial_downloads_cifar10_then_offline_fails_in_one_line_with_no_run(mirror, tmp_path):
+def test_a_resnet_trial_downloads_cifar10_once_then_offline_fails_in_one_line_with_no_run(mirror, tmp_path):
     served, _ = fake_cifar10()
     mirror.files |= served
     md5s = {"cifar10": table_md5s("cifar10", served)}
-    trial = ["trial", "dataset=cifar10", "model=cnn", "model.depth=2", "model.channels=8", "dataset.max_train=64"]
+    trial = ["trial", "dataset=cifar10", "model=resnet", "model.depth=8", "model.width_multiplier=0.5"]
+    trial += ["dataset.max_train=64", "dataset.augment=true", "dataset.input_norm=channel"]
     trial += ["batch_size=16", "train.epochs=1", "train.probe_size=16", "tracking.log_weights=false"]
     trial += ["tracking.layer_plot=false"]
 
@@ -450,6 +451,8 @@ def test_trial_downloads_cifar10_then_offline_fails_in_one_line_with_no_run(mirr
     assert "final_accuracy=" in done.stdout and "run_id=" in done.stdout
     assert (tmp_path / "data" / "cifar10" / "cifar-10-batches-bin" / "test_batch.bin").is_file()
     assert mirror.requests == ["cifar-10-binary.tar.gz"]
+    again = run_cli(tmp_path, mirror.url, tmp_path / "data", md5s, *trial, *store("online"))
+    assert again.returncode == 0 and mirror.requests == ["cifar-10-binary.tar.gz"]  # the cache, no request
 
     offline = run_cli(tmp_path, closed_port_url(), tmp_path / "empty", md5s, *trial, *store("offline"))
     lines = offline.stderr.splitlines()
