@@ -30,6 +30,10 @@ PRIVATE_RAY_APIS = (
     ("ray._private.ray_constants", "PROCESS_TYPE_MONITOR"),  # _stop_monitor: which process to kill
     ("ray._private.worker", "_global_node"),  # _stop_monitor: the local instance's processes
     ("ray._private.authentication.authentication_token_setup", "logger"),  # _quiet_token_notice
+    ("ray._private.ray_constants", "ENABLE_RAY_CLUSTER"),  # _loopback_only
+    ("ray._private.ray_constants", "ENABLE_RAY_CLUSTERS_ENV_VAR"),  # _loopback_only
+    ("ray._private.ray_constants", "IS_WINDOWS_OR_OSX"),  # _loopback_only
+    ("ray._private.ray_constants", "env_bool"),  # _loopback_only
 )
 TOKEN_NOTICE_LOGGER = PRIVATE_RAY_APIS[2][0]
 CONNECT_TIMEOUT_S = 5.0  # how long a cluster's head may take to answer a first connection
@@ -71,6 +75,7 @@ def _check_reachable(address: Optional[str], timeout_s: float = CONNECT_TIMEOUT_
 
 def _init_args(cfg: ClusterConfig) -> dict[str, Any]:
     common = {"logging_level": "WARNING", "log_to_driver": True, "configure_logging": True}
+    _loopback_only(not cfg.address)
     if cfg.address:
         return {"address": cfg.address, **common}
     _quiet_token_notice()
@@ -80,6 +85,28 @@ def _init_args(cfg: ClusterConfig) -> dict[str, Any]:
     # "local": always a new instance of our own, never one that a `ray start` on this machine left
     # (its address file would otherwise be joined, or refuse num_cpus); cluster.address=auto joins one.
     return {"address": "local", "num_cpus": cfg.num_cpus or os.cpu_count(), "include_dashboard": False, **common}
+
+
+def _loopback_only(local: bool) -> None:
+    """Make a local instance listen on 127.0.0.1 alone, not on every interface (``local``), or
+    undo that for a cluster, whose nodes must reach each other.
+
+    Ray binds its servers (GCS, raylet, workers, agents) to the node's IP, and takes a reachable
+    interface's address for it unless clusters are "disabled" (its own setting for macOS and
+    Windows, where the node IP is then the loopback address); ``ray.init`` has no bind address.
+    A local instance is one node: nothing outside this host needs to reach it. Set in this
+    process (read when Ray resolves the node IP) and in the environment its processes inherit.
+    """
+    from ray._private import ray_constants
+
+    if local:
+        os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    elif os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR) == "0":
+        del os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR]
+    default = not ray_constants.IS_WINDOWS_OR_OSX  # Ray's own default, which the environment may change
+    ray_constants.ENABLE_RAY_CLUSTER = not local and ray_constants.env_bool(
+        ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, default
+    )
 
 
 TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"

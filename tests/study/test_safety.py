@@ -175,3 +175,44 @@ def test_a_database_storage_that_cannot_be_opened_is_one_line_without_its_passwo
     assert "secret" not in err[0]
     assert "needs its database driver (psycopg2-binary" in err[0] or "cannot be opened within 5 s" in err[0]
     assert time.monotonic() - start < 20 and _runs(tmp_path, "db") == []
+
+
+_LISTENERS = """
+import os, ray
+from pipeline.config import ClusterConfig
+from pipeline.study import cluster
+cluster.start(ClusterConfig(num_cpus=1))
+ray.get(ray.remote(lambda: 1).options(num_cpus=0.1).remote())  # a worker and its servers are up
+
+def descendants(pid):
+    children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    return {pid}.union(*(descendants(int(c)) for c in children))
+
+def sockets(pid):
+    try:
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        return set()
+    return {link[8:-1] for link in links if link.startswith("socket:[")}
+
+inodes = set().union(*(sockets(pid) for pid in descendants(os.getpid())))
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for row in open(table).read().splitlines()[1:]:
+        local, state, inode = row.split()[1], row.split()[3], row.split()[9]
+        if state == "0A" and inode in inodes:  # LISTEN
+            print(local.rsplit(":", 1)[0])
+cluster.shutdown()
+"""
+
+#: /proc/net/tcp{,6} spell addresses in hex, in the host's byte order: 127.0.0.1, and ::ffff:127.0.0.1.
+LOOPBACK_HEX = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+def test_a_local_ray_instance_listens_on_the_loopback_address_only():
+    """Ray binds to the node's IP, a reachable interface's unless told it is alone: a study's own
+    instance must not be reachable from other hosts."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ENABLE")}
+    done = subprocess.run([sys.executable, "-c", _LISTENERS], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    addresses = set(done.stdout.split())
+    assert addresses and addresses <= LOOPBACK_HEX, addresses
