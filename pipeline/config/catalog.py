@@ -82,6 +82,10 @@ DISTRIBUTIONS = ("normal", "truncated_normal", "uniform")
 INPUT_NORMS = ("none", "zscore", "minmax", "channel")
 #: ``model.residual_init``: how a ResNet's blocks start (pipeline/engine/nn/resnet.py).
 RESIDUAL_INITS = ("none", "zero_gamma", "fixup", "skipinit")
+#: ``model.parametrization``: how an MLP's layers scale with width (pipeline/engine/nn/models.py).
+PARAMETRIZATIONS = ("standard", "ntk", "mup")
+#: The optimizers whose per-layer learning rates a parametrization other than standard sets.
+PARAMETRIZED_OPTIMIZERS = ("sgd", "adam")
 
 
 def validate(cfg: Config) -> None:
@@ -104,13 +108,32 @@ STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def validate_model(cfg: Config) -> None:
-    """The model's name, and the options only a ResNet reads (its depth is checked when it is built)."""
+    """The model's name, the options only a ResNet reads (its depth is checked when it is built) and
+    the parametrization (an MLP's)."""
     name = MODELS.canonical(cfg.model.name)
     check_choice("model.residual_init", cfg.model.residual_init, RESIDUAL_INITS)
     check_positive("model.width_multiplier", cfg.model.width_multiplier)
     if cfg.model.residual_init != "none" and name != "resnet":
         raise ConfigError(
             f"model.residual_init={cfg.model.residual_init} is for model=resnet; model={name} takes residual_init=none"
+        )
+    _check_parametrization(cfg, name)
+
+
+def _check_parametrization(cfg: Config, model: str) -> None:
+    """ntk and mup rescale an MLP's layers and its optimizer's per-layer learning rates (SGD, Adam)."""
+    parametrization = cfg.model.parametrization
+    check_choice("model.parametrization", parametrization, PARAMETRIZATIONS)
+    check_positive("model.base_width", cfg.model.base_width)
+    if parametrization == "standard":
+        return
+    if model != "mlp":
+        raise ConfigError(f"model.parametrization={parametrization} is for model=mlp; model={model} takes standard")
+    optimizer = OPTIMIZERS.canonical(cfg.optimizer.name)
+    if optimizer not in PARAMETRIZED_OPTIMIZERS:
+        raise ConfigError(
+            f"model.parametrization={parametrization} sets per-layer learning rates for optimizer="
+            f"{'|'.join(PARAMETRIZED_OPTIMIZERS)}; optimizer={optimizer} takes standard"
         )
 
 

@@ -75,6 +75,8 @@ class ModelConfig:
     kernel_size: int = 3  # cnn
     width_multiplier: float = 1.0  # resnet: stage channels 16/32/64 times this
     residual_init: str = "none"  # resnet: none | zero_gamma | fixup | skipinit
+    parametrization: str = "standard"  # mlp: standard | ntk | mup (docs/initializers.md)
+    base_width: int = 64  # mlp, mup: the width whose learning rates muP transfers (r = width / base_width)
 
 
 @dataclass

@@ -11,12 +11,18 @@ fifth of a Ray worker's start-up. SGD and Adam here hold the same state as ``tor
 ``torch.optim.Adam`` and call the same functional update their ``step`` calls
 (``torch.optim.sgd.sgd``, ``torch.optim.adam.adam``): the same numbers, bit for bit
 (tests/engine/test_optim.py steps both side by side).
+
+A parametrization other than standard (``model.parametrization``: ntk, mup) gives each parameter
+its own learning rate and weight decay: the model tags each parameter with its ``Scaling`` (as the
+``mup`` package tags ``p.infshape``), and SGD and Adam step each group of equal factors with its
+own ``lr`` and ``weight_decay``, as ``torch.optim`` steps its param groups.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch.optim.adam import adam as adam_update
@@ -24,6 +30,65 @@ from torch.optim.sgd import sgd as sgd_update
 
 from pipeline.config import OptimizerConfig
 from pipeline.config.catalog import OPTIMIZERS
+
+
+class Scaling(NamedTuple):
+    """What a parametrization knows of one parameter, set on it as ``p.scaling`` by the model.
+
+    ``role``: ``input``, ``hidden`` or ``output`` (a layer's weight), ``vector`` (a bias or norm
+    scale of the width's size) or ``fixed`` (a bias of the classes' size). ``width_mult``: r =
+    width / base_width (muP). ``fan_in``: the layer's (NTK).
+    """
+
+    parametrization: str
+    role: str
+    width_mult: float = 1.0
+    fan_in: int = 1
+
+
+def scaled_rates(scaling: Optional[Scaling], optimizer: str) -> tuple[float, float]:
+    """(learning-rate factor, weight-decay factor) of a parameter, for ``optimizer`` sgd or adam.
+
+    The stored weights are the ones the forward pass uses, as the initializer set them; so NTK is
+    its per-layer rates (N(0, 1) weights times 1/sqrt(fan_in) in the forward, trained at lr, move
+    the effective weights at lr / fan_in under SGD, lr / sqrt(fan_in) under Adam, whose update
+    ignores the gradient's scale), and muP is the ``mup`` package's MuSGD / MuAdam, with its
+    readout's multiplier 1/r on weights r^(1/2) larger taken as 1/sqrt(r) on the initializer's
+    (the readout's rates move by r and r^(1/2): the same steps, tests/engine/test_mup.py).
+    """
+    if scaling is None or scaling.parametrization == "standard":
+        return 1.0, 1.0
+    if scaling.parametrization == "ntk":
+        return _ntk_rates(scaling, optimizer)
+    return _mup_rates(scaling, optimizer)
+
+
+def _ntk_rates(scaling: Scaling, optimizer: str) -> tuple[float, float]:
+    if scaling.role not in ("input", "hidden", "output"):
+        return 1.0, 1.0  # biases and norm scales keep multiplier 1 (Jacot et al. 2018)
+    n = scaling.fan_in
+    # Weight decay on the N(0, 1) weights is decay times n on the effective ones, under either optimizer.
+    return (1.0 / n if optimizer == "sgd" else 1.0 / math.sqrt(n)), float(n)
+
+
+def _mup_rates(scaling: Scaling, optimizer: str) -> tuple[float, float]:
+    r = scaling.width_mult
+    if optimizer == "sgd":  # MuSGD: vector-like (one width dimension) lr x r, decay / r
+        return (r, 1.0 / r) if scaling.role in ("input", "vector") else (1.0, 1.0)
+    if scaling.role == "hidden":  # MuAdam: matrix-like (two width dimensions) lr / r, decay x r
+        return 1.0 / r, r
+    return (1.0 / math.sqrt(r), r) if scaling.role == "output" else (1.0, 1.0)
+
+
+def rate_groups(
+    params: list[torch.Tensor], optimizer: str, lr: float, weight_decay: float
+) -> list[tuple[list[torch.Tensor], float, float]]:
+    """``params`` grouped by their scaled (lr, weight_decay), in order of first appearance."""
+    groups: dict[tuple[float, float], list[torch.Tensor]] = {}
+    for p in params:
+        lr_factor, decay_factor = scaled_rates(getattr(p, "scaling", None), optimizer)
+        groups.setdefault((lr * lr_factor, weight_decay * decay_factor), []).append(p)
+    return [(members, group_lr, group_decay) for (group_lr, group_decay), members in groups.items()]
 
 
 class Optimizer:
@@ -45,9 +110,9 @@ class Optimizer:
     def step(self) -> None:
         raise NotImplementedError
 
-    def _with_grads(self) -> list[torch.Tensor]:
+    def _with_grads(self, params: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
         # As torch.optim: a parameter without a gradient (unused this step) is not updated.
-        return [p for p in self.params if p.grad is not None]
+        return [p for p in (self.params if params is None else params) if p.grad is not None]
 
 
 class SGD(Optimizer):
@@ -58,19 +123,23 @@ class SGD(Optimizer):
     ) -> None:
         super().__init__(params)
         self.lr, self.momentum, self.weight_decay, self.fused = lr, momentum, weight_decay, fused
+        self.groups = rate_groups(self.params, "sgd", lr, weight_decay)
 
     @torch.no_grad()
     def step(self) -> None:
-        params = self._with_grads()
+        for group, lr, weight_decay in self.groups:
+            self._step(self._with_grads(group), lr, weight_decay)
+
+    def _step(self, params: list[torch.Tensor], lr: float, weight_decay: float) -> None:
         buffers = [self.state.get(p, {}).get("momentum_buffer") for p in params] if self.momentum else []
         sgd_update(
             params,
             [p.grad for p in params],
             buffers,
             fused=self.fused,
-            weight_decay=self.weight_decay,
+            weight_decay=weight_decay,
             momentum=self.momentum,
-            lr=self.lr,
+            lr=lr,
             dampening=0.0,
             nesterov=False,
             maximize=False,
@@ -93,10 +162,14 @@ class Adam(Optimizer):
     ) -> None:
         super().__init__(params)
         self.lr, self.betas, self.weight_decay, self.eps, self.fused = lr, betas, weight_decay, eps, fused
+        self.groups = rate_groups(self.params, "adam", lr, weight_decay)
 
     @torch.no_grad()
     def step(self) -> None:
-        params = self._with_grads()
+        for group, lr, weight_decay in self.groups:
+            self._step(self._with_grads(group), lr, weight_decay)
+
+    def _step(self, params: list[torch.Tensor], lr: float, weight_decay: float) -> None:
         for p in params:
             if p not in self.state:
                 self.state[p] = self._new_state(p)
@@ -113,8 +186,8 @@ class Adam(Optimizer):
             amsgrad=False,
             beta1=self.betas[0],
             beta2=self.betas[1],
-            lr=self.lr,
-            weight_decay=self.weight_decay,
+            lr=lr,
+            weight_decay=weight_decay,
             eps=self.eps,
             maximize=False,
         )

@@ -58,6 +58,8 @@ def task_cost(configs: list[dict]) -> float:
 def _batchable(config: dict) -> bool:
     return (
         config["model"]["name"] == "mlp"
+        # ntk/mup: per-layer learning rates and muP's readout multiplier, which StackedMLP has not
+        and config["model"].get("parametrization", "standard") == "standard"
         and config["optimizer"]["name"] in ELEMENTWISE_OPTIMIZERS
         and config["train"].get("grad_clip") is None  # a global norm per member: not element-wise
         and not config["dataset"].get("augment")  # each trial's crops and flips come from its own seed

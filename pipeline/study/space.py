@@ -37,6 +37,8 @@ CONDITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "initializer.factor": ("initializer", ("variance_scaling",)),
     "initializer.distribution": ("initializer", ("variance_scaling",)),
     "model.width": ("model", ("mlp",)),
+    "model.parametrization": ("model", ("mlp",)),
+    "model.base_width": ("model", ("mlp",)),
     "model.residual": ("model", ("mlp", "cnn")),
     "model.channels": ("model", ("cnn",)),
     "model.residual_init": ("model", ("resnet",)),
