@@ -20,7 +20,7 @@ import logging
 import statistics
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -41,6 +41,8 @@ REPORT_DIR = names.REPORT_DIR
 HTML_FILE = "report.html"
 CURVES = ("val_accuracy", "val_loss")
 LAYERS_ARTIFACT = names.LAYERS_ARTIFACT
+AT_INIT_PREFIXES = ("init_", "theory_", "isometry_")  # epoch 0's measured and predicted metrics
+THEORY_KEYS = (plots.DEPTH, "activation.slope")  # config values the theory figures read, axes or not
 
 
 @dataclass
@@ -81,7 +83,7 @@ def build_report(study: str, uri: str, output_dir: str, storage: Optional[str] =
     optuna_study, optuna_note = load_optuna(study, storage or parent.params.get(names.STORAGE_PARAM), output_dir)
     importances = _start_importances(optuna_study)  # in a helper process, while this one reads and draws
     try:
-        runs = load_runs(uri, children)
+        runs = load_runs(uri, children, _space_keys(parent))
         objective = (parent.params.get(names.OBJECTIVES_PARAM) or "val_accuracy").split(",")[0]
         out = _fresh_dir(Path(output_dir, study, REPORT_DIR))
         references = json.loads(parent.tags.get(names.REFERENCE_SCALES_TAG) or "{}")
@@ -100,13 +102,25 @@ def build_report(study: str, uri: str, output_dir: str, storage: Optional[str] =
 # ---- reading the study back ---------------------------------------------------------------------
 
 
-def load_runs(uri: str, children: list[RunRecord]) -> list[plots.TrialRun]:
-    """The study's trial runs with their curves and per-layer diagnostics, as plain data."""
+def load_runs(uri: str, children: list[RunRecord], space_keys: Iterable[str] = ()) -> list[plots.TrialRun]:
+    """The study's trial runs with their curves and per-layer diagnostics, as plain data.
+
+    Args:
+        uri: The MLflow tracking URI.
+        children: The trial runs.
+        space_keys: The study's axes (``space.*`` of its parent run); those beyond the five
+            axes (``model.depth``, ``initializer.std``...) join each run's ``axes``.
+    """
+    extra = [key for key in dict.fromkeys([*space_keys, *THEORY_KEYS]) if key not in AXES]
     with tempfile.TemporaryDirectory(prefix="initstudy-report-") as tmp:
-        return [_trial_run(uri, child, Path(tmp, child.run_id)) for child in children]
+        return [_trial_run(uri, child, Path(tmp, child.run_id), extra) for child in children]
 
 
-def _trial_run(uri: str, record: RunRecord, tmp: Path) -> plots.TrialRun:
+def _space_keys(parent: RunRecord) -> list[str]:
+    return [key.removeprefix("space.") for key in parent.params if key.startswith("space.")]
+
+
+def _trial_run(uri: str, record: RunRecord, tmp: Path, extra: Iterable[str] = ()) -> plots.TrialRun:
     state = record.tags.get(names.OPTUNA_STATE_TAG, "RUNNING")
     if state == "RUNNING" and record.status in ("FAILED", "KILLED"):
         state = "FAIL"  # a run a dead driver left behind: its trial was told FAIL
@@ -115,9 +129,10 @@ def _trial_run(uri: str, record: RunRecord, tmp: Path) -> plots.TrialRun:
         seed=int(record.tags.get(names.SEED_TAG, 0)),
         state=state,
         diverged=record.tags.get(names.DIVERGED_TAG) == "true",
-        axes=_axes(record.params),
+        axes={**_axes(record.params), **_other_axes(record.params, extra)},
         final_accuracy=record.metrics.get("final_accuracy"),
         reason=record.tags.get(names.FAILURE_REASON_TAG, ""),
+        at_init={k: v for k, v in record.metrics.items() if k.startswith(AT_INIT_PREFIXES)},
     )
     if record.metrics:  # a run that failed before training logged nothing: no curves, no table
         run.curves = metric_histories(uri, record.run_id, CURVES)
@@ -135,6 +150,20 @@ def _axes(params: dict[str, str]) -> dict:
             except ValueError:
                 axes[key] = params[key]
     return axes
+
+
+def _other_axes(params: dict[str, str], keys: Iterable[str]) -> dict:
+    """Config values beyond the five axes: numbers as int or float, anything else as text."""
+    return {key: _number(params[key]) for key in keys if key in params}
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _read_layers(path: Optional[Path]) -> list[dict]:
@@ -232,9 +261,12 @@ def figure_specs(
             "Final accuracy",
             "Final accuracy against scale",
             "Final test accuracy against the initialization scale (which multiplies the standard deviation "
-            "the scheme would give; log axis), one colour per initializer; the thin line joins the mean per "
-            "distinct scale, x marks a diverged run.",
-            lambda: plots.plot_accuracy_vs_scale(runs, references=references),
+            "the scheme would give; log axis); the thin line joins the mean per distinct scale, x marks a "
+            "diverged run. Where the mean-field theory applies, a panel per initializer and a colour per "
+            "activation, the critical scale dashed: scale × √(critical σ_w² / σ_w²), σ_w² and σ_b² read off "
+            "each run's weights at init, median over runs (study.reference_scales, if set, overrides it); "
+            "a star on the best mean measured. Otherwise one colour per initializer.",
+            lambda: plots.plot_accuracy_vs_scale(runs, references=references, predicted=plots.critical_scales(runs)),
         ),
         FigureSpec(
             "signal_at_init",
@@ -255,6 +287,17 @@ def figure_specs(
             lambda: plots.plot_unit_health(runs),
         ),
         FigureSpec(
+            "theory_vs_measured",
+            "Theory beside measurement",
+            "Mean-field prediction against measurement",
+            "Per run at initialization: the backprop gradient ratio ‖∂L/∂h₁‖/‖∂L/∂h_L‖ and the activation std "
+            "ratio (last/first hidden layer) the probe measured (init_*) against the mean-field prediction for "
+            "the same weights (theory_*), log-log, y = x solid, a factor 2 dotted. Only runs the theory applies "
+            "to: plain MLPs and CNNs (no normalization, no residual links) with an elementwise activation.",
+            lambda: plots.plot_theory_vs_measured(runs),
+        ),
+        *_trainable_region(runs),
+        FigureSpec(
             "param_importances",
             "Optuna",
             "Parameter importances",
@@ -270,6 +313,24 @@ def figure_specs(
             "for them, with the best value so far; pruned and failed trials are marked along the bottom.",
             lambda: _history(optuna_study, optuna_note, objective),
         ),
+    ]
+
+
+def _trainable_region(runs: list[plots.TrialRun]) -> list[FigureSpec]:
+    """The trainable-region figure, for a study whose runs span depths (else nothing, not a note)."""
+    if len({r.axes.get(plots.DEPTH) for r in runs} - {None}) < 2:
+        return []
+    return [
+        FigureSpec(
+            "trainable_region",
+            "Theory beside measurement",
+            "Trainable region: depth × σ_w²",
+            "Final test accuracy (mean over seeds, written in each cell) over the weight variance σ_w² read off "
+            "the weights at init (fan_in × mean W², hidden layers 2..L; median per grid point) and the depth, "
+            "per activation; grey: no run. Red: the mean-field trainable depth 6 ξ_c (Schoenholz et al. 2017) "
+            "for the runs' median σ_b², infinite at the critical σ_w² (dotted): nets should train below it.",
+            lambda: plots.plot_trainable_region(runs),
+        )
     ]
 
 

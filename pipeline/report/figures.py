@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # no display on cluster nodes
 import matplotlib.pyplot as plt
@@ -49,11 +50,16 @@ class TrialRun:
     seed: int
     state: str  # Optuna's final state: COMPLETE | PRUNED | FAIL (RUNNING while in flight)
     diverged: bool
-    axes: dict[str, Any]  # the five axes; scale a float, batch_size an int, the others names
+    # The five axes (scale a float, batch_size an int, the others names), the study's other axes and
+    # model.depth and activation.slope (numbers), which the theory figures read.
+    axes: dict[str, Any]
     final_accuracy: Optional[float] = None  # held-out test accuracy after the last epoch
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(epoch, value)]
     layers: list[dict] = field(default_factory=list)  # rows of diagnostics/layers.csv
     reason: str = ""  # why the run failed (its failure_reason tag), if it did
+    # Epoch 0's init_* (measured), theory_* (mean-field predictions, where the theory applies) and
+    # isometry_* metrics.
+    at_init: dict[str, float] = field(default_factory=dict)
 
     @property
     def outcome(self) -> str:
@@ -241,38 +247,75 @@ def plot_accuracy_by_category(runs: list[TrialRun], keys: tuple[str, ...] = ("no
 
 
 def plot_accuracy_vs_scale(
-    runs: list[TrialRun], key: str = "initializer", references: Optional[dict[str, float]] = None
+    runs: list[TrialRun],
+    key: str = "initializer",
+    references: Optional[dict[str, float]] = None,
+    predicted: Optional[dict[tuple[Any, Any], float]] = None,
 ) -> Figure:
     """Final test accuracy against ``scale`` (log x), one colour per initializer; x = diverged runs.
 
-    With ``references`` (predicted critical scale per activation, e.g. the edge of chaos) the
-    colours are activations, and each prediction is a dashed line beside a star on the measured best.
+    With critical scales, ``predicted`` per (initializer, activation) (``critical_scales``) or
+    ``references`` per activation (``study.reference_scales``, which override the prediction), the
+    figure has a panel per initializer and a colour per activation, and marks each critical scale
+    with a dashed line beside a star on the measured best.
     """
     done = [r for r in _finished(runs) if isinstance(r.axes.get("scale"), (int, float)) and r.axes["scale"] > 0]
     if not done:
         raise NoFigure("no complete trial has a final accuracy and a positive scale")
-    key = "activation" if references else key
+    marks = _critical_marks(done, references or {}, predicted or {})
+    if not marks:
+        return _scale_figure(runs, done, key)
+    colors = palette(runs, "activation")
+    initializers = values_of(done, "initializer")
+    ncols = min(len(initializers), 3)
+    fig, axes = _new(ncols, -(-len(initializers) // ncols), size=(7.0, 4.4), sharey=True)
+    scales = [r.axes["scale"] for r in done] + [scale for scale, _ in marks.values()]
+    for ax, initializer in zip(axes.flat, initializers):
+        members = [r for r in done if r.axes.get("initializer") == initializer]
+        for value, group in group_runs(members, "activation").items():
+            _scale_series(ax, group, colors[value], fmt(value))
+            if (initializer, value) in marks:
+                _mark_reference(ax, group, colors[value], fmt(value), *marks[initializer, value])
+        _scale_axes(ax, scales, f"{fmt(initializer)}: final test accuracy against scale")
+        ax.legend(fontsize=7, loc="best")
+    for ax in list(axes.flat)[len(initializers) :]:
+        ax.set_visible(False)
+    fig.suptitle("Accuracy against scale, critical scale dashed (x = diverged)")
+    return fig
+
+
+def _scale_figure(runs: list[TrialRun], done: list[TrialRun], key: str) -> Figure:
+    """One panel, a colour per value of ``key``: a study with no critical scale to mark."""
     colors = palette(runs, key)
     fig, axes = _new(1, size=(7.5, 4.4))
     ax = axes[0, 0]
     for value, group in group_runs(done, key).items():
         _scale_series(ax, group, colors[value], fmt(value))
-        if references and value in references:
-            _mark_reference(ax, group, colors[value], fmt(value), references[value])
-    _log_scale_axis(ax, [r.axes["scale"] for r in done])
-    ax.set_ylim(-0.02, 1.02)
-    _label(
-        ax,
-        "Final test accuracy against initialization scale",
-        "scale (multiplies the initializer's std; log axis)",
-        "final test accuracy (fraction)",
-        integer_x=False,
-    )
+    _scale_axes(ax, [r.axes["scale"] for r in done], "Final test accuracy against initialization scale")
     handles, labels = ax.get_legend_handles_labels()
     handles.append(Line2D([], [], color="black", marker="x", linestyle="none"))
     labels.append("diverged run")
     fig.legend(handles, labels, loc="outside right upper", title=f"{key} (runs)")
     return fig
+
+
+def _scale_axes(ax, scales: list[float], title: str) -> None:
+    _log_scale_axis(ax, scales)
+    ax.set_ylim(-0.02, 1.02)
+    _label(ax, title, "scale (multiplies the initializer's std; log axis)", "final test accuracy (fraction)", False)
+
+
+def _critical_marks(
+    runs: list[TrialRun], references: dict[str, float], predicted: dict[tuple[Any, Any], float]
+) -> dict[tuple[Any, Any], tuple[float, str]]:
+    """(initializer, activation) -> (critical scale, where it comes from); a reference set for an
+    activation overrides the prediction for every initializer."""
+    marks = {key: (scale, "mean field") for key, scale in predicted.items()}
+    for initializer in values_of(runs, "initializer"):
+        for activation in values_of(runs, "activation"):
+            if activation in references:
+                marks[initializer, activation] = (float(references[activation]), "study.reference_scales")
+    return {key: mark for key, mark in marks.items() if math.isfinite(mark[0]) and mark[0] > 0}
 
 
 def _scale_series(ax, group: list[TrialRun], color, label: str) -> None:
@@ -297,13 +340,18 @@ def _scale_series(ax, group: list[TrialRun], color, label: str) -> None:
     ax.scatter([r.axes["scale"] for r in bad], [r.final_accuracy for r in bad], color=color, s=50, marker="x", zorder=3)
 
 
-def _mark_reference(ax, group: list[TrialRun], color, label: str, predicted: float) -> None:
-    """A dashed line at the predicted critical scale, a star on the best mean accuracy measured."""
+def _mark_reference(ax, group: list[TrialRun], color, label: str, predicted: float, source: str) -> None:
+    """A dashed line at the critical scale (``source``: how it was found), a star on the best mean
+    accuracy measured."""
     by_scale = group_runs(group, "scale")
     means = {s: statistics.fmean(r.final_accuracy for r in g) for s, g in by_scale.items()}
     best = max(means, key=means.get)
     ax.axvline(
-        predicted, color=color, linestyle="--", linewidth=1.2, label=f"{label}: predicted critical {predicted:g}"
+        predicted,
+        color=color,
+        linestyle="--",
+        linewidth=1.2,
+        label=f"{label}: predicted critical {predicted:.3g} ({source})",
     )
     ax.scatter(
         [best],
@@ -313,7 +361,7 @@ def _mark_reference(ax, group: list[TrialRun], color, label: str, predicted: flo
         s=220,
         edgecolors="black",
         zorder=4,
-        label=f"{label}: measured best {best:g}",
+        label=f"{label}: measured best {best:.3g}",
     )
 
 
@@ -438,6 +486,237 @@ def _layer_mean(run: TrialRun, column: str, when: str) -> Optional[float]:
     epochs = sorted({row["epoch"] for row in rows})
     epoch = epochs[0] if when == "first" else epochs[-1]
     return statistics.fmean(row[column] for row in rows if row["epoch"] == epoch)
+
+
+# ---- theory beside measurement ------------------------------------------------------------------
+
+DEPTH = "model.depth"
+#: (measured, predicted, what it is): the probe's ratios at epoch 0 beside the mean-field ones.
+PREDICTED_RATIOS = (
+    ("init_grad_norm_ratio", "theory_grad_norm_ratio", "backprop gradient ratio ‖∂L/∂h₁‖ / ‖∂L/∂h_L‖"),
+    ("init_act_std_ratio", "theory_act_std_ratio", "activation std ratio, last / first hidden layer"),
+)
+MARKERS = "osD^vP*Xh<>p"
+TRAINABLE_DEPTHS = 6.0  # Schoenholz et al. 2017: nets train up to about 6 xi_c layers
+SAME_SIGMA = 1.02  # grid points whose measured sigma_w^2 agree this closely share a column
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def critical_scale(run: TrialRun) -> Optional[float]:
+    """The scale at which this run's net would sit at the edge of chaos: sigma_w^2 grows as
+    scale^2, so scale * sqrt(critical sigma_w^2 / sigma_w^2), both read off its weights at init."""
+    scale, sigma_w2 = run.axes.get("scale"), run.at_init.get("theory_sigma_w2")
+    critical = run.at_init.get("theory_critical_sigma_w2")
+    if not (_positive(scale) and _positive(sigma_w2) and _positive(critical)):
+        return None
+    return scale * math.sqrt(critical / sigma_w2)
+
+
+def critical_scales(runs: list[TrialRun]) -> dict[tuple[Any, Any], float]:
+    """(initializer, activation) -> the median ``critical_scale`` of its runs: the same for every
+    run of one pair up to the scatter of the weights drawn (and of the biases, which scale leaves)."""
+    found: dict[tuple[Any, Any], list[float]] = defaultdict(list)
+    for run in runs:
+        value = critical_scale(run)
+        if value is not None:
+            found[run.axes.get("initializer"), run.axes.get("activation")].append(value)
+    return {key: statistics.median(values) for key, values in found.items()}
+
+
+def plot_theory_vs_measured(runs: list[TrialRun]) -> Figure:
+    """Measured against predicted gradient and activation-std ratios at init, log-log, with y = x."""
+    if not any(_positive(r.at_init.get(p)) for r in runs for _, p, _ in PREDICTED_RATIOS):
+        raise NoFigure(
+            "no run has a mean-field prediction: the theory applies to plain MLPs and CNNs (no normalization, "
+            "no residual links) with an elementwise activation, and needs train.diagnostics"
+        )
+    colors, markers = palette(runs, "activation"), dict(zip(values_of(runs, "initializer"), MARKERS * 4))
+    fig, axes = _new(2, size=(5.0, 4.6))
+    for ax, (measured, predicted, what) in zip(axes[0], PREDICTED_RATIOS):
+        pairs = [r for r in runs if _positive(r.at_init.get(measured)) and _positive(r.at_init.get(predicted))]
+        for run in pairs:
+            color, marker = colors[run.axes.get("activation")], markers[run.axes.get("initializer")]
+            ax.scatter(run.at_init[predicted], run.at_init[measured], color=color, marker=marker, s=26, alpha=0.75)
+        _identity_line(ax, [v for r in pairs for v in (r.at_init[predicted], r.at_init[measured])])
+        _label(ax, f"{what}\n(n = {len(pairs)} runs)", f"predicted ({predicted})", f"measured ({measured})", False)
+    handles = _theory_legend(runs, colors, markers)
+    fig.legend(handles=handles, loc="outside lower center", fontsize=8, ncols=min(len(handles), 5))
+    fig.suptitle("Mean-field prediction against measurement at init (a dot per run; y = x solid)")
+    return fig
+
+
+def _identity_line(ax, values: list[float]) -> None:
+    """Log-log axes around ``values`` with y = x and the factor-2 band dotted."""
+    low, high = (min(values), max(values)) if values else (0.1, 10.0)
+    low, high = low / 2, high * 2
+    for factor, style in ((1.0, "-"), (2.0, ":"), (0.5, ":")):
+        ax.plot([low, high], [low * factor, high * factor], color="black", linestyle=style, linewidth=0.9)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_formatter(NullFormatter())
+        if high / low < 300:  # under 2.5 decades: 1-2-5 ticks as plain numbers, else powers of 10
+            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+
+
+def _theory_legend(runs: list[TrialRun], colors: dict, markers: dict) -> list[Line2D]:
+    predicted = [r for r in runs if r.at_init.get("theory_grad_norm_ratio") is not None]
+    handles = [
+        Line2D([], [], color=colors[a], marker="o", linestyle="none", label=f"{fmt(a)} (colour)")
+        for a in values_of(predicted, "activation")
+    ]
+    handles += [
+        Line2D([], [], color="grey", marker=markers[i], linestyle="none", label=f"{fmt(i)} (marker)")
+        for i in values_of(predicted, "initializer")
+    ]
+    return handles + [Line2D([], [], color="black", linestyle=":", label="factor 2 off")]
+
+
+def trainable_panels(runs: list[TrialRun]) -> dict[Any, list[tuple[float, list[TrialRun]]]]:
+    """Activation -> its columns (measured sigma_w^2, runs) for the trainable-region figure: the
+    complete runs with a prediction, where at least two depths and two columns were run."""
+    done = [r for r in _finished(runs) if _positive(r.at_init.get("theory_sigma_w2")) and _positive(r.axes.get(DEPTH))]
+    panels = {}
+    for activation, group in group_runs(done, "activation").items():
+        columns = _sigma_columns(group)
+        if len(columns) > 1 and len({r.axes[DEPTH] for r in group}) > 1:
+            panels[activation] = columns
+    return panels
+
+
+def _sigma_columns(runs: list[TrialRun]) -> list[tuple[float, list[TrialRun]]]:
+    """The runs by grid point other than depth, at the median sigma_w^2 read off their weights;
+    points within ``SAME_SIGMA`` of each other (say, two batch sizes) share a column."""
+    points: dict[tuple, list[TrialRun]] = defaultdict(list)
+    for run in runs:
+        points[tuple(sorted((k, str(v)) for k, v in run.axes.items() if k != DEPTH))].append(run)
+    located = sorted(((_median_sigma_w2(g), g) for g in points.values()), key=lambda item: item[0])
+    columns: list[tuple[float, list[TrialRun]]] = []
+    for sigma_w2, group in located:
+        if columns and sigma_w2 <= columns[-1][0] * SAME_SIGMA:
+            columns[-1] = (columns[-1][0], columns[-1][1] + group)
+        else:
+            columns.append((sigma_w2, group))
+    return [(_median_sigma_w2(g), g) for _, g in columns]
+
+
+def _median_sigma_w2(runs: list[TrialRun]) -> float:
+    return statistics.median(r.at_init["theory_sigma_w2"] for r in runs)
+
+
+def plot_trainable_region(runs: list[TrialRun]) -> Figure:
+    """Final test accuracy over sigma_w^2 (read off the weights) x depth, per activation, with the
+    mean-field trainable depth 6 xi_c drawn over it (computed, for the runs' median sigma_b^2)."""
+    panels = trainable_panels(runs)
+    if not panels:
+        raise NoFigure(
+            "needs complete runs with a mean-field prediction at two or more depths (model.depth) and two or "
+            "more weight variances (scale, or another axis that changes sigma_w^2)"
+        )
+    fig, axes = _new(len(panels), size=(6.6, 4.8))
+    for ax, (activation, columns) in zip(axes[0], panels.items()):
+        image = _region_cells(ax, columns)
+        runs_here = [r for _, g in columns for r in g]
+        sigma_b2 = statistics.median(r.at_init.get("theory_sigma_b2", 0.0) for r in runs_here)
+        _trainable_curve(ax, activation, runs_here[0].axes.get("activation.slope"), sigma_b2)
+        title, depth = f"{fmt(activation)}, σ_b² = {sigma_b2:.3g}", "depth (hidden layers, log axis)"
+        _label(ax, title, "σ_w² (read off the weights at init)", depth, False)
+        ax.grid(False)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=2)
+    fig.colorbar(image, ax=axes[0, -1], label="mean final test accuracy (fraction)")
+    fig.suptitle("Trainable region: final test accuracy over σ_w² × depth\n(cells: mean over seeds; red: 6 ξ_c)")
+    return fig
+
+
+def _region_cells(ax, columns: list[tuple[float, list[TrialRun]]]):
+    """The heatmap: a cell per (column, depth), its mean accuracy written in it; depth on a log axis."""
+    depths = sorted({r.axes[DEPTH] for _, g in columns for r in g})
+    cells = [[[r.final_accuracy for r in g if r.axes[DEPTH] == d] for _, g in columns] for d in depths]
+    grid = np.array([[statistics.fmean(c) if c else np.nan for c in row] for row in cells])
+    centres = [x for x, _ in columns]
+    log_x = centres[-1] / centres[0] > 4  # a wide range of variances (say, several decades of scale)
+    x_edges, y_edges = _edges(centres, log=log_x), _edges(depths, log=True)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
+    image = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0)
+    for i, depth in enumerate(depths):
+        for j, (x, _) in enumerate(columns):
+            if cells[i][j]:
+                text_color = "black" if grid[i, j] > 0.55 else "white"
+                ax.text(x, depth, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color=text_color)
+    ax.set_yscale("log")
+    ax.set_yticks(depths, [str(d) for d in depths])
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    if log_x:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(centres, [f"{x:.3g}" for x in centres], fontsize=8)
+    ax.set_xlim(x_edges[0], x_edges[-1])
+    ax.set_ylim(y_edges[0], y_edges[-1])
+    return image
+
+
+def _edges(centers: list[float], log: bool) -> np.ndarray:
+    """Cell edges halfway between centres (in log for a log axis), the outer cells as wide as their neighbours."""
+    c = np.log(np.asarray(centers, dtype=float)) if log else np.asarray(centers, dtype=float)
+    mids = (c[1:] + c[:-1]) / 2
+    edges = np.concatenate([[2 * c[0] - mids[0]], mids, [2 * c[-1] - mids[-1]]])
+    if log:
+        return np.exp(edges)
+    edges[0] = edges[0] if edges[0] > 0 else c[0] / 2  # a variance is positive
+    return edges
+
+
+def _trainable_curve(ax, activation: str, slope: Any, sigma_b2: float) -> None:
+    """6 xi_c against sigma_w^2 over the panel's x range, and the critical sigma_w^2 dotted."""
+    from pipeline.config import ActivationConfig
+    from pipeline.engine import theory  # PyTorch: only studies that draw this figure load it
+
+    cfg = ActivationConfig(name=activation, **({"slope": float(slope)} if _positive(slope) else {}))
+    low, high = ax.get_xlim()
+    critical = theory.critical_sigma_w2(cfg, sigma_b2)
+    at = lambda s: theory.predict(cfg, float(s), sigma_b2, depth=1).trainable_depth  # noqa: E731
+    x, y = _curve(at, low, high, critical if critical is not None and low < critical < high else None)
+    top = ax.get_ylim()[1] * 10  # an infinite depth scale leaves the panel through its top
+    ax.plot(x, np.where(np.isfinite(y), y, top), color="#d62728", linewidth=2.0, label="6 ξ_c (mean field)")
+    if critical is not None and low <= critical <= high:
+        ax.axvline(critical, color="#d62728", linestyle=":", linewidth=1.2, label=f"critical σ_w² = {critical:.3g}")
+
+
+def _curve(at: Callable[[float], float], low: float, high: float, critical: Optional[float]):
+    """(x, y) of ``at`` over [low, high], smooth on either side of ``critical``, where it diverges.
+
+    Evaluated at points spaced geometrically in the distance to the critical point, then
+    interpolated (monotone cubic in log distance, log value): the chaotic side costs ~0.4 s a point
+    (the correlation's fixed point by root finding), so it gets few.
+    """
+    if critical is None:
+        x = np.linspace(low, high, 24)
+        return x, np.array([at(s) for s in x])
+    sides = [_side(at, critical, low, 1e-2, 12), _side(at, critical, high, 3e-2, 5)]
+    x = np.concatenate([sides[0][0][::-1], [critical], sides[1][0]])
+    return x, np.concatenate([sides[0][1][::-1], [math.inf], sides[1][1]])
+
+
+def _side(at: Callable[[float], float], critical: float, end: float, nearest: float, points: int):
+    """One side of the critical point: 200 interpolated points from it (exclusive) to ``end``,
+    from ``points`` evaluations, the nearest at ``nearest`` of the way (6 xi_c is far off the
+    panel closer in: the interpolation's extrapolation only has to go up)."""
+    from scipy.interpolate import PchipInterpolator
+
+    distance = abs(end - critical) * np.geomspace(nearest, 1.0, points)
+    values = np.array([at(critical + math.copysign(d, end - critical)) for d in distance])
+    fine = abs(end - critical) * np.geomspace(1e-3, 1.0, 200)
+    finite = np.isfinite(values) & (values > 0)
+    if finite.sum() < 2:
+        return critical + np.sign(end - critical) * fine, np.full(len(fine), math.inf)
+    logs = PchipInterpolator(np.log(distance[finite]), np.log(values[finite]), extrapolate=True)(np.log(fine))
+    return critical + np.sign(end - critical) * fine, np.exp(logs)
 
 
 # ---- outcomes and the Optuna view ----------------------------------------------------------------

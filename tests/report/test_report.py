@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 
 import matplotlib.image
+import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -49,7 +51,8 @@ def _args(root, name: str, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def studies(local_ray, tmp_path_factory):
-    """Two studies in one store: "mix" (complete, pruned and failed trials) and "allfail" (one failed trial).
+    """Three studies in one store: "mix" (complete, pruned and failed trials), "gelu" (a grid over
+    scale x depth with biases) and "allfail" (one failed trial).
 
     "mix" samples group norm with groups=7 on a 32-wide net (an invalid combination: FAIL) and
     prunes with the median pruner, one trial at a time so that pruning is deterministic.
@@ -71,6 +74,30 @@ def studies(local_ray, tmp_path_factory):
                     "space.initializer=choice(zeros, kaiming_normal, xavier_normal)",
                     "space.activation=choice(relu, tanh)",
                     "space.normalization=choice(none, group)",
+                ),
+            ]
+        )
+        == 0
+    )
+    # A gelu net with biases of std 0.2 (sigma_b^2 = 0.04) over scale x depth: its own computed
+    # critical scale, and the trainable-region figure.
+    assert (
+        main(
+            [
+                "run",
+                *_args(
+                    root,
+                    "gelu",
+                    "study.sampler=grid",
+                    "study.n_trials=null",
+                    "train.epochs=1",
+                    "activation=gelu",
+                    "initializer=lecun_normal",
+                    "initializer.bias=normal",
+                    "initializer.bias_value=0.2",
+                    "space=empty",
+                    "space.scale=choice(0.5, 1.5, 3.0)",
+                    "space.model.depth=choice(2, 4)",
                 ),
             ]
         )
@@ -167,13 +194,41 @@ def test_report_for_an_unknown_study_exits_2_listing_the_studies(studies, capsys
     )
     lines = capsys.readouterr().err.splitlines()
     assert code == 2 and len(lines) == 1
-    assert lines[0].startswith("error: unknown study 'nope'") and "allfail, mix" in lines[0]
+    assert lines[0].startswith("error: unknown study 'nope'") and "allfail, gelu, mix" in lines[0]
 
 
 def test_report_without_a_store_exits_2_and_creates_none(tmp_path, capsys):
     code = main(["report", "demo", f"tracking.uri=sqlite:///{tmp_path}/none.db"])
     assert code == 2 and "no MLflow store" in capsys.readouterr().err
     assert not (tmp_path / "none.db").exists()
+
+
+def test_a_gelu_study_with_biases_gets_its_own_computed_critical_scale(studies):
+    from pipeline.config import ActivationConfig
+    from pipeline.engine import theory
+    from pipeline.record.readback import study_runs
+    from pipeline.report.build import load_runs
+
+    uri = f"sqlite:///{studies}/mlflow.db"
+    parent, children = study_runs(uri, "gelu")
+    runs = load_runs(uri, children, ["scale", "model.depth"])
+    assert {r.axes["model.depth"] for r in runs} == {2, 4} and all("theory_chi1" in r.at_init for r in runs)
+    sigma_b2 = statistics.median(r.at_init["theory_sigma_b2"] for r in runs)
+    assert 0.02 < sigma_b2 < 0.07  # biases of std 0.2, never scaled
+    found = plots.critical_scales(runs)
+    assert list(found) == [("lecun_normal", "gelu")]
+    # lecun_normal: sigma_w^2 = scale^2, so the critical scale is the root of the critical sigma_w^2
+    expected = math.sqrt(theory.critical_sigma_w2(ActivationConfig(name="gelu"), sigma_b2))
+    assert found["lecun_normal", "gelu"] == pytest.approx(expected, rel=0.05)
+    assert found["lecun_normal", "gelu"] > 1.45  # neither tanh's 1 nor ReLU's 1.414 (2.3 at 0.05)
+    fig = plots.plot_accuracy_vs_scale(runs, predicted=found)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    plots.plt.close(fig)
+    assert f"gelu: predicted critical {found['lecun_normal', 'gelu']:.3g} (mean field)" in labels
+    page = _html(studies, "gelu")
+    assert "Figure skipped" not in page and "drawing this figure failed" not in page
+    for title in ("Trainable region: depth × σ_w²", "Mean-field prediction against measurement"):
+        assert re.search(rf"<img alt='{re.escape(title)}'[^>]*src='data:image/png;base64,", page), title
 
 
 # ---- the figure functions on hand-made data ----------------------------------------------------
@@ -278,36 +333,117 @@ def test_optuna_figures_handle_too_few_trials(tmp_path):
     plots.plt.close(fig)
 
 
-def test_scale_figure_marks_predicted_critical_scales_beside_the_measured_best():
-    runs = [
-        _run(
-            i,
-            act=act,
-            axes={
-                "initializer": "lecun_normal",
-                "scale": scale,
-                "activation": act,
-                "normalization": "none",
-                "batch_size": 64,
-            },
-            final_accuracy=acc,
-        )
-        for i, (act, scale, acc) in enumerate(
-            [
-                ("tanh", 0.5, 0.1),
-                ("tanh", 1.0, 0.9),
-                ("tanh", 2.0, 0.6),
-                ("relu", 1.0, 0.2),
-                ("relu", 1.414, 0.8),
-                ("relu", 2.0, 0.3),
-            ]
-        )
-    ]
+def _scale_run(trial: int, act: str, scale: float, acc: float, init: str = "lecun_normal", **at_init) -> plots.TrialRun:
+    axes = {"initializer": init, "scale": scale, "activation": act, "normalization": "none", "batch_size": 64}
+    return _run(trial, init, act, axes=axes, final_accuracy=acc, at_init=at_init)
+
+
+EDGE_OF_CHAOS = [
+    ("tanh", 0.5, 0.1),
+    ("tanh", 1.0, 0.9),
+    ("tanh", 2.0, 0.6),
+    ("relu", 1.0, 0.2),
+    ("relu", 1.414, 0.8),
+    ("relu", 2.0, 0.3),
+]
+
+
+def test_scale_figure_marks_reference_scales_beside_the_measured_best():
+    runs = [_scale_run(i, *point) for i, point in enumerate(EDGE_OF_CHAOS)]
     fig = plots.plot_accuracy_vs_scale(runs, references={"tanh": 1.0, "relu": 1.414})
     labels = fig.axes[0].get_legend_handles_labels()[1]
     plots.plt.close(fig)
-    assert "tanh: predicted critical 1" in labels and "relu: predicted critical 1.414" in labels
-    assert "tanh: measured best 1" in labels and "relu: measured best 1.414" in labels
+    assert "tanh: predicted critical 1 (study.reference_scales)" in labels
+    assert "relu: predicted critical 1.41 (study.reference_scales)" in labels
+    assert "tanh: measured best 1" in labels and "relu: measured best 1.41" in labels
+
+
+def test_scale_figure_computes_each_initializers_critical_scale_from_the_runs_predictions():
+    # sigma_w^2 per unit scale: 1 for LeCun, 2 for He with ReLU; critical sigma_w^2: tanh 1, ReLU 2
+    critical = {"tanh": 1.0, "relu": 2.0}
+    runs = [
+        _scale_run(i, act, scale, acc, theory_sigma_w2=scale**2 * 1.01, theory_critical_sigma_w2=critical[act])
+        for i, (act, scale, acc) in enumerate(EDGE_OF_CHAOS)
+    ]
+    runs += [
+        _scale_run(10 + i, "relu", s, 0.5, "kaiming_normal", theory_sigma_w2=2 * s**2, theory_critical_sigma_w2=2.0)
+        for i, s in enumerate((0.5, 1.0, 2.0))
+    ]
+    runs.append(_scale_run(20, "relu", 1.0, 0.5, "kaiming_normal", theory_sigma_w2=2.0))  # no critical point
+    found = plots.critical_scales(runs)
+    assert found == pytest.approx(
+        {
+            ("lecun_normal", "tanh"): 1 / 1.01**0.5,
+            ("lecun_normal", "relu"): (2 / 1.01) ** 0.5,
+            ("kaiming_normal", "relu"): 1.0,
+        }
+    )
+    fig = plots.plot_accuracy_vs_scale(runs, references={"tanh": 0.9}, predicted=found)
+    panels = {ax.get_title().split(":")[0]: ax.get_legend_handles_labels()[1] for ax in fig.axes}
+    plots.plt.close(fig)
+    assert set(panels) == {"kaiming_normal", "lecun_normal"}
+    assert "relu: predicted critical 1 (mean field)" in panels["kaiming_normal"]
+    assert "relu: predicted critical 1.41 (mean field)" in panels["lecun_normal"]
+    assert "tanh: predicted critical 0.9 (study.reference_scales)" in panels["lecun_normal"]  # overrides
+
+
+def _theory_run(trial: int, depth: int, sigma_w2: float, accuracy: float, seed: int = 0) -> plots.TrialRun:
+    axes = {"initializer": "lecun_normal", "scale": sigma_w2**0.5, "activation": "tanh", "model.depth": depth}
+    at_init = {
+        "theory_sigma_w2": sigma_w2 * (1 + 0.002 * seed),
+        "theory_sigma_b2": 0.05,
+        "theory_grad_norm_ratio": sigma_w2 ** (depth / 20),
+        "init_grad_norm_ratio": 1.1 * sigma_w2 ** (depth / 20),
+        "theory_act_std_ratio": 0.5,
+        "init_act_std_ratio": 0.45,
+    }
+    return _run(trial, seed=seed, axes={**_run(0).axes, **axes}, final_accuracy=accuracy, at_init=at_init)
+
+
+def _region_runs(depths=(10, 40)) -> list[plots.TrialRun]:
+    trainable = {(10, 1.0): 0.9, (10, 1.76): 0.95, (10, 3.0): 0.9, (40, 1.0): 0.1, (40, 1.76): 0.9, (40, 3.0): 0.3}
+    return [
+        _theory_run(i, depth, sigma_w2, trainable.get((depth, sigma_w2), 0.5), seed)
+        for i, (depth, sigma_w2, seed) in enumerate(
+            (d, s, seed) for d in depths for s in (1.0, 1.76, 3.0) for seed in (0, 1)
+        )
+    ]
+
+
+def test_trainable_region_draws_the_measured_cells_under_the_computed_6_xi_c_curve():
+    from pipeline.config import ActivationConfig
+    from pipeline.engine import theory
+
+    fig = plots.plot_trainable_region(_region_runs())
+    ax = fig.axes[0]
+    lines = {line.get_label(): line.get_data() for line in ax.get_lines()}
+    cells = sorted(text.get_text() for text in ax.texts)
+    plots.plt.close(fig)
+    x, y = lines["6 ξ_c (mean field)"]
+    tanh = ActivationConfig(name="tanh")
+    for sigma_w2 in (1.2, 2.5):  # ordered and chaotic sides; the curve interpolates between evaluations
+        expected = theory.predict(tanh, sigma_w2, 0.05, depth=1).trainable_depth
+        assert np.interp(sigma_w2, x, y) == pytest.approx(expected, rel=0.02)
+    assert "critical σ_w² = 1.76" in lines
+    assert cells == ["0.10", "0.30", "0.90", "0.90", "0.90", "0.95"]  # a cell per (sigma_w^2, depth): mean of 2 seeds
+
+
+def test_trainable_region_needs_two_depths_and_is_in_the_report_only_then():
+    with pytest.raises(plots.NoFigure, match="two or more depths"):
+        plots.plot_trainable_region(_region_runs(depths=(10,)))
+    names = lambda runs: {spec.name for spec in figure_specs(runs, None, "", "val_accuracy")}  # noqa: E731
+    assert "trainable_region" in names(_region_runs()) and "trainable_region" not in names(_region_runs((10,)))
+
+
+def test_theory_figure_puts_measured_against_predicted_or_says_why_not():
+    with pytest.raises(plots.NoFigure, match="no run has a mean-field prediction"):
+        plots.plot_theory_vs_measured([_run(0), _run(1, "xavier_normal", "tanh")])
+    runs = _region_runs()
+    fig = plots.plot_theory_vs_measured(runs)
+    points = np.concatenate([c.get_offsets() for c in fig.axes[0].collections])
+    plots.plt.close(fig)
+    expected = [(r.at_init["theory_grad_norm_ratio"], r.at_init["init_grad_norm_ratio"]) for r in runs]
+    np.testing.assert_allclose(sorted(map(tuple, points.tolist())), sorted(expected))
 
 
 def _weighable_study() -> optuna.Study:
