@@ -40,14 +40,15 @@ def features(model: nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor
 def jacobians(fn: Callable[[torch.Tensor], torch.Tensor], probe: torch.Tensor) -> torch.Tensor:
     """Each probe sample's Jacobian of ``fn``: (B, *in) -> (B, out, in), outputs and inputs flattened.
 
-    Per sample (``vmap`` over ``jacrev``), so samples never mix: with batch norm they would, and
-    ``isometry_metrics`` refuses it.
+    One backward pass per output over the whole probe: without batch norm (which
+    ``isometry_metrics`` refuses) samples never mix, so output d's gradient at sample b is row d of
+    b's Jacobian. Plain autograd, not ``torch.func``'s vmap of jacrev: that imports torch._dynamo,
+    1.2 CPU-seconds of every worker process's start.
     """
-
-    def one(x: torch.Tensor) -> torch.Tensor:
-        return fn(x.unsqueeze(0)).flatten()
-
-    return torch.func.vmap(torch.func.jacrev(one))(probe).flatten(2)
+    x = probe.detach().clone().requires_grad_(True)
+    out = fn(x).flatten(1)  # (B, out)
+    rows = [torch.autograd.grad(out[:, d].sum(), x, retain_graph=True)[0] for d in range(out.shape[1])]
+    return torch.stack(rows, dim=1).flatten(2)
 
 
 def squared_singular_values(model: nn.Module, probe: torch.Tensor) -> Optional[torch.Tensor]:
@@ -56,8 +57,7 @@ def squared_singular_values(model: nn.Module, probe: torch.Tensor) -> Optional[t
     fn = features(model)
     if fn is None or any(isinstance(m, _BATCH_NORMS) for m in model.modules()):
         return None
-    with torch.no_grad():  # jacrev makes its own graph; no parameter gradients are wanted
-        jac = jacobians(fn, probe)
+    jac = jacobians(fn, probe)  # gradients with respect to the inputs only: no parameter's .grad is touched
     return torch.linalg.svdvals(jac.double()).square()
 
 
