@@ -11,4 +11,6 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
 .venv/bin/python -m pip install -q -e '.[test]'
+# The reference the muP tests compare with; --no-deps: it requires torchvision, whose wheels pin another torch.
+.venv/bin/python -m pip install -q --no-deps mup==1.0.0
 echo "initstudy is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
