@@ -86,3 +86,39 @@ def test_the_device_benchmark_runs_each_sharing_and_batching_mode(tmp_path):
     rows = figures["rows"]
     assert [(r["procs"], r["batch"]) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
     assert all(r["trials"] == 4 and r["tpm"] > 0 for r in rows)
+
+
+def test_the_scale_benchmark_times_ask_and_tell_per_sampler_and_storage(tmp_path):
+    """scripts/bench_scale.py --optuna with tiny counts: a median per count, measured, for every
+    (sampler, storage); the journal of the last count opened again in a fresh process."""
+    out = tmp_path / "scale.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "scripts/bench_scale.py",
+            "--optuna",
+            "--counts",
+            "50,100",
+            "--samplers",
+            "random,grid",
+            "--load-from",
+            "100",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        timeout=240,
+    )
+    figures = json.loads(out.read_text())["optuna"]
+    runs = {(r["sampler"], r["storage"]): r for r in figures["runs"]}
+    assert set(runs) == {(s, t) for s in ("random", "grid") for t in ("journal", "memory")}
+    for run in runs.values():
+        assert run["trials_run"] == 100 and len(run["curve"]) == 4  # a point per 25 trials (half the least count)
+        assert all(at["measured"] and at["ms"] > 0 for at in run["at"].values())
+        assert all(ms > 0 for ms in run["progress_bar_ms"].values())
+    assert runs["grid", "memory"]["axes"] == ["initializer", "scale", "activation", "normalization", "batch_size"] + [
+        "model.depth",
+        "model.width",
+    ]
+    assert figures["journal_load"]["100"]["trials"] == 100
