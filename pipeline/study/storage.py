@@ -73,8 +73,10 @@ def _database_server(spec: str):
             f"study.storage={masked(spec)} needs its database driver ({DRIVERS}): {one_line(err, 200)}"
         ) from err
     except Exception as err:  # SQLAlchemy's OperationalError: refused, timed out, bad credentials
+        # The driver's own error (err.orig) says why; SQLAlchemy's wrapper adds a link to its docs.
+        why = getattr(err, "orig", None) or err
         raise ConfigError(
-            f"study.storage={masked(spec)} cannot be opened within {CONNECT_TIMEOUT_S} s ({one_line(err, 300)})"
+            f"study.storage={masked(spec)} cannot be opened within {CONNECT_TIMEOUT_S} s ({one_line(why, 300)})"
         ) from err
 
 
