@@ -50,7 +50,7 @@ CLIENT_HOST=$HOST
 case "$HOST" in 0.0.0.0|'*'|::) CLIENT_HOST=127.0.0.1 ;; esac
 if [ "$(id -u)" -eq 0 ]; then OS_USER=${POSTGRES_OS_USER:-postgres}; else OS_USER=$(id -un); fi
 
-die() { echo "error: $*" >&2; exit "${2:-1}"; }
+die() { echo "error: $1" >&2; exit "${2:-1}"; }
 
 # Run a PostgreSQL program as the server's OS user, from / (a private cwd would stop it).
 as_server() {
