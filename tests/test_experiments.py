@@ -283,6 +283,51 @@ def test_delta_orthogonal_cnn_keeps_its_signal_through_32_blocks(plan):
     assert summary["orthogonal"]["act_std_ratio"] < 0.1  # the full orthogonal kernel loses it on 4x4 maps
 
 
+# --- trainable_depth, and the critical scales the report computes (mean-field theory) ---------------
+
+
+def _critical_scales(preps: dict) -> dict:
+    """The report's critical scale per (initializer, activation), from prepared trials' predictions."""
+    from pipeline.report.figures import TrialRun, critical_scales
+
+    axes = {
+        key: {"initializer": p.cfg.initializer.name, "activation": key[0], "scale": key[1]} for key, p in preps.items()
+    }
+    return critical_scales(
+        [TrialRun(0, 0, "COMPLETE", False, axes[key], at_init=p.at_init) for key, p in preps.items()]
+    )
+
+
+def test_edge_of_chaos_critical_scales_are_computed_not_typed(plan):
+    """tanh 1 and ReLU sqrt 2 at sigma_b = 0 come out of each trial's weights; biases of variance
+    0.05 move tanh's to sqrt 1.761 (Schoenholz et al.), and ReLU then has none."""
+    p = plan("edge_of_chaos", "train.probe_size=64")
+    assert not p.cfg.study.reference_scales
+    points = (("tanh", 2.0), ("relu", 0.5))  # any scale: the critical one is read off the weights
+    found = _critical_scales({(act, s): prepared(p, activation=act, scale=s) for act, s in points})
+    assert found["lecun_normal", "tanh"] == pytest.approx(1.0, rel=0.01)
+    assert found["lecun_normal", "relu"] == pytest.approx(math.sqrt(2), rel=0.01)
+    biased = plan("edge_of_chaos", "train.probe_size=64", "initializer.bias=normal", "initializer.bias_value=0.2236")
+    found = _critical_scales({(act, 1.0): prepared(biased, activation=act, scale=1.0) for act in ("tanh", "relu")})
+    assert found == {("lecun_normal", "tanh"): pytest.approx(math.sqrt(1.761), rel=0.03)}
+
+
+def test_trainable_depth_at_40_layers_the_critical_net_trains_the_ordered_one_does_not(plan):
+    """sigma_w^2 = 1.0 has 6 xi_c = 22 < 40 layers: its backprop signal vanishes (ratio ~2e-3, as
+    predicted) and it does not train; the critical net (sigma_w^2 = 1.76) does; the chaotic one
+    (4.0, 6 xi_c = 42) explodes (~3e2) and learns slower."""
+    p = plan("trainable_depth", "train.epochs=3", "train.probe_size=128", "train.threads=1")
+    runs = {s2: trial(p, model__depth=40, scale=scale) for s2, scale in ((1.0, 1.0), (1.76, 1.327), (4.0, 2.0))}
+    for result in runs.values():  # the measured gradient ratio follows the mean-field prediction
+        at_init = result.history[0]
+        assert 0.6 < at_init["init_grad_norm_ratio"] / at_init["theory_grad_norm_ratio"] < 1.6
+    assert runs[1.0].history[0]["theory_trainable_depth"] < 40 < runs[4.0].history[0]["theory_trainable_depth"]
+    assert init(runs[1.0], "grad_norm_ratio") < 1e-2 and init(runs[4.0], "grad_norm_ratio") > 1e2
+    accuracy = {s2: r.final_val_accuracy for s2, r in runs.items()}
+    assert accuracy[1.76] > 0.6 and accuracy[1.0] < 0.25
+    assert accuracy[1.76] > accuracy[4.0] + 0.2  # measured 0.72-0.74 against 0.28-0.31 (seeds 0, 1)
+
+
 # --- symmetry: one whole (tiny) study on a local Ray, last: an idle Ray slows the tests after it ---
 
 

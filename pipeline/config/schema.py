@@ -150,8 +150,8 @@ class StudyConfig:
     retries: int = 1  # re-runs of a trial whose worker process died
     report: bool = True  # build the study report at the end
     trial_plots: bool = False  # each trial's own depth plot (the report plots depth per initializer)
-    # Predicted critical scale per activation (e.g. {tanh: 1.0, relu: 1.414}, the edge of chaos): the
-    # report's accuracy-against-scale figure then groups by activation and marks each beside the best.
+    # Critical scale per activation, an override (e.g. {tanh: 1.0}): the report computes each from the
+    # trials' mean-field predictions (theory_*) and marks it beside the best; a value set here replaces it.
     reference_scales: dict[str, float] = field(default_factory=dict)
     progress: bool = True
     # Trials that share an architecture and batch size (pipeline/engine/batched.py) train together as one

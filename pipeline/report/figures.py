@@ -537,9 +537,12 @@ def plot_theory_vs_measured(runs: list[TrialRun]) -> Figure:
     fig, axes = _new(2, size=(5.0, 4.6))
     for ax, (measured, predicted, what) in zip(axes[0], PREDICTED_RATIOS):
         pairs = [r for r in runs if _positive(r.at_init.get(measured)) and _positive(r.at_init.get(predicted))]
+        groups: dict[tuple, list[TrialRun]] = defaultdict(list)  # one scatter per group: studies of 1000s of runs
         for run in pairs:
-            color, marker = colors[run.axes.get("activation")], markers[run.axes.get("initializer")]
-            ax.scatter(run.at_init[predicted], run.at_init[measured], color=color, marker=marker, s=26, alpha=0.75)
+            groups[run.axes.get("activation"), run.axes.get("initializer")].append(run)
+        for (activation, initializer), group in groups.items():
+            x, y = [r.at_init[predicted] for r in group], [r.at_init[measured] for r in group]
+            ax.scatter(x, y, color=colors[activation], marker=markers[initializer], s=26, alpha=0.75)
         _identity_line(ax, [v for r in pairs for v in (r.at_init[predicted], r.at_init[measured])])
         _label(ax, f"{what}\n(n = {len(pairs)} runs)", f"predicted ({predicted})", f"measured ({measured})", False)
     handles = _theory_legend(runs, colors, markers)
