@@ -13,7 +13,8 @@ the logits and the last hidden layers grow with width.
 
 ``--transfer OUT`` reads the width_transfer study from ``OUT/mlflow.db`` (scripts/run_experiments.sh
 width_transfer) and draws the final training loss and the validation accuracy against the learning
-rate, a curve per width and a panel per parametrization, and prints the table (mean ± std, n).
+rate, a curve per width (a star at its best rate) and a panel per parametrization, and prints the
+table (mean ± std, n).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ RUNS = [
     ("mup", "adam", 0.01, 0.9),
 ]
 LAYERS = ("h1", "h2", "h3", "logits")
+NAMES = {"standard": "standard", "ntk": "NTK", "mup": "muP"}
 
 
 def run_coord_checks(args) -> list[tuple[str, list[dict]]]:
@@ -98,11 +100,13 @@ def print_slopes(results: list[tuple[str, list[dict]]], steps: int) -> None:
 # --- the width_transfer study ------------------------------------------------------------------------
 
 
-def transfer_rows(out_dir: Path) -> dict[tuple[str, int, float], list[dict]]:
-    """(parametrization, width, lr) -> the finished runs' final metrics (a diverged run: inf loss)."""
+def transfer_rows(out_dir: Path) -> tuple[dict[tuple[str, int, float], list[dict]], dict]:
+    """(parametrization, width, lr) -> the finished runs' final metrics (a diverged run: inf loss);
+    and the study's fixed settings (optimizer, base width) for the labels."""
     from pipeline.record.readback import study_runs
 
     _, children = study_runs(f"sqlite:///{out_dir}/mlflow.db", "width_transfer")
+    setting = {"optimizer": children[0].params["optimizer.name"], "base_width": children[0].params["model.base_width"]}
     cells: dict[tuple[str, int, float], list[dict]] = {}
     for run in children:
         if run.status != "FINISHED":
@@ -113,7 +117,7 @@ def transfer_rows(out_dir: Path) -> dict[tuple[str, int, float], list[dict]]:
         if diverged:
             metrics["train_loss"] = math.inf
         cells.setdefault(key, []).append(metrics)
-    return cells
+    return cells, setting
 
 
 def spread(values: list[float]) -> str:
@@ -136,27 +140,39 @@ def print_transfer_table(cells: dict) -> None:
     print()
     print("best lr (lowest mean final train loss) per width:")
     for param in sorted({k[0] for k in cells}):
-        best = {}
-        for (p, width, lr), runs in cells.items():
-            loss = statistics.fmean(r.get("train_loss", math.inf) for r in runs)
-            if p == param and (width not in best or loss < best[width][1]):
-                best[width] = (lr, loss)
-        print(f"  {param}: " + ", ".join(f"width {w}: lr {best[w][0]:g} ({best[w][1]:.3f})" for w in sorted(best)))
+        best = best_rates(cells, param)
+        print(
+            f"  {param}: " + ", ".join(f"width {w}: lr {lr:g} ({loss:.3f})" for w, (lr, loss) in sorted(best.items()))
+        )
 
 
-def plot_transfer(cells: dict, out: Path) -> None:
+def best_rates(cells: dict, param: str) -> dict[int, tuple[float, float]]:
+    """width -> (the lr of lowest mean final training loss, that loss)."""
+    best: dict[int, tuple[float, float]] = {}
+    for (p, width, lr), runs in cells.items():
+        loss = statistics.fmean(r.get("train_loss", math.inf) for r in runs)
+        if p == param and (width not in best or loss < best[width][1]):
+            best[width] = (lr, loss)
+    return best
+
+
+def plot_transfer(cells: dict, setting: dict, out: Path) -> None:
+    """A panel per parametrization and metric, a curve per width; a star at each width's best lr."""
     params = sorted({k[0] for k in cells}, key=lambda p: p != "standard")
     metrics = [("train_loss", "final training loss", "log"), ("final_val_accuracy", "validation accuracy", "linear")]
     fig, axes = plt.subplots(len(metrics), len(params), figsize=(5 * len(params), 3.6 * len(metrics)), sharey="row")
     widths = sorted({k[1] for k in cells})
     colors = plt.cm.viridis([i / max(1, len(widths) - 1) for i in range(len(widths))])
     for col, param in enumerate(params):
+        best = best_rates(cells, param)
         for row, (key, label, yscale) in enumerate(metrics):
             ax = axes[row][col]
             for width, color in zip(widths, colors):
                 _plot_width(ax, cells, param, width, key, color)
-            ax.set(xscale="log", yscale=yscale, xlabel="learning rate (SGD)", ylabel=label)
-            ax.set_title(f"{'muP' if param == 'mup' else param} (base width 64)" if param == "mup" else param)
+                if key == "train_loss":
+                    ax.plot(*best[width], marker="*", markersize=14, color=color, markeredgecolor="black")
+            ax.set(xscale="log", yscale=yscale, xlabel=f"learning rate ({setting['optimizer']})", ylabel=label)
+            ax.set_title(f"{NAMES[param]} (base width {setting['base_width']})" if param == "mup" else NAMES[param])
             ax.grid(alpha=0.3)
         axes[0][col].legend(fontsize=8, title="width")
     fig.tight_layout()
@@ -191,9 +207,9 @@ def main() -> None:
     parser.add_argument("--transfer", type=Path, default=None, help="a run_experiments.sh OUT holding width_transfer")
     args = parser.parse_args()
     if args.transfer is not None:
-        cells = transfer_rows(args.transfer)
+        cells, setting = transfer_rows(args.transfer)
         print_transfer_table(cells)
-        plot_transfer(cells, args.out or ROOT / "docs/img/width_transfer.png")
+        plot_transfer(cells, setting, args.out or ROOT / "docs/img/width_transfer.png")
         return
     results = run_coord_checks(args)
     print_slopes(results, args.steps)

@@ -283,6 +283,23 @@ def test_delta_orthogonal_cnn_keeps_its_signal_through_32_blocks(plan):
     assert summary["orthogonal"]["act_std_ratio"] < 0.1  # the full orthogonal kernel loses it on 4x4 maps
 
 
+# --- width_transfer --------------------------------------------------------------------------------
+
+
+def test_a_rate_tuned_at_width_64_transfers_to_512_under_mup_not_standard(plan):
+    """At lr 0.03, 3x width 64's best, seed 0 (docs/results.md: final training loss 0.16 at width
+    64; at 512, standard 1.2, muP 0.05): widening breaks the standard net, not the muP one."""
+    p = plan("width_transfer")
+
+    def loss(parametrization: str, width: int) -> float:
+        result = trial(p, model__parametrization=parametrization, model__width=width, optimizer__lr=0.03)
+        return math.inf if result.diverged else result.history[-1]["train_loss"]
+
+    base = loss("standard", 64)  # muP at its base width is the same net
+    assert loss("standard", 512) > 3 * base
+    assert loss("mup", 512) < 1.5 * base
+
+
 # --- trainable_depth, and the critical scales the report computes (mean-field theory) ---------------
 
 
