@@ -21,6 +21,7 @@ from pipeline.engine.coord_check import CoordSetup, coord_check, width_slope
 from pipeline.engine.nn.initializers import apply_init
 from pipeline.engine.nn.models import Readout, build_model
 from pipeline.engine.optim import Adam, build_optimizer
+from pipeline.engine.train import prepare_trial, run_trial
 from pipeline.study.grouping import batch_key
 
 IN, CLASSES, DEPTH, BASE = 64, 10, 3, 64
@@ -289,3 +290,16 @@ def test_coordinate_check_is_flat_in_width_under_mup_and_grows_under_standard():
     # At init muP's logits shrink as 1/sqrt(width) (its readout's variance / r); the standard ones do not.
     assert width_slope(mup, "logits", 1) == pytest.approx(-0.5, abs=0.1)
     assert abs(width_slope(standard, "logits", 1)) < 0.1
+
+
+def test_a_trial_carries_its_parametrization_to_the_optimizer(make_config):
+    """Through the trial engine (config, model moved to its device, optimizer): muP at r = 2 steps
+    with SGD's two rates; at r = 1 the trial is the standard one, metric for metric."""
+    prep = prepare_trial(make_config("model.parametrization=mup", "model.base_width=16"))
+    lr = prep.cfg.optimizer.lr
+    groups = build_optimizer(prep.model.parameters(), prep.cfg.optimizer).groups
+    assert {group_lr for _, group_lr, _ in groups} == {lr, 2 * lr}
+    mup, standard = (
+        run_trial(make_config(f"model.parametrization={p}", "model.base_width=32")) for p in ("mup", "standard")
+    )
+    assert mup.history == standard.history
