@@ -31,7 +31,8 @@ while (($#)); do
 done
 if ((${#NAMES[@]} == 0)); then
   NAMES=(symmetry depth_vanishing_exploding activation_matching edge_of_chaos orthogonal_deep_linear
-         normalization_softens batch_size_lr pretrained beyond_textbook trainable_depth width_transfer)
+         normalization_softens batch_size_lr pretrained beyond_textbook trainable_depth width_transfer
+         resnet_init)
 fi
 
 mkdir -p "$OUT"
