@@ -128,7 +128,8 @@ def report_command(args: list[str]) -> int:
     check_study_name(study)
     config = compose(overrides)
     check_reachable(config["tracking"]["uri"])
-    path = build_report(study, config["tracking"]["uri"], config["study"]["output_dir"])
+    study_cfg = config["study"]
+    path = build_report(study, config["tracking"]["uri"], study_cfg["output_dir"], storage=study_cfg["storage"])
     print(f"report: {path} (also logged to the study's MLflow run under report/)")
     return 0
 

@@ -14,6 +14,7 @@ from typing import Optional
 import yaml
 
 from pipeline.config import ConfigError, TrackingConfig, one_line, user_cache_dir
+from pipeline.config.stores import masked_tree
 from pipeline.record import names
 from pipeline.record.runs import local_directory
 from pipeline.record.store import quiet_logs
@@ -32,7 +33,7 @@ def log_trial_artifacts(recorder, config: dict, layer_table: list[dict], model=N
     """
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / names.CONFIG_ARTIFACT).write_text(yaml.dump(config, Dumper=_YAML_DUMPER, sort_keys=False))
+        (root / names.CONFIG_ARTIFACT).write_text(yaml.dump(masked_tree(config), Dumper=_YAML_DUMPER, sort_keys=False))
         if layer_table:
             (root / names.LAYERS_ARTIFACT).parent.mkdir(parents=True, exist_ok=True)
             _write_csv(root / names.LAYERS_ARTIFACT, layer_table)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import AXES
+from pipeline.config.stores import masked
 
 COMMAND = "python -m pipeline"  # how the README and every recorded command spell ours
 
@@ -31,7 +32,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def trial_params(config: dict) -> dict[str, str]:
     """The five axes (group axes by name) plus the flattened config, as MLflow params."""
     trial_part = {k: v for k, v in config.items() if k not in ("study", "cluster", "space")}
-    params = {k: str(v) for k, v in flatten(trial_part).items()}
+    params = {k: masked(str(v)) for k, v in flatten(trial_part).items()}
     for axis in AXES:
         value = config[axis]
         params[axis] = str(value["name"] if isinstance(value, dict) else value)
@@ -60,8 +61,8 @@ def _git_commit() -> str:
 
 
 def command_line() -> str:
-    """This process's command, as a user would type it again."""
-    return " ".join([COMMAND, *sys.argv[1:]])
+    """This process's command, as a user would type it again (any URL's password masked)."""
+    return masked(" ".join([COMMAND, *sys.argv[1:]]))
 
 
 def reproduce_command(run_id: str) -> str:

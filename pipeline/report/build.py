@@ -28,6 +28,7 @@ from typing import Optional
 import matplotlib.pyplot as plt
 
 from pipeline.config import AXES
+from pipeline.config.stores import without_password
 from pipeline.record import names
 from pipeline.record.artifacts import download_artifact
 from pipeline.record.readback import RunRecord, metric_histories, study_runs
@@ -190,7 +191,9 @@ def load_optuna(study: str, storage: Optional[str], output_dir: str):
 
     from pipeline.study.storage import default_storage, open_storage, storage_file
 
-    urls = [u for u in (storage, default_storage(output_dir, study)) if u]
+    # A recorded storage URL has its password masked: reopened without it, the database client
+    # takes it from its own sources (PGPASSFILE, PGPASSWORD).
+    urls = [without_password(u) for u in (storage, default_storage(output_dir, study)) if u]
     reason = f"no Optuna storage found (looked for {', '.join(dict.fromkeys(urls))})"
     for url in dict.fromkeys(urls):
         if storage_file(url) is not None and not storage_file(url).exists():

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Optional
 
 from pipeline.config import ConfigError
+from pipeline.config.stores import masked
 
 LOCK_NAME = "driver.lock"
 
@@ -69,4 +70,4 @@ class StudyLock:
 
 def _holder() -> dict:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
-    return {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "command": " ".join(sys.argv)}
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "command": masked(" ".join(sys.argv))}

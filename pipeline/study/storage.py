@@ -7,12 +7,11 @@ A spec is an RDB URL (``sqlite:///...``, ``postgresql://...``) or the path of a 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Optional
 
-from pipeline.config import ConfigError, one_line
+from pipeline.config import ConfigError, one_line, stores
 from pipeline.record.uris import sqlite_path
 
 JOURNAL_NAME = "optuna.journal"
@@ -82,7 +81,7 @@ def _database_server(spec: str):
 
 def masked(spec: str) -> str:
     """A storage URL with its password replaced by ***, for messages."""
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", spec)
+    return stores.masked(spec)
 
 
 def repair_torn_tail(spec: str) -> int:

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import yaml
 
 from pipeline.config import ConfigError
+from pipeline.config.stores import masked, masked_tree
 from pipeline.record import names
 from pipeline.record.provenance import command_line
 from pipeline.record.runs import Run, find_runs, reopen_run, start_run, tag_run
@@ -65,7 +66,7 @@ class StudyRun:
                 names.REFERENCE_SCALES_TAG: references,
             }
         )
-        parent.log_text(yaml.safe_dump(plan.base_config, sort_keys=False), names.STUDY_CONFIG_ARTIFACT)
+        parent.log_text(yaml.safe_dump(masked_tree(plan.base_config), sort_keys=False), names.STUDY_CONFIG_ARTIFACT)
         return cls(plan, parent)
 
     def payload(self, config: dict, trial, seed_index: int, oracle) -> dict:
@@ -174,7 +175,7 @@ def _study_params(plan: StudyPlan) -> dict[str, str]:
             "study.seed": str(s.seed),
             "study.seeds": str(s.seeds),
             names.OBJECTIVES_PARAM: ",".join(s.objectives),
-            names.STORAGE_PARAM: plan.storage,
+            names.STORAGE_PARAM: masked(plan.storage),  # the report reopens it without the password
         }
     )
     return params

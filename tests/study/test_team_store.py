@@ -99,7 +99,6 @@ def test_a_local_study_records_every_trial_in_the_team_store_and_resumes(stack, 
     common = [
         "study.name=team_local",
         f"study.output_dir={tmp_path}",
-        f"study.storage={postgres['optuna_bare']}",
         f"tracking.uri={stack['tracking']}",
         "study.sampler=random",
         "cluster.num_cpus=2",
@@ -111,9 +110,10 @@ def test_a_local_study_records_every_trial_in_the_team_store_and_resumes(stack, 
         "study.report=false",
         "study.progress=false",
     ]
-    for n_trials in (3, 5):  # the second run resumes the first
+    # The second run resumes the first, given the URL with its password: none may reach the record.
+    for n_trials, storage in ((3, postgres["optuna_bare"]), (5, postgres["optuna"])):
         t0 = time.time()
-        done = _run([*common, f"study.n_trials={n_trials}"], env)
+        done = _run([*common, f"study.n_trials={n_trials}", f"study.storage={storage}"], env)
         print(f"\n[team_local: {n_trials} trials in all, run in {time.time() - t0:.1f} s]")
         assert done.returncode == 0, done.stderr[-3000:]
 
@@ -130,6 +130,17 @@ def test_a_local_study_records_every_trial_in_the_team_store_and_resumes(stack, 
         assert sorted(steps) == list(range(EPOCHS + 1))
     recorded = [value for run in parents + children for value in (*run.data.params.values(), *run.data.tags.values())]
     assert not [value for value in recorded if postgres["password"] in value]
+    config = client.download_artifacts(parents[0].info.run_id, "study_config.yaml", str(tmp_path))
+    assert postgres["password"] not in open(config).read()
+    # The report reopens the storage from the masked param, the password from PGPASSFILE.
+    report = subprocess.run(
+        [sys.executable, "-m", "pipeline", "report", "team_local", f"tracking.uri={stack['tracking']}",
+         f"study.output_dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    page = (tmp_path / "team_local" / "report" / "report.html").read_text()
+    assert "no Optuna storage found" not in page and postgres["password"] not in page
 
 
 @pytest.mark.timeout(400)
