@@ -54,6 +54,7 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLERS = ("random", "qmc", "grid", "tpe")
+GROWING = ("tpe", "grid_stock")  # cost per trial grows with the trials: run under --tpe-budget-s
 STORAGES = ("journal", "memory")
 #: A grid of 108,000 points, so the grid sampler reaches 100k trials without re-visiting: the five
 #: axes (scale as 40 values) x depth 1..10 x three widths.
@@ -70,14 +71,22 @@ TINY_EPOCHS = 3
 # ---------------------------------------------------------------- Optuna: ask + tell per trial
 def sampler_plan(sampler: str, folder: Path):
     """The study plan `pipeline run` would make (its sampler and axes): the default five-axis
-    space, or GRID_SPACE for the grid sampler, which needs discrete axes."""
+    space, or GRID_SPACE for the grid sampler, which needs discrete axes. ``grid_stock``: the
+    grid with Optuna's own GridSampler, whose ``after_trial`` the project overrides."""
     sys.path.insert(0, str(ROOT))
     warnings.filterwarnings("ignore", message="QMCSampler is experimental")
+    import optuna
+
+    from pipeline.study import space
     from pipeline.study.plan import plan_study
 
-    space = GRID_SPACE if sampler == "grid" else []
-    overrides = [f"study.sampler={sampler}", f"study.name=scale-{sampler}", f"study.output_dir={folder}"]
-    return plan_study([*overrides, "study.n_trials=1000000", *space])
+    grid = sampler.startswith("grid")
+    name = "grid" if grid else sampler
+    overrides = [f"study.sampler={name}", f"study.name=scale-{sampler}", f"study.output_dir={folder}"]
+    plan = plan_study([*overrides, "study.n_trials=1000000", *(GRID_SPACE if grid else [])])
+    if sampler == "grid_stock":
+        plan.sampler = optuna.samplers.GridSampler(space.grid(plan.axes), seed=plan.cfg.study.seed)
+    return plan
 
 
 def open_study(plan, storage: str, folder: Path):
@@ -123,7 +132,7 @@ def ask_tell_run(sampler: str, storage: str, counts: list[int], args, folder: Pa
     """Per-trial CPU times of ``max(counts)`` trials (or as many as the CPU budget allows)."""
     plan = sampler_plan(sampler, folder)
     study = open_study(plan, storage, folder)
-    budget = args.tpe_budget_s if sampler == "tpe" else args.budget_s
+    budget = args.tpe_budget_s if sampler in GROWING else args.budget_s
     target, marks = max(counts), set(counts)
     cpu_ns: list[int] = []
     snapshots, progress = {}, {}
@@ -159,12 +168,17 @@ def curve(cpu_ns: list[int], window: int) -> list[tuple[int, float]]:
 
 
 def at_count(run: dict, cpu_ns: list[int], count: int, window: int) -> dict:
-    """The median ms per trial over the ``window`` trials before ``count``: measured if the run got
-    there, else the fitted line's."""
+    """The median ms per trial over the ``window`` trials before ``count``, and the CPU-seconds of
+    all ``count`` trials: measured if the run got there, else from the fitted line."""
     if len(cpu_ns) >= count:
-        return {"ms": statistics.median(cpu_ns[count - window : count]) / 1e6, "measured": True}
+        ms = statistics.median(cpu_ns[count - window : count]) / 1e6
+        return {"ms": ms, "total_s": sum(cpu_ns[:count]) / 1e9, "measured": True}
     intercept, slope = run["fit"]
-    return {"ms": intercept + slope * (count - window / 2), "measured": False}
+    return {
+        "ms": intercept + slope * (count - window / 2),
+        "total_s": total_s(intercept, slope, count),
+        "measured": False,
+    }
 
 
 def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
@@ -255,22 +269,23 @@ def optuna_mode(args) -> dict:
 
 
 def print_run(run: dict, counts: list[int]) -> None:
-    intercept, slope = run["fit"]
     cells = []
     for n in counts:
         at = run["at"][n]
-        cells.append(f"{n}: {at['ms']:.2f} ms" + ("" if at["measured"] else " (extrapolated)"))
-    growth = f"{slope * 1e4:+.2f} ms per 10k trials"
-    extra = ""
-    if run["trials_run"] < max(counts):
-        extra = f"; stopped at {run['trials_run']} trials ({run['cpu_s']:.0f} CPU-s), " + ", ".join(
-            f"{n} trials would take ~{total_s(intercept, slope, n) / 60:.0f} CPU-min" for n in counts
-        )
+        guess = "" if at["measured"] else ", extrapolated"
+        cells.append(f"{n}: {at['ms']:.2f} ms/trial ({duration(at['total_s'])} CPU for all{guess})")
+    stopped = f"; stopped at {run['trials_run']} trials" if run["trials_run"] < max(counts) else ""
     bars = ", ".join(f"{n}: {ms:.2f} ms" for n, ms in run["progress_bar_ms"].items())
     print(
-        f"ask+tell {run['sampler']:>6} on {run['storage']:>7} ({len(run['axes'])} axes): "
-        f"{'; '.join(cells)} ({growth}){extra}; progress bar's re-read {bars}"
+        f"ask+tell {run['sampler']:>6} on {run['storage']:>7} ({len(run['axes'])} axes): {'; '.join(cells)}; "
+        f"{run['fit'][1] * 1e4:+.2f} ms/trial per 10k trials{stopped}; progress bar's re-read {bars}"
     )
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 # ---------------------------------------------------------------- the whole pipeline
@@ -280,6 +295,11 @@ def tiny_study_cmd(folder: Path, name: str, trials: int, extra: list[str]) -> li
     from bench import pipeline_cmd
 
     return pipeline_cmd(folder, name, trials, TINY_EPOCHS, [*TINY_TRIAL, *extra])
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def proc_cpu_s(pid: int) -> Optional[float]:
@@ -410,9 +430,9 @@ def study_run(trials: int, extra: list[str], env: dict, folder: Path, label: str
     if args.attribute:
         cmd = [sys.executable, __file__, "--driver", *cmd[4:]]  # cmd[:4]: python -m pipeline run
         env = {**env, "BENCH_SCALE_LEDGER": str(folder / "ledger.json")}
-    started = time.perf_counter()
+    started, before = time.perf_counter(), children_cpu_s()
     samples = watch_driver(cmd, env, folder / "driver.log", args.py_spy)
-    wall = time.perf_counter() - started
+    wall, all_cpu = time.perf_counter() - started, children_cpu_s() - before
     runs = child_runs(folder / "mlflow.db", name)
     check = integrity(runs, optuna_trials(folder / "studies" / name / "optuna.journal", name), trials)
     out = {
@@ -421,6 +441,8 @@ def study_run(trials: int, extra: list[str], env: dict, folder: Path, label: str
         "wall_s": wall,
         "driver_cpu_s": samples[-1][1],
         "driver_cpu_ms_per_trial_whole": 1000 * samples[-1][1] / trials,
+        # The driver and what it started and reaped (Ray's daemons and workers): the whole study's CPU.
+        "all_processes_cpu_ms_per_trial": 1000 * all_cpu / trials,
         **steady_state(runs, samples),
         **memory(samples, runs),
         "integrity": check,
@@ -437,7 +459,8 @@ def print_study(s: dict) -> None:
     print(
         f"{s['mode']} study of {s['trials']} tiny trials: {s['wall_s']:.0f} s; steady state {s['trials_per_s']:.1f} trials/s, "
         f"driver {s['driver_cpu_ms_per_trial']:.1f} CPU-ms per trial ({s['driver_cpu_ms_per_trial_whole']:.1f} over the "
-        f"whole command, {s['driver_cpu_s']:.0f} CPU-s); driver RSS {s['rss_at_first_trial_mb']:.0f} MB at the first trial, "
+        f"whole command, {s['driver_cpu_s']:.0f} CPU-s; the study's processes together "
+        f"{s['all_processes_cpu_ms_per_trial']:.0f} CPU-ms per trial); driver RSS {s['rss_at_first_trial_mb']:.0f} MB at the first trial, "
         f"max {s['rss_max_mb']:.0f} MB, growth {s['growth_mb']:.0f} MB; integrity {'ok' if c['ok'] else 'FAILED'} "
         f"({c['child_runs']} child runs, {c['optuna_trials']} Optuna trials {c['optuna_states']}, {c['running']} RUNNING, "
         f"{c['short_curves']} with fewer than {TINY_EPOCHS} val_accuracy points)"
@@ -605,6 +628,7 @@ def ray_cluster(folder: Path, head_port: int, dashboard_port: int):
         yield client
     finally:
         subprocess.run([script, "stop"], env=env, check=False)
+        shutil.rmtree(env["RAY_CLUSTER_TMP"], ignore_errors=True)  # the nodes' session logs
 
 
 def pipeline_mode(trials: int, args, cluster: bool) -> dict:
@@ -648,11 +672,16 @@ def main() -> None:
     ap.add_argument("--pipeline", type=int, default=0, metavar="N", help="a study of N tiny trials on a local Ray")
     ap.add_argument("--cluster", type=int, default=0, metavar="N", help="the same on a two-node Ray cluster")
     ap.add_argument("--counts", type=_counts, default=[1000, 10000, 100000], help="--optuna's trial counts")
-    ap.add_argument("--samplers", type=_names(SAMPLERS), default=list(SAMPLERS))
+    ap.add_argument(
+        "--samplers",
+        type=_names((*SAMPLERS, "grid_stock")),
+        default=list(SAMPLERS),
+        help="grid_stock: Optuna's GridSampler with its own after_trial (not the project's)",
+    )
     ap.add_argument("--storages", type=_names(STORAGES), default=list(STORAGES))
     ap.add_argument("--window", type=int, default=500, help="trials per median (at most half the least count)")
     ap.add_argument("--budget-s", type=float, default=0, help="CPU-seconds per sampler run (0: no limit)")
-    ap.add_argument("--tpe-budget-s", type=float, default=240, help="CPU-seconds for a TPE run")
+    ap.add_argument("--tpe-budget-s", type=float, default=240, help="CPU-seconds for a tpe or grid_stock run")
     ap.add_argument("--load-from", type=int, default=10000, help="time opening the journal at counts from this on")
     ap.add_argument("--load-sampler", default="random", help="whose journals to time opening")
     ap.add_argument("--set", action="append", default=[], help="an extra override of the study (repeatable)")
