@@ -434,6 +434,7 @@ def run_cli(tmp_path: Path, mirror_url: str, data_dir: Path, md5s: dict, *args: 
     )
 
 
+@pytest.mark.slow  # three runs of the real CLI, ~30 s: in CI's slow suite
 def test_a_resnet_trial_downloads_cifar10_once_then_offline_fails_in_one_line_with_no_run(mirror, tmp_path):
     served, _ = fake_cifar10()
     mirror.files |= served
