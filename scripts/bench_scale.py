@@ -239,10 +239,19 @@ def load_journal_here(path: str) -> None:
         "trials": trials,
         "cpu_s": time.process_time() - cpu,
         "wall_s": time.perf_counter() - wall,
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "max_rss_mb": peak_rss_mb(),
         "bytes": os.path.getsize(path),
     }
     print(json.dumps(figures))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM; getrusage's ru_maxrss would count the
+    forked parent's too)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def optuna_mode(args) -> dict:
