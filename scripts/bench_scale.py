@@ -330,12 +330,26 @@ def proc_rss_mb(pid: int) -> Optional[float]:
     return None
 
 
+def writer_pids(driver: int) -> list[int]:
+    """The driver's MLflow writer processes (pipeline/record/writers.py)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if parent == driver and b"pipeline.record.writers" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 def watch_driver(
     cmd: list[str], env: dict, log: Path, py_spy: Optional[str] = None, every_s: float = 0.25
-) -> list[tuple[float, float, float]]:
-    """Run the study command; sample its (epoch ms, CPU s, RSS MB) until it exits. With ``py_spy``
-    (py-spy's path), also profile it into ``<log>.pyspy`` (raw stacks; without pausing it)."""
-    samples = []
+) -> tuple[list[tuple[float, float, float]], list[tuple[float, float, float]]]:
+    """Run the study command; sample its (epoch ms, CPU s, RSS MB) and its writers' (epoch ms,
+    CPU s, 0) until it exits. With ``py_spy`` (py-spy's path), also profile it into
+    ``<log>.pyspy`` (raw stacks; without pausing it)."""
+    samples, writer_samples, writers = [], [], []
     with log.open("w") as sink:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
         if py_spy:
@@ -343,12 +357,14 @@ def watch_driver(
             subprocess.Popen(profile, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while proc.poll() is None:
             cpu, rss = proc_cpu_s(proc.pid), proc_rss_mb(proc.pid)
+            writers = writers or writer_pids(proc.pid)
             if cpu is not None and rss is not None:
                 samples.append((time.time() * 1000, cpu, rss))
+                writer_samples.append((samples[-1][0], sum(proc_cpu_s(w) or 0.0 for w in writers), 0.0))
             time.sleep(every_s)
     if proc.returncode:
         raise SystemExit(f"the study failed (rc {proc.returncode}); its output: {log}\n{log.read_text()[-3000:]}")
-    return samples
+    return samples, writer_samples
 
 
 def child_runs(db: Path, name: str) -> list[dict]:
@@ -403,13 +419,19 @@ def integrity(runs: list[dict], trials: dict, n: int) -> dict:
     return ok
 
 
-def steady_state(runs: list[dict], samples: list[tuple[float, float, float]]) -> dict:
-    """Trials/s and the driver's CPU per trial between the 10% and the 90% quantile of the trials' ends."""
+def steady_state(runs: list[dict], samples: list[tuple[float, float, float]], writer_samples: list) -> dict:
+    """Trials/s, and the driver's and its writers' CPU per trial, between the 10% and the 90%
+    quantile of the trials' ends."""
     ends = sorted(r["end_ms"] for r in runs)
     lo, hi = ends[len(ends) // 10], ends[(len(ends) * 9) // 10]
     trials = sum(lo < e <= hi for e in ends)
     cpu = interpolate(samples, hi) - interpolate(samples, lo)
-    return {"trials_per_s": trials / ((hi - lo) / 1000), "driver_cpu_ms_per_trial": 1000 * cpu / trials}
+    writers = interpolate(writer_samples, hi) - interpolate(writer_samples, lo)
+    return {
+        "trials_per_s": trials / ((hi - lo) / 1000),
+        "driver_cpu_ms_per_trial": 1000 * cpu / trials,
+        "writer_cpu_ms_per_trial": 1000 * writers / trials,
+    }
 
 
 def interpolate(samples: list[tuple[float, float, float]], at_ms: float) -> float:
@@ -440,7 +462,7 @@ def study_run(trials: int, extra: list[str], env: dict, folder: Path, label: str
         cmd = [sys.executable, __file__, "--driver", *cmd[4:]]  # cmd[:4]: python -m pipeline run
         env = {**env, "BENCH_SCALE_LEDGER": str(folder / "ledger.json")}
     started, before = time.perf_counter(), children_cpu_s()
-    samples = watch_driver(cmd, env, folder / "driver.log", args.py_spy)
+    samples, writer_samples = watch_driver(cmd, env, folder / "driver.log", args.py_spy)
     wall, all_cpu = time.perf_counter() - started, children_cpu_s() - before
     runs = child_runs(folder / "mlflow.db", name)
     check = integrity(runs, optuna_trials(folder / "studies" / name / "optuna.journal", name), trials)
@@ -452,7 +474,7 @@ def study_run(trials: int, extra: list[str], env: dict, folder: Path, label: str
         "driver_cpu_ms_per_trial_whole": 1000 * samples[-1][1] / trials,
         # The driver and what it started and reaped (Ray's daemons and workers): the whole study's CPU.
         "all_processes_cpu_ms_per_trial": 1000 * all_cpu / trials,
-        **steady_state(runs, samples),
+        **steady_state(runs, samples, writer_samples),
         **memory(samples, runs),
         "integrity": check,
         "folder": str(folder),
@@ -468,7 +490,8 @@ def print_study(s: dict) -> None:
     print(
         f"{s['mode']} study of {s['trials']} tiny trials: {s['wall_s']:.0f} s; steady state {s['trials_per_s']:.1f} trials/s, "
         f"driver {s['driver_cpu_ms_per_trial']:.1f} CPU-ms per trial ({s['driver_cpu_ms_per_trial_whole']:.1f} over the "
-        f"whole command, {s['driver_cpu_s']:.0f} CPU-s; the study's processes together "
+        f"whole command, {s['driver_cpu_s']:.0f} CPU-s), writers {s['writer_cpu_ms_per_trial']:.1f} CPU-ms per trial "
+        f"(the study's processes together "
         f"{s['all_processes_cpu_ms_per_trial']:.0f} CPU-ms per trial); driver RSS {s['rss_at_first_trial_mb']:.0f} MB at the first trial, "
         f"max {s['rss_max_mb']:.0f} MB, growth {s['growth_mb']:.0f} MB; integrity {'ok' if c['ok'] else 'FAILED'} "
         f"({c['child_runs']} child runs, {c['optuna_trials']} Optuna trials {c['optuna_states']}, {c['running']} RUNNING, "
@@ -504,7 +527,11 @@ LEDGER_POINTS = [
     ("mlflow: params, metrics, tags (one batch)", "pipeline.record.runs", "Run.flush"),
     ("mlflow: artifact files", "pipeline.record.runs", "Run.log_files"),
     ("mlflow: end run", "pipeline.record.runs", "Run.end"),
-    ("mlflow: tag runs at tell", "pipeline.study.study_run", "StudyRun.trial_ended"),
+    ("mlflow writers: send, poll", "pipeline.record.writers", "Writers.write"),
+    ("mlflow writers: send, poll", "pipeline.record.writers", "Writers.poll"),
+    ("mlflow writers: send, poll", "pipeline.record.writers", "Writers.tag"),
+    ("mlflow writers: send, poll", "pipeline.record.writers", "Writers.forget"),
+    ("mlflow writers: send, poll", "pipeline.record.writers", "Writers.end_open"),
     ("optuna: ask + suggest", "optuna.study", "Study.ask"),
     ("optuna: ask + suggest", "pipeline.study.space", "suggest"),
     ("optuna: tell + user attrs", "optuna.study", "Study.tell"),

@@ -104,6 +104,7 @@ def validate(cfg: Config) -> None:
 
 #: A study's name names its MLflow experiment, its Optuna study and its folder under
 #: ``study.output_dir``: a name, never a path (no ``/``, no ``..``, no leading dot).
+MAX_WRITERS = 16  # study.writers: more would only queue on the store's one write lock
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -167,6 +168,14 @@ def check_numbers(cfg: Config) -> None:
     check_range("optimizer.momentum", cfg.optimizer.momentum, 0, 1, "[0, 1)")
     check_range("optimizer.weight_decay", cfg.optimizer.weight_decay, 0, math.inf, ">= 0")
     check_positive("optimizer.trust_coefficient", cfg.optimizer.trust_coefficient)
+    if cfg.study.writers is not None:
+        check_range(
+            "study.writers",
+            cfg.study.writers,
+            0,
+            MAX_WRITERS + 1,
+            f"[0, {MAX_WRITERS}] (or null: chosen by the study's size)",
+        )
 
 
 def _dotted(cfg: Config, key: str) -> object:

@@ -158,6 +158,10 @@ class StudyConfig:
     # vectorized model, up to trial_batch_max per Ray task; each keeps its own run and Optuna trial.
     trial_batching: bool = True
     trial_batch_max: int = 32
+    # Processes that write the trials' MLflow runs beside the driver (pipeline/record/writers.py);
+    # 0: the driver writes them itself. null: 0 for a study under 100 trials (a writer's start-up
+    # costs more than it saves there), else half the driver's cores, at least 1 and at most 4.
+    writers: Optional[int] = None
 
 
 @dataclass

@@ -114,7 +114,7 @@ def _now_ms() -> int:
 
 
 class Replay:
-    """The driver's side: applies journals to MLflow runs in ``tracking_cfg``'s store."""
+    """The writing side (pipeline/record/writers.py): applies journals to MLflow runs in ``tracking_cfg``'s store."""
 
     def __init__(self, tracking_cfg: TrackingConfig) -> None:
         self.tracking_cfg = tracking_cfg
@@ -152,13 +152,21 @@ class Replay:
         """Those of ``keys`` whose runs are open (their worker died before it ended them)."""
         return [key for key in keys if key in self.runs and not self.runs[key].ended]
 
+    def ended(self, key: str) -> bool:
+        return key in self.runs and self.runs[key].ended
+
     def end_open(self, keys, reason: str) -> list[str]:
-        """End FAILED, with ``reason``, the runs of ``keys`` still open; their MLflow ids."""
-        ended = []
-        for key in self.open_runs(keys):
+        """End FAILED, with ``reason``, the runs of ``keys`` still open; their keys."""
+        ended = self.open_runs(keys)
+        for key in ended:
             self.runs[key].end("FAILED", reason=reason)
-            ended.append(self.runs[key].run_id)
         return ended
+
+    def tag(self, keys, tags: dict[str, str]) -> None:
+        """Set ``tags`` on the runs of ``keys``, ended or not."""
+        for key in keys:
+            if key in self.runs:
+                self.runs[key].set_tags(tags)
 
     def forget(self, keys) -> None:
         """Drop finished journals: a long study's driver must not keep every run's handle."""

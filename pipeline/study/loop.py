@@ -26,6 +26,7 @@ from pipeline.engine.download import ensure_dataset
 from pipeline.record import journal, names
 from pipeline.record.store import open_store
 from pipeline.record.uris import check_reachable, check_writable
+from pipeline.record.writers import Writers
 from pipeline.study import cluster, space
 from pipeline.study import objectives as obj
 from pipeline.study.grouping import batch_key, task_cost
@@ -33,12 +34,13 @@ from pipeline.study.lock import StudyLock
 from pipeline.study.plan import StudyPlan, blind_trials, plan_study
 from pipeline.study.progress import Progress
 from pipeline.study.storage import check_storage, open_storage, repair_torn_tail, unreadable
-from pipeline.study.study_run import StudyRun
+from pipeline.study.study_run import StudyRun, state_tags, untagged_runs
 from pipeline.study.worker import PruneDecider, trial_task, warm_up
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 POLL_S = 0.5
+RECORD_POLL_S = 0.02  # how long the loop waits on Ray while trials wait for their runs' writers
 ABANDON_WAIT_S = 10.0  # how long a stopping study waits for its cancelled tasks' workers to die
 
 
@@ -51,7 +53,7 @@ class _Pending:
     seeds: list[int]
     results: dict[int, dict] = field(default_factory=dict)  # seed index -> worker result
     failures: dict[int, str] = field(default_factory=dict)
-    run_ids: list[str] = field(default_factory=list)  # every MLflow run of the trial (retries included)
+    keys: list[str] = field(default_factory=list)  # every run's journal key (retries included)
 
 
 @dataclass
@@ -111,6 +113,14 @@ def _run_locked(plan: StudyPlan) -> StudyDone:
     setup = ThreadPoolExecutor(max_workers=1)
     mlflow_ready = setup.submit(_open_mlflow_store, plan)
     optuna_ready = setup.submit(_open_optuna_study_and_precompose, plan)
+    writers = Writers(plan.cfg.tracking, plan.writers)  # they import MLflow meanwhile too
+    try:
+        return _run_with_writers(plan, writers, mlflow_ready, optuna_ready)
+    finally:
+        writers.close()
+
+
+def _run_with_writers(plan: StudyPlan, writers: Writers, mlflow_ready, optuna_ready) -> StudyDone:
     with cluster.session(plan.cfg.cluster) as resources:
         slots = cluster.concurrency(plan.cfg.cluster, resources)
         # Workers import torch while the driver opens its stores and asks for the first trials.
@@ -121,8 +131,9 @@ def _run_locked(plan: StudyPlan) -> StudyDone:
         _recover_interrupted(study, record)
         loop = None
         try:
-            loop = _Loop(plan, study, record, slots)
+            loop = _Loop(plan, study, record, slots, writers)
             loop.run()
+            writers.sync()  # the runs' last tags are in the store before the summary reads it
             return _done(plan, record, record.finish(study, plan))
         except BaseException as err:
             if loop is not None:
@@ -197,7 +208,7 @@ def _recover_interrupted(study: optuna.Study, record: StudyRun) -> None:
         handle.set_user_attr("failure_reason", "the driver stopped mid-trial")
         frozen = study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         study.enqueue_trial(trial.params, skip_if_exists=False)
-        record.trial_ended(frozen, {})
+        record.trial_ended(frozen)
     record.close_stale_runs(reason="the driver stopped mid-trial")
 
 
@@ -212,8 +223,10 @@ class _Loop:
 
     Asked trials wait in the driver's queue as tasks, costliest first, and a task goes to Ray only
     when a slot is free (Ray would not keep their order). Tasks stream their runs' journals back
-    as they train, and the driver writes them to MLflow (pipeline/record/journal.py): it owns every run,
-    ends those of a dead worker, and sends the task again (``study.retries`` times).
+    as they train; the driver hands them to its MLflow writers (pipeline/record/writers.py), ends the
+    runs of a dead worker, and sends its task again (``study.retries`` times). A trial whose seeds
+    are all back waits in ``recording`` until the writers report its runs ended in the store; then
+    Optuna is told (so Optuna never counts a trial that MLflow lacks).
 
     Each Ray task trains one or more (trial, seed) members: with ``study.trial_batching``, members
     whose configs share a ``batch_key`` go together (pipeline/engine/batched.py). While the sampler draws
@@ -223,11 +236,12 @@ class _Loop:
     trial per free slot, as without batching, and only its seeds train together.
     """
 
-    def __init__(self, plan: StudyPlan, study: optuna.Study, record: StudyRun, slots: int) -> None:
-        self.plan, self.study, self.record, self.slots = plan, study, record, slots
+    def __init__(self, plan: StudyPlan, study: optuna.Study, record: StudyRun, slots: int, writers: Writers) -> None:
+        self.plan, self.study, self.record, self.slots, self.writers = plan, study, record, slots, writers
         self.pending: dict[Any, _Task] = {}  # Ray stream -> its task
         self.queued: list[list[tuple]] = []  # asked, grouped, not yet sent: costliest first
         self.in_flight: dict[int, _Pending] = {}  # Optuna trial number -> trial
+        self.recording: list[_Pending] = []  # every seed back; waiting for the writers to end its runs
         counted = counted_trials(study)
         self.asked = len(study.get_trials(deepcopy=False))  # every trial so far, any state
         self.done = len(counted)
@@ -238,22 +252,31 @@ class _Loop:
         )
         self.progress = Progress(self.done, plan.n_trials, enabled=plan.cfg.study.progress)
         self.batch_max = plan.cfg.study.trial_batch_max if plan.cfg.study.trial_batching else 1
-        self.replay = journal.Replay(plan.cfg.tracking)
+        # Trials whose runs the writers have yet to end: past this many, the driver asks for no
+        # more (the writers fall behind the workers: dispatching more would only queue records).
+        self.recording_max = max(64, 4 * slots * self.batch_max)
 
     def run(self) -> None:
-        while self._wanted() > 0 or self.pending or self.queued:
+        while self._wanted() > 0 or self.pending or self.queued or self.recording:
             self._refill()
             self._send()
             if self.pending:
-                ready = cluster.wait(list(self.pending), POLL_S)[0]
-                items = [(self.pending[stream], *cluster.next_item(stream)) for stream in ready]
-                for stream, (_task, item, _, _) in zip(ready, items):
-                    if item is None or "outcomes" in item:
-                        del self.pending[stream]
-                self._send()  # the freed workers start their next task before the driver writes the record
-                for task, item, reason, died in items:
-                    self._receive(task, item, reason, died)
+                self._take_streams(RECORD_POLL_S if self.recording else POLL_S)
+                self.writers.poll()
+            else:
+                self.writers.poll(POLL_S)
+            self._tell_recorded()
         self.progress.close()
+
+    def _take_streams(self, timeout_s: float) -> None:
+        ready = cluster.wait(list(self.pending), timeout_s)[0]
+        items = [(self.pending[stream], *cluster.next_item(stream)) for stream in ready]
+        for stream, (_task, item, _, _) in zip(ready, items):
+            if item is None or "outcomes" in item:
+                del self.pending[stream]
+        self._send()  # the freed workers start their next task before the driver handles the record
+        for task, item, reason, died in items:
+            self._receive(task, item, reason, died)
 
     def abandon(self, reason: str) -> None:
         """Stop the tasks in flight and end their runs FAILED: a stopped study leaves none RUNNING.
@@ -264,8 +287,10 @@ class _Loop:
         streams = list(self.pending)
         cluster.cancel(streams)
         cluster.settle(streams, ABANDON_WAIT_S)
-        for task in self.pending.values():
-            self.replay.end_open(task.keys, reason)
+        with contextlib.suppress(Exception):  # a writer that failed: the store is swept below all the same
+            for task in self.pending.values():
+                self.writers.end_open(task.keys, reason)
+            self.writers.sync()
         self.pending.clear()
         self.record.close_stale_runs(reason=reason)
 
@@ -291,7 +316,7 @@ class _Loop:
         any other is asked for one trial per free slot, when a slot frees, so that it has seen
         every finished trial (during TPE's blind start-up, for up to ``trial_batch_max`` per slot).
         """
-        if self._wanted() <= 0:
+        if self._wanted() <= 0 or len(self.recording) >= self.recording_max:
             return
         free = self.slots - len(self.pending)
         if self._asks_ahead():
@@ -350,8 +375,7 @@ class _Loop:
             if "outcomes" in item:
                 self._task_done(task, item["outcomes"])
         elif died and task.attempt < self.plan.cfg.study.retries:
-            self.replay.end_open(task.keys, f"{reason}; the trial was retried")
-            self.replay.forget(task.keys)
+            self.writers.end_open(task.keys, f"{reason}; the trial was retried")
             self._submit(_Task(task.members, task.payloads, task.attempt + 1))
         else:
             self._task_failed(task, reason or "the task ended without a result")
@@ -359,23 +383,19 @@ class _Loop:
     def _write_journals(self, task: _Task, journals: list[tuple[str, list]]) -> None:
         for key, ops in journals:
             tags = journal.opening_tags(ops)
-            self.replay.apply(key, ops)
+            self.writers.write(key, ops)
             if tags is not None:  # a new run: one of the task's members
                 task.keys.append(key)
-                self.in_flight[int(tags[names.OPTUNA_TRIAL_TAG])].run_ids.append(self.replay.run_id(key))
+                self.in_flight[int(tags[names.OPTUNA_TRIAL_TAG])].keys.append(key)
 
     def _task_done(self, task: _Task, outcomes: list[dict]) -> None:
         for (pending, index), value in zip(task.members, outcomes):
-            if "run_key" in value:
-                value = {**value, "run_id": self.replay.run_id(value.pop("run_key"))}
             self._member_done(pending, index, value)
-        self.replay.forget(task.keys)
 
     def _task_failed(self, task: _Task, reason: str) -> None:
-        self.replay.end_open(task.keys, reason)
+        self.writers.end_open(task.keys, reason)
         for pending, index in task.members:
             self._member_done(pending, index, {"error": reason})
-        self.replay.forget(task.keys)
 
     def _member_done(self, pending: _Pending, index: int, value: dict) -> None:
         if "error" in value:
@@ -383,17 +403,27 @@ class _Loop:
         else:
             pending.results[index] = value
         if len(pending.results) + len(pending.failures) == len(pending.seeds):
+            self.recording.append(pending)
+
+    def _tell_recorded(self) -> None:
+        """Tell Optuna the trials whose runs have all ended in the store."""
+        recorded = [pending for pending in self.recording if self.writers.ended.issuperset(pending.keys)]
+        for pending in recorded:
+            self.recording.remove(pending)
             self._tell(pending)
 
     def _tell(self, pending: _Pending) -> None:
         del self.in_flight[pending.trial.number]
+        for result in pending.results.values():
+            result["run_id"] = self.writers.run_ids[result["run_key"]]
         state, values, attrs = obj.outcome(
             pending.results, pending.failures, pending.seeds, self.plan.cfg.study.objectives
         )
         for key, val in attrs.items():
             pending.trial.set_user_attr(key, val)
         frozen = self.study.tell(pending.trial, values=values, state=state)
-        self.record.trial_ended(frozen, pending.results, pending.run_ids)
+        self.writers.tag(untagged_runs(frozen, pending.results, pending.keys), state_tags(frozen))
+        self.writers.forget(pending.keys)
         self.done += 1
         running = len({pending.trial.number for task in self.pending.values() for pending, _ in task.members})
         self.progress.update(self.study, running, queued=len(self.in_flight) - running)

@@ -11,6 +11,7 @@ import copy
 import functools
 import itertools
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,14 +26,17 @@ from pipeline.config.composition import (
     differs_only_at,
     group_options,
     is_value_override,
+    resolved_template,
     with_subtrees,
     with_values,
+    with_values_on,
 )
 from pipeline.config.registry import Registry
 from pipeline.study import objectives, space
 from pipeline.study.storage import default_storage
 
 TPE_STARTUP_TRIALS = 10  # TPE draws at random until this many trials have finished (Optuna's default)
+WRITERS_FROM_TRIALS = 100  # smaller studies write their runs in the driver (study.writers=null)
 GROUP_TREES = 64  # composed trees kept: one per combination of group choices
 
 SAMPLERS: Registry[Callable[[StudyPlan], optuna.samplers.BaseSampler]] = Registry("sampler")
@@ -54,6 +58,13 @@ class StudyPlan:
     @property
     def prunes(self) -> bool:
         return self.cfg.study.pruner != "none"
+
+    @property
+    def writers(self) -> int:
+        """Processes that write the MLflow runs (``study.writers``; null: by the study's size)."""
+        if self.cfg.study.writers is not None:
+            return self.cfg.study.writers
+        return 0 if self.n_trials < WRITERS_FROM_TRIALS else min(4, max(1, (os.cpu_count() or 2) // 2))
 
     def seeds(self) -> list[int]:
         return [self.cfg.seed + i for i in range(self.cfg.study.seeds)]
@@ -101,10 +112,18 @@ class StudyPlan:
         groups, values, sampled = _parts(trial_overrides)
         # The trials' sampled values are written into the group tree itself (a deep copy per trial
         # cost ~14 ms): every trial that uses it sets the same keys (``sampled``), so none sees
-        # another's values.
-        config = with_values(self._group_tree(groups, sampled), values, in_place=True)
+        # another's values; and read back into the tree resolved once, where that is the same.
+        tree, template = self._group_tree(groups, sampled), self._template(groups, sampled)
+        if template is None:
+            config = with_values(tree, values, in_place=True)
+        else:
+            config = with_values_on(template, tree, values)
         validate(config_from_dict(config))
         return config
+
+    @functools.lru_cache(maxsize=GROUP_TREES)
+    def _template(self, groups: tuple[str, ...], sampled: frozenset[str]):
+        return resolved_template(self._group_tree(groups, sampled), sampled)
 
     @functools.lru_cache(maxsize=GROUP_TREES)
     def _group_tree(self, groups: tuple[str, ...], sampled: frozenset[str]):

@@ -104,21 +104,11 @@ class StudyRun:
             run.log_params({k: str(v) for k, v in params.items()})
             run.end("FAILED", reason=reason)
 
-    def trial_ended(self, frozen, results: dict[int, dict], run_ids: Optional[list[str]] = None) -> None:
-        """Tag every run of the trial (``run_ids``: all its attempts; None: those the store holds,
-        for a trial a dead driver left) with Optuna's final state, where its worker did not
-        already (a run is tagged with its own result's state as it ends)."""
-        if run_ids is None:
-            tags = {names.STUDY_TAG: self.plan.cfg.study.name, names.OPTUNA_TRIAL_TAG: frozen.number}
-            run_ids = find_runs(self.plan.cfg.tracking, self.plan.cfg.study.name, tags)
-        tagged = {
-            r["run_id"]
-            for r in results.values()
-            if r.get("run_id") and names.optuna_state_of(r["pruned"]) == frozen.state.name
-        }
-        for run_id in run_ids:
-            if run_id not in tagged:
-                tag_run(self.plan.cfg.tracking.uri, run_id, {names.OPTUNA_STATE_TAG: frozen.state.name})
+    def trial_ended(self, frozen) -> None:
+        """Tag every run the store holds of a trial a dead driver left with Optuna's final state."""
+        tags = {names.STUDY_TAG: self.plan.cfg.study.name, names.OPTUNA_TRIAL_TAG: frozen.number}
+        for run_id in find_runs(self.plan.cfg.tracking, self.plan.cfg.study.name, tags):
+            tag_run(self.plan.cfg.tracking.uri, run_id, state_tags(frozen))
 
     def close_stale_runs(self, reason: str) -> None:
         """End the study's trial runs left RUNNING (by a dead driver, or a stopped study) as FAILED, with the reason."""
@@ -148,6 +138,23 @@ class StudyRun:
     def fail(self, err: BaseException) -> None:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         self.parent.end(status, reason=f"{type(err).__name__}: {err}")
+
+
+def state_tags(frozen) -> dict[str, str]:
+    """The tags that give a trial's runs Optuna's final state of the trial."""
+    return {names.OPTUNA_STATE_TAG: frozen.state.name}
+
+
+def untagged_runs(frozen, results: dict[int, dict], keys: list[str]) -> list[str]:
+    """Those of a trial's runs (``keys``: every attempt's journal key) that do not hold Optuna's
+    final state yet: a run is tagged with its own result's state as it ends, which a pruned or
+    failed seed can overrule for the whole trial."""
+    tagged = {
+        r["run_key"]
+        for r in results.values()
+        if r.get("run_key") and names.optuna_state_of(r["pruned"]) == frozen.state.name
+    }
+    return [key for key in keys if key not in tagged]
 
 
 def _warn_if_store_is_local(plan: StudyPlan) -> None:

@@ -123,8 +123,8 @@ def test_runs_a_dead_worker_left_open_are_ended_failed_by_the_driver(store):
     run.log_metrics(0, {"val_accuracy": 0.5}, buffered=True)  # never flushed: the worker died
     replay = _replayed(config, flushes)
     assert replay.open_runs([run.run_id]) == [run.run_id]
-    ended = replay.end_open([run.run_id], "worker died: WorkerCrashedError")
-    record = MlflowClient(store[0].partition("=")[2]).get_run(ended[0])
+    assert replay.end_open([run.run_id], "worker died: WorkerCrashedError") == [run.run_id]
+    record = MlflowClient(store[0].partition("=")[2]).get_run(replay.run_id(run.run_id))
     assert record.info.status == "FAILED" and record.data.tags["failure_reason"] == "worker died: WorkerCrashedError"
     assert replay.end_open([run.run_id], "again") == []
 

@@ -349,36 +349,17 @@ def _cost_config(run) -> dict:
     }
 
 
-def test_trial_ended_writes_the_optuna_state_only_where_a_run_does_not_hold_it_yet(tmp_path, monkeypatch):
+def test_a_trials_runs_are_tagged_again_only_where_their_own_result_disagrees_with_optunas_state():
+    """Each run is tagged with its own result's state as it ends: one write per trial is saved
+    when that is already Optuna's final state; a pruned seed, a retry's dead attempt, overrule it."""
     from types import SimpleNamespace
 
-    from pipeline.record.runs import Run, start_run
-    from pipeline.study.plan import plan_study
-    from pipeline.study.study_run import StudyRun
+    from pipeline.study.study_run import state_tags, untagged_runs
 
-    plan = plan_study(
-        [
-            "study.name=tags",
-            "study.seeds=2",
-            f"study.output_dir={tmp_path}",
-            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-            f"tracking.artifact_root={tmp_path}/artifacts",
-        ]
-    )
-    record = StudyRun.open(plan)
-    # As workers leave them: each run tagged with the state its own result implies.
-    runs = [
-        start_run(plan.cfg.tracking, "tags", record.parent.run_id, tags={"optuna_state": state})
-        for state in ("COMPLETE", "PRUNED")
-    ]
-    results = {0: {"run_id": runs[0].run_id, "pruned": False}, 1: {"run_id": runs[1].run_id, "pruned": True}}
-    writes = []
-    set_tags = Run.set_tags
-    monkeypatch.setattr(
-        Run, "set_tags", lambda self, tags, **kw: (writes.append(self.run_id), set_tags(self, tags, **kw))
-    )
-    run_ids = [r.run_id for r in runs]
-    record.trial_ended(SimpleNamespace(number=0, state=TrialState.PRUNED), results, run_ids)  # seed 1 pruned the trial
-    assert writes == [runs[0].run_id]  # seed 0's run said COMPLETE: corrected; seed 1's already said PRUNED
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    assert [client.get_run(r.run_id).data.tags["optuna_state"] for r in runs] == ["PRUNED", "PRUNED"]
+    results = {0: {"run_key": "seed0", "pruned": False}, 1: {"run_key": "seed1", "pruned": True}}
+    pruned = SimpleNamespace(number=0, state=TrialState.PRUNED)
+    assert untagged_runs(pruned, results, ["seed0", "seed1", "seed1-dead-attempt"]) == ["seed0", "seed1-dead-attempt"]
+    assert state_tags(pruned) == {"optuna_state": "PRUNED"}
+    complete = SimpleNamespace(number=1, state=TrialState.COMPLETE)
+    both = {0: {"run_key": "a", "pruned": False}, 1: {"run_key": "b", "pruned": False}}
+    assert untagged_runs(complete, both, ["a", "b"]) == []

@@ -20,6 +20,8 @@ from pipeline.study.storage import default_storage, open_storage
 
 pytestmark = pytest.mark.timeout(400)
 ROOT = Path(__file__).resolve().parents[2]
+# Writer processes (study.writers) where a fault meets them; the other studies write in the driver.
+WRITERS = "study.writers=2"
 
 
 def study_args(tmp_path, name, *extra):
@@ -70,7 +72,7 @@ def test_killed_worker_is_retried_and_no_run_is_left_running(tmp_path, local_ray
     killed: list[str] = []
     killer = threading.Thread(target=kill_first_running_worker, args=(tmp_path, "wk", killed), daemon=True)
     killer.start()
-    run_study(study_args(tmp_path, "wk", "study.n_trials=3", "train.epochs=600", "study.retries=1"))
+    run_study(study_args(tmp_path, "wk", "study.n_trials=3", "train.epochs=600", "study.retries=1", WRITERS))
     killer.join()
     assert killed, "no worker was killed: the test did not test anything"
     states = [t.state for t in trials(tmp_path, "wk")]
@@ -108,7 +110,7 @@ def test_killed_driver_then_same_command_resumes_without_loss(tmp_path):
         "-m",
         "pipeline",
         "run",
-        *study_args(tmp_path, "dk", "study.n_trials=5", "train.epochs=100"),
+        *study_args(tmp_path, "dk", "study.n_trials=5", "train.epochs=100", WRITERS),
     ]
     driver = subprocess.Popen(
         command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -169,7 +171,7 @@ def test_a_running_trials_curve_reaches_the_store_while_it_trains(tmp_path, loca
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    run_study(study_args(tmp_path, "live", "study.n_trials=1", "train.epochs=1500"))  # ~10 s
+    run_study(study_args(tmp_path, "live", "study.n_trials=1", "train.epochs=1500", WRITERS))  # ~10 s
     watcher.join()
     assert seen, "no curve was seen in the store while its trial ran"
     run_id, points_while_running = seen[0]
