@@ -101,6 +101,8 @@ def other_width_weights(tmp_path) -> Path:
         (["optimizer.weight_decay=-1"], ["optimizer.weight_decay=-1.0", ">= 0"]),
         (["initializer.gain=inf"], ["initializer.gain=inf", "finite"]),
         (["study.name=../x"], ["study.name='../x'", "not a path"]),
+        (["study.writers=-1"], ["study.writers=-1", "[0, 16]"]),
+        (["study.writers=two"], ["study.writers", "two"]),
         (["model.dpeth=3"], ["unknown key 'model.dpeth'", "did you mean model.depth?", "depth, width"]),
     ],
 )
