@@ -11,11 +11,35 @@ import pytest
 
 from pipeline.record.store import PRIVATE_MLFLOW_APIS
 from pipeline.study.cluster import PRIVATE_RAY_APIS
+from pipeline.study.storage import JOURNAL_STORAGE_FIELDS, PRIVATE_OPTUNA_APIS, open_storage, set_user_attrs
+
+PRIVATE_APIS = [*PRIVATE_MLFLOW_APIS, *PRIVATE_RAY_APIS, *PRIVATE_OPTUNA_APIS]
 
 
-@pytest.mark.parametrize("module, attribute", [*PRIVATE_MLFLOW_APIS, *PRIVATE_RAY_APIS], ids=lambda x: str(x))
+@pytest.mark.parametrize("module, attribute", PRIVATE_APIS, ids=lambda x: str(x))
 def test_each_private_api_we_use_still_exists(module, attribute):
-    assert hasattr(importlib.import_module(module), attribute), f"{module}.{attribute} is gone: see where it is used"
+    owner = importlib.import_module(module)
+    for part in attribute.split("."):  # "Class.method": the method of a class of the module
+        assert hasattr(owner, part), f"{module}.{attribute} is gone: see where it is used"
+        owner = getattr(owner, part)
+
+
+def test_a_trials_user_attributes_go_to_the_journal_in_one_append_and_read_back_as_set(tmp_path):
+    path = str(tmp_path / "optuna.journal")
+    study = optuna.create_study(storage=open_storage(path), study_name="attrs")
+    assert all(hasattr(study._storage, field) for field in JOURNAL_STORAGE_FIELDS)  # else: one append each
+    appends = []
+    backend = study._storage._backend
+    append = backend.append_logs
+    backend.append_logs = lambda logs: (appends.append(len(logs)), append(logs))
+    trial = study.ask()
+    attrs = {"seeds": [0, 1], "run_ids": ["a", "b"], "val_accuracy_std": 0.01, "n_seeds": 2}
+    set_user_attrs(trial, attrs)
+    assert appends[-1] == len(attrs) and len(appends) == 2  # the trial's creation, then the attributes at once
+    assert trial.user_attrs == attrs
+    study.tell(trial, 0.5)
+    reread = optuna.load_study(study_name="attrs", storage=open_storage(path)).trials[0]
+    assert reread.user_attrs == attrs and reread.value == 0.5
 
 
 def test_an_asked_trials_storage_id_is_still_trial_id(tmp_path):

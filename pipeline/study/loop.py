@@ -33,7 +33,7 @@ from pipeline.study.grouping import batch_key, task_cost
 from pipeline.study.lock import StudyLock
 from pipeline.study.plan import StudyPlan, blind_trials, plan_study
 from pipeline.study.progress import Progress
-from pipeline.study.storage import check_storage, open_storage, repair_torn_tail, unreadable
+from pipeline.study.storage import check_storage, open_storage, repair_torn_tail, set_user_attrs, unreadable
 from pipeline.study.study_run import StudyRun, state_tags, untagged_runs
 from pipeline.study.worker import PruneDecider, trial_task, warm_up
 
@@ -419,8 +419,7 @@ class _Loop:
         state, values, attrs = obj.outcome(
             pending.results, pending.failures, pending.seeds, self.plan.cfg.study.objectives
         )
-        for key, val in attrs.items():
-            pending.trial.set_user_attr(key, val)
+        set_user_attrs(pending.trial, attrs)
         frozen = self.study.tell(pending.trial, values=values, state=state)
         self.writers.tag(untagged_runs(frozen, pending.results, pending.keys), state_tags(frozen))
         self.writers.forget(pending.keys)

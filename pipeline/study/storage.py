@@ -15,6 +15,13 @@ from pipeline.config import ConfigError, one_line, stores
 from pipeline.record.uris import sqlite_path
 
 JOURNAL_NAME = "optuna.journal"
+#: Optuna's journal storage, written below its public API so that a trial's user attributes cost one
+#: append (lock, write, fsync) rather than one each (``set_user_attrs``); without them, one each.
+PRIVATE_OPTUNA_APIS = (
+    ("optuna.storages.journal._storage", "JournalOperation"),
+    ("optuna.storages.journal._storage", "JournalStorage._sync_with_backend"),
+)
+JOURNAL_STORAGE_FIELDS = ("_backend", "_thread_lock", "_replay_result")  # a JournalStorage's own
 
 
 def default_storage(output_dir: str, study_name: str) -> str:
@@ -49,6 +56,32 @@ def open_storage(spec: str):
     if spec.startswith(DATABASE_SERVERS):
         return _database_server(spec)
     return spec
+
+
+def set_user_attrs(trial, attrs: dict) -> None:
+    """A trial's user attributes, in one append to a journal storage (a study trial sets seven: one
+    append each was ~1.5 ms of the driver's ~7 ms a trial); one by one on any other storage."""
+    storage = trial.storage
+    if not (type(storage).__name__ == "JournalStorage" and all(hasattr(storage, f) for f in JOURNAL_STORAGE_FIELDS)):
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    from optuna.storages.journal._storage import JournalOperation
+
+    worker = storage._replay_result.worker_id
+    logs = [
+        {
+            "op_code": JournalOperation.SET_TRIAL_USER_ATTR,
+            "worker_id": worker,
+            "trial_id": trial._trial_id,
+            "user_attr": {key: value},
+        }
+        for key, value in attrs.items()
+    ]
+    with storage._thread_lock:
+        storage._backend.append_logs(logs)
+        storage._sync_with_backend()
+    trial._cached_frozen_trial.user_attrs.update(attrs)
 
 
 def check_storage(spec: str) -> None:
