@@ -250,7 +250,7 @@ class _Loop:
         self.oracle = (
             cluster.start_oracle(PruneDecider(plan.storage, plan.cfg.study.name, plan.pruner)) if plan.prunes else None
         )
-        self.progress = Progress(self.done, plan.n_trials, enabled=plan.cfg.study.progress)
+        self.progress = Progress(study, self.done, plan.n_trials, enabled=plan.cfg.study.progress)
         self.batch_max = plan.cfg.study.trial_batch_max if plan.cfg.study.trial_batching else 1
         # Trials whose runs the writers have yet to end: past this many, the driver asks for no
         # more (the writers fall behind the workers: dispatching more would only queue records).
@@ -424,15 +424,15 @@ class _Loop:
         self.writers.tag(untagged_runs(frozen, pending.results, pending.keys), state_tags(frozen))
         self.writers.forget(pending.keys)
         self.done += 1
-        running = len({pending.trial.number for task in self.pending.values() for pending, _ in task.members})
-        self.progress.update(self.study, running, queued=len(self.in_flight) - running)
-        self._check_failure_rate(frozen)
-
-    def _check_failure_rate(self, frozen: optuna.trial.FrozenTrial) -> None:
-        study_cfg = self.plan.cfg.study
         if frozen.state == TrialState.FAIL:
             self.failed += 1
             self.last_failure = frozen.user_attrs.get("failure_reason", "?")
+        running = len({pending.trial.number for task in self.pending.values() for pending, _ in task.members})
+        self.progress.update(frozen, running, queued=len(self.in_flight) - running, failed=self.failed)
+        self._check_failure_rate()
+
+    def _check_failure_rate(self) -> None:
+        study_cfg = self.plan.cfg.study
         if self.done >= study_cfg.min_trials_for_failure_rate and self.failed / self.done > study_cfg.max_failure_rate:
             raise StudyFailed(
                 f"{self.failed} of {self.done} trials failed (> study.max_failure_rate={study_cfg.max_failure_rate}); "

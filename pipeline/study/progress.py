@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 
 class Progress:
-    def __init__(self, done: int, total: int, enabled: bool = True) -> None:
+    """Kept up to date from each trial as it ends: re-reading the study per trial would cost the
+    driver time growing with the study (~30 ms a trial at 10^5 trials)."""
+
+    def __init__(self, study, done: int, total: int, enabled: bool = True) -> None:
         from tqdm import tqdm
 
         # Every trial redraws the bar (tqdm's default skips redraws within 0.1 s, and a skipped
@@ -24,19 +29,32 @@ class Progress:
             mininterval=0,
             miniters=1,
         )
+        single = len(study.directions) == 1
+        self.maximize = single and study.direction == StudyDirection.MAXIMIZE
+        self.best: Optional[float] = _best_so_far(study) if enabled and single else None
+        self.single = single
 
-    def update(self, study, running: int, queued: int = 0) -> None:
-        """One more trial done; ``running``: trials training now, ``queued``: asked, waiting for a slot."""
-        if self.bar.disable:  # no bar, no need to read every trial back from the store
+    def update(self, frozen, running: int, queued: int, failed: int) -> None:
+        """``frozen`` has ended; ``running``: trials training now, ``queued``: asked, waiting for a
+        slot; ``failed``: the study's failed trials so far."""
+        if self.bar.disable:
             return
-        trials = study.get_trials(deepcopy=False)
-        failed = sum(t.state == TrialState.FAIL and not t.user_attrs.get("interrupted") for t in trials)
-        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        if self.single and frozen.state == TrialState.COMPLETE:
+            better = max if self.maximize else min
+            self.best = frozen.value if self.best is None else better(self.best, frozen.value)
         postfix = {"running": running, "queued": queued, "failed": failed}
-        if complete and len(study.directions) == 1:
-            postfix["best"] = f"{study.best_value:.4f}"
+        if self.best is not None:
+            postfix["best"] = f"{self.best:.4f}"
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _best_so_far(study) -> Optional[float]:
+    """A resumed study's best value (read once); None before any trial completed."""
+    try:
+        return study.best_value
+    except ValueError:
+        return None

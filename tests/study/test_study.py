@@ -334,9 +334,12 @@ def test_the_progress_bar_tells_running_from_queued_trials(study_args, capsys):
             "study.progress=true",
         )
     )
-    bars = re.findall(r"running=(\d+), queued=(\d+), failed=(\d+)", capsys.readouterr().err)
+    err = capsys.readouterr().err
+    bars = re.findall(r"running=(\d+), queued=(\d+), failed=(\d+)", err)
     assert bars and all(int(running) <= 1 for running, _, _ in bars)  # one slot: one trial trains at a time
     assert any(int(queued) >= 1 for _, queued, _ in bars)  # asked ahead, waiting in the driver
+    bests = [float(b) for b in re.findall(r"best=([0-9.]+)", err)]
+    assert bests == sorted(bests) and bests[-1] == pytest.approx(optuna_study(study_args, "bar").best_value, abs=1e-4)
 
 
 def _cost_config(run) -> dict:
