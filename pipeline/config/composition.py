@@ -178,7 +178,7 @@ def with_values_on(template: dict, tree: Any, overrides: list[str]) -> dict:
     checks) and is read back into a copy of the template; nothing else is resolved again."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
-    config = copy.deepcopy(template)
+    config = plain_copy(template)
     try:
         for key, value in _parsed(overrides):
             OmegaConf.update(tree, key, value, merge=True)
@@ -208,7 +208,19 @@ def _parsed(overrides: list[str]) -> list[tuple[str, Any]]:
             numbers.append((key, int(text) if _INTEGER.fullmatch(text) else float(text)))
         else:
             rest.append(override)
+    if not rest:  # the parser's creation alone costs ~0.8 ms
+        return numbers
     return numbers + [(o.key_or_group, o.value()) for o in OverridesParser.create().parse_overrides(rest)]
+
+
+def plain_copy(tree: Any) -> Any:
+    """A deep copy of a resolved config (dicts, lists and scalars): ``copy.deepcopy``'s work,
+    without its memo and dispatch (a third of its time)."""
+    if isinstance(tree, dict):
+        return {key: plain_copy(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [plain_copy(value) for value in tree]
+    return tree
 
 
 def _strings(tree: Any) -> list[str]:

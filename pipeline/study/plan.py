@@ -26,6 +26,7 @@ from pipeline.config.composition import (
     differs_only_at,
     group_options,
     is_value_override,
+    plain_copy,
     resolved_template,
     with_subtrees,
     with_values,
@@ -71,7 +72,7 @@ class StudyPlan:
 
     def trial_config(self, params: dict, seed: int) -> dict:
         """The resolved config of one trial: the base overrides, then the trial's params, then its seed."""
-        config = copy.deepcopy(self._composed(tuple(space.to_overrides(params))))
+        config = plain_copy(self._composed(tuple(space.to_overrides(params))))
         config["seed"] = seed
         config["tracking"]["layer_plot"] = self.cfg.study.trial_plots
         return config
