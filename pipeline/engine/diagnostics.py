@@ -61,10 +61,13 @@ def _one(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _as_member(capture: dict) -> dict:
     """One model's capture shaped as member 0 of a stack: (1, samples, units), where a conv
-    layer's units are its channels and its samples every (sample, position) pair."""
+    layer's units are its channels. ``act_in`` only feeds ``dead_fraction`` (a max over the
+    samples), so a conv layer's comes already reduced over every (sample, position) pair, as
+    (1, 1, channels): the same maxima without a channels-last copy of the activations."""
     act_in = capture["act_in"]
-    units = act_in.transpose(1, -1).reshape(-1, act_in.shape[1]) if act_in.dim() > 2 else act_in
-    return {"out": capture["out"].unsqueeze(0), "act_in": units.unsqueeze(0)}
+    if act_in.dim() > 2:  # (B, C, *positions) -> (1, C)
+        act_in = act_in.amax(dim=[d for d in range(act_in.dim()) if d != 1]).unsqueeze(0)
+    return {"out": capture["out"].unsqueeze(0), "act_in": act_in.unsqueeze(0)}
 
 
 def probe_recurrent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, saturated: Saturation = None) -> Probe:

@@ -192,13 +192,18 @@ def train_trial(prep: PreparedTrial, report: Optional[Report] = None) -> TrialRe
         metrics = _train_epoch(model, optimizer, splits, cfg, (shuffle, augment), epoch, probe_batch, state)
         pruned = bool(report(epoch, metrics))
 
-    return finish_trial(model, splits, state, pruned, start)
+    # The last epoch measured the model as it is now (unless it diverged): no second validation pass.
+    return finish_trial(model, splits, state, pruned, start, val_acc=state.history[-1].get("val_accuracy"))
 
 
-def finish_trial(model, splits: data.Splits, state: TrainState, pruned: bool, start: float) -> TrialResult:
-    """The trial's result once it stops: final test/validation accuracy of ``model`` as it is now."""
+def finish_trial(
+    model, splits: data.Splits, state: TrainState, pruned: bool, start: float, val_acc: Optional[float] = None
+) -> TrialResult:
+    """The trial's result once it stops: final test/validation accuracy of ``model`` as it is now
+    (``val_acc``: its validation accuracy, if already measured on it as it is now)."""
     _, test_acc = evaluate(model, splits.x_test, splits.y_test)
-    _, val_acc = evaluate(model, splits.x_val, splits.y_val)
+    if val_acc is None:
+        _, val_acc = evaluate(model, splits.x_val, splits.y_val)
     return TrialResult(
         final_accuracy=test_acc,
         final_val_accuracy=val_acc,
