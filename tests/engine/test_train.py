@@ -16,7 +16,7 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.config.catalog import INITIALIZERS, NORMALIZATIONS
 from pipeline.config.composition import compose
-from pipeline.engine.train import prepare_trial, run_trial, train_trial
+from pipeline.engine.train import evaluate, prepare_trial, run_trial, train_trial
 
 
 def test_kaiming_relu_learns_digits_in_a_few_epochs(make_config):
@@ -101,6 +101,17 @@ def test_report_gets_every_epoch_and_can_stop_the_trial(make_config):
     assert {"val_accuracy", "init_act_std_ratio", "init_grad_norm_ratio", "dead_fraction"} <= steps[0][1]
     assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "update_ratio"} <= steps[1][1]
     assert result.pruned and result.epochs_run == 1
+
+
+@pytest.mark.parametrize("overrides", [("normalization=batch",), ("optimizer.lr=1e8", "scale=50")])
+def test_final_val_accuracy_is_the_model_as_it_ends(make_config, overrides):
+    # Taken from the last epoch's measurement when that saw the final model, measured afresh after
+    # a divergence (whose epoch has no validation): either way, the model's own accuracy.
+    prepared = prepare_trial(make_config(*overrides, "train.epochs=2"))
+    result = train_trial(prepared)
+    assert result.final_val_accuracy == evaluate(prepared.model, prepared.splits.x_val, prepared.splits.y_val)[1]
+    if not result.diverged:
+        assert result.final_val_accuracy == result.history[-1]["val_accuracy"]
 
 
 def test_tiny_init_vanishes_with_depth(make_config):
