@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -53,6 +54,19 @@ def test_a_small_workload_runs_through_both_sides_and_reports_its_figures(tmp_pa
     assert workload["workload"] == "W4" and workload["bare_s"] > 0
     for side in ("batched", "unbatched"):
         assert 0 < workload[side]["ratio"] and 0 < workload[side]["to_first_trial_s"] < workload[side]["wall_s"]
+
+
+def test_the_resnet_benchmark_times_each_side_in_alternation_and_counts_the_probes():
+    # 256 images, 1 epoch: two batches a run; what is checked is the bookkeeping, not the speed.
+    threads = torch.get_num_threads()
+    try:
+        out = bench.resnet_bench(256, 1, "cpu", None, repeats=2, threads=1)
+    finally:
+        torch.set_num_threads(threads)  # the trials set the process's, which other tests share
+    assert list(out["seconds"]) == ["engine", "bare", "engine_no_diagnostics"]
+    assert all(len(times) == 2 and min(times) > 0 for times in out["seconds"].values())
+    assert out["probes"] == 2 and out["probe_share"] == 2.0  # epochs 0 and 1, 256 samples each
+    assert out["ratio"] == out["engine"] / out["bare"] > 0
 
 
 def test_the_device_benchmark_runs_each_sharing_and_batching_mode(tmp_path):
