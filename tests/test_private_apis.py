@@ -10,10 +10,18 @@ import optuna
 import pytest
 
 from pipeline.record.store import PRIVATE_MLFLOW_APIS
+from pipeline.record.tables import COLUMNS_READ, MODELS, PRIVATE_MLFLOW_TABLES
 from pipeline.study.cluster import PRIVATE_RAY_APIS
-from pipeline.study.storage import JOURNAL_STORAGE_FIELDS, PRIVATE_OPTUNA_APIS, open_storage, set_user_attrs
+from pipeline.study.storage import (
+    JOURNAL_STORAGE_FIELDS,
+    PRIVATE_OPTUNA_APIS,
+    STUDY_FIELDS,
+    ask_new,
+    open_storage,
+    set_user_attrs,
+)
 
-PRIVATE_APIS = [*PRIVATE_MLFLOW_APIS, *PRIVATE_RAY_APIS, *PRIVATE_OPTUNA_APIS]
+PRIVATE_APIS = [*PRIVATE_MLFLOW_APIS, *PRIVATE_MLFLOW_TABLES, *PRIVATE_RAY_APIS, *PRIVATE_OPTUNA_APIS]
 
 
 @pytest.mark.parametrize("module, attribute", PRIVATE_APIS, ids=lambda x: str(x))
@@ -22,6 +30,13 @@ def test_each_private_api_we_use_still_exists(module, attribute):
     for part in attribute.split("."):  # "Class.method": the method of a class of the module
         assert hasattr(owner, part), f"{module}.{attribute} is gone: see where it is used"
         owner = getattr(owner, part)
+
+
+@pytest.mark.parametrize("model, columns", COLUMNS_READ.items(), ids=lambda x: str(x))
+def test_each_mlflow_column_the_bulk_reads_query_still_exists(model, columns):
+    # pipeline/record/tables.py reads a study's runs straight from MLflow's tables.
+    table = getattr(importlib.import_module(MODELS), model).__table__
+    assert set(columns) <= set(table.columns.keys()), f"{model} lost {set(columns) - set(table.columns.keys())}"
 
 
 def test_a_trials_user_attributes_go_to_the_journal_in_one_append_and_read_back_as_set(tmp_path):
@@ -48,3 +63,18 @@ def test_an_asked_trials_storage_id_is_still_trial_id(tmp_path):
     trial = study.ask()
     assert isinstance(trial._trial_id, int)
     assert optuna.trial.Trial(study, trial._trial_id).number == trial.number
+
+
+def test_asking_for_a_new_trial_makes_the_trial_study_ask_would_without_scanning_the_study(tmp_path):
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "optuna.journal")), study_name="ask")
+    assert all(hasattr(study, field) for field in STUDY_FIELDS)  # else: Study.ask, scan and all
+    first = study.ask()
+    study.tell(first, 0.1)
+    scans = []
+    get_all_trials = study._storage.get_all_trials
+    study._storage.get_all_trials = lambda *a, **kw: (scans.append(kw.get("states")), get_all_trials(*a, **kw))[1]
+    trial = ask_new(study)
+    assert not scans  # no look through every trial for a WAITING one
+    assert trial.number == 1 and trial.suggest_float("scale", 0.1, 10.0, log=True) > 0
+    study.tell(trial, 0.2)
+    assert [(t.number, t.state.name, t.value) for t in study.trials] == [(0, "COMPLETE", 0.1), (1, "COMPLETE", 0.2)]

@@ -33,7 +33,14 @@ from pipeline.study.grouping import batch_key, task_cost
 from pipeline.study.lock import StudyLock
 from pipeline.study.plan import StudyPlan, blind_trials, plan_study
 from pipeline.study.progress import Progress
-from pipeline.study.storage import check_storage, open_storage, repair_torn_tail, set_user_attrs, unreadable
+from pipeline.study.storage import (
+    ask_new,
+    check_storage,
+    open_storage,
+    repair_torn_tail,
+    set_user_attrs,
+    unreadable,
+)
 from pipeline.study.study_run import StudyRun, state_tags, untagged_runs
 from pipeline.study.worker import PruneDecider, trial_task, warm_up
 
@@ -244,6 +251,7 @@ class _Loop:
         self.recording: list[_Pending] = []  # every seed back; waiting for the writers to end its runs
         counted = counted_trials(study)
         self.asked = len(study.get_trials(deepcopy=False))  # every trial so far, any state
+        self.waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))  # enqueued: asked first
         self.done = len(counted)
         self.failed = sum(t.state == TrialState.FAIL for t in counted)  # kept up to date: no re-read per trial
         self.last_failure = "?"
@@ -350,7 +358,8 @@ class _Loop:
 
     def _ask(self) -> list[tuple[_Pending, int, dict]]:
         """A new trial's (trial, seed index, config) members; none if its configuration is invalid."""
-        trial = self.study.ask()
+        trial = self.study.ask() if self.waiting else ask_new(self.study)
+        self.waiting = max(0, self.waiting - 1)
         self.asked += 1
         params = space.suggest(trial, self.plan.axes)
         pending = _Pending(trial, params, self.plan.seeds())

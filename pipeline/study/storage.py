@@ -17,11 +17,14 @@ from pipeline.record.uris import sqlite_path
 JOURNAL_NAME = "optuna.journal"
 #: Optuna's journal storage, written below its public API so that a trial's user attributes cost one
 #: append (lock, write, fsync) rather than one each (``set_user_attrs``); without them, one each.
+#: And a study's own fields, so that asking for a new trial skips Study.ask's scan of every trial
+#: for a WAITING one (``ask_new``); without them, Study.ask.
 PRIVATE_OPTUNA_APIS = (
     ("optuna.storages.journal._storage", "JournalOperation"),
     ("optuna.storages.journal._storage", "JournalStorage._sync_with_backend"),
 )
 JOURNAL_STORAGE_FIELDS = ("_backend", "_thread_lock", "_replay_result")  # a JournalStorage's own
+STUDY_FIELDS = ("_storage", "_study_id", "_thread_local")  # an optuna.Study's own
 
 
 def default_storage(output_dir: str, study_name: str) -> str:
@@ -56,6 +59,21 @@ def open_storage(spec: str):
     if spec.startswith(DATABASE_SERVERS):
         return _database_server(spec)
     return spec
+
+
+def ask_new(study):
+    """``study.ask()`` for a study with no WAITING trial (none enqueued): a new trial.
+
+    Study.ask first looks through every trial of the study for a WAITING one to run, which costs
+    time growing with the study (~10 ms an ask at 10^5 trials, more than the rest of a trial's
+    share of the driver); the driver knows when none is waiting.
+    """
+    import optuna
+
+    if not all(hasattr(study, field) for field in STUDY_FIELDS):
+        return study.ask()
+    study._thread_local.cached_all_trials = None  # as Study.ask: the new trial is not in any cache
+    return optuna.Trial(study, study._storage.create_new_trial(study._study_id))
 
 
 def set_user_attrs(trial, attrs: dict) -> None:
