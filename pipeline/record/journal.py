@@ -1,14 +1,15 @@
-"""A trial's MLflow record written where it trains, and written to the store by the study's driver.
+"""A trial's MLflow record written where it trains, and written to the store beside the study's driver.
 
 A study's workers do not import MLflow (2 CPU-seconds of every worker's start-up, and a store
 that every node would have to reach): they record into ``JournalRun``s, which have the methods of
 ``runs.Run`` that ``pipeline.record.runner`` uses. Each flush hands the operations logged since the
 last one to an ``outbox`` as plain data; the worker streams them back to the driver (a Ray
-generator task, pipeline/study/worker.py), and the driver's ``Replay`` applies them to real runs, with
-the worker's timestamps. The driver is then the only process that writes to the store.
+generator task, pipeline/study/worker.py), and a ``Replay`` on the driver's node applies them to
+real runs, with the worker's timestamps: in the driver's MLflow writer processes
+(pipeline/record/writers.py), or in the driver itself. Workers never write to the store.
 
-A journal's run is known by its ``key`` until the driver has created the MLflow run; the
-``reproduce`` tag, which names the run, is set by the driver when it creates it.
+A journal's run is known by its ``key`` until its writer has created the MLflow run; the
+``reproduce`` tag, which names the run, is set by the writer when it creates it.
 """
 
 from __future__ import annotations
