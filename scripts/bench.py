@@ -604,41 +604,53 @@ def resnet_bench(
         }
         _bare_resnet_loop(prepare_trial(configs[False]), 1)  # warm-up: kernels, allocator, the data cache
         load_before = os.getloadavg()[0]
-        times = _alternated(sides, repeats, torch.cuda.synchronize if device.startswith("cuda") else None)
+        times, cpu = _alternated(sides, repeats, torch.cuda.synchronize if device.startswith("cuda") else None)
     train_cfg = config_from_dict(configs[True]).train
     probes = sum(probe_due(train_cfg, epoch) for epoch in range(epochs + 1))
     out: dict = {name: images * epochs / statistics.median(t) for name, t in times.items()}
     out["ratio"] = out["engine"] / out["bare"]
     out["ratio_no_diagnostics"] = out["engine_no_diagnostics"] / out["bare"]
+    cpu_median = {name: statistics.median(t) for name, t in cpu.items()}
+    out["cpu_ratio"] = cpu_median["bare"] / cpu_median["engine"]
+    out["cpu_ratio_no_diagnostics"] = cpu_median["bare"] / cpu_median["engine_no_diagnostics"]
     out.update(
         images=images, epochs=epochs, device=device, threads=threads or torch.get_num_threads(), repeats=repeats,
-        seconds=times, probes=probes, probe_share=probes * train_cfg.probe_size / (images * epochs),
+        seconds=times, cpu_seconds=cpu, probes=probes, probe_share=probes * train_cfg.probe_size / (images * epochs),
         load_average=(load_before, os.getloadavg()[0]),
     )  # fmt: skip
-    print(
-        f"ResNet-20, CIFAR-10 {images} images x {epochs} epochs on {device} ({out['threads']} threads, "
-        f"median of {repeats}, load average {load_before:.1f} -> {out['load_average'][1]:.1f}): "
-        f"bare loop {out['bare']:.0f} images/s, engine {out['engine']:.0f} images/s with diagnostics "
-        f"(ratio {out['ratio']:.2f}; {probes} probes, {100 * out['probe_share']:.1f}% of the trained samples), "
-        f"{out['engine_no_diagnostics']:.0f} without ({out['ratio_no_diagnostics']:.2f})"
-    )
+    _print_resnet(out)
     return out
 
 
-def _alternated(sides: dict, repeats: int, sync=None) -> dict[str, list[float]]:
-    """Seconds of each side's run, ``repeats`` rounds of every side in turn; ``sync`` (a device's
-    synchronize, or None) before each clock reading."""
-    times: dict[str, list[float]] = {name: [] for name in sides}
+def _print_resnet(out: dict) -> None:
+    print(
+        f"ResNet-20, CIFAR-10 {out['images']} images x {out['epochs']} epochs on {out['device']} "
+        f"({out['threads']} threads, median of {out['repeats']}, load average "
+        f"{out['load_average'][0]:.1f} -> {out['load_average'][1]:.1f}): bare loop {out['bare']:.0f} images/s, "
+        f"engine {out['engine']:.0f} images/s with diagnostics (ratio {out['ratio']:.2f}, in CPU time "
+        f"{out['cpu_ratio']:.2f}; {out['probes']} probes, {100 * out['probe_share']:.1f}% of the trained samples), "
+        f"{out['engine_no_diagnostics']:.0f} without ({out['ratio_no_diagnostics']:.2f}, in CPU time "
+        f"{out['cpu_ratio_no_diagnostics']:.2f})"
+    )
+
+
+def _alternated(sides: dict, repeats: int, sync=None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds of each side's run, ``repeats`` rounds of every side in turn; ``sync``
+    (a device's synchronize, or None) before each clock reading. On a shared machine the CPU
+    seconds (this process's, all its threads) are the steadier: waiting for a core is not in them."""
+    wall: dict[str, list[float]] = {name: [] for name in sides}
+    cpu: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(repeats):
         for name, fn in sides.items():
             if sync:
                 sync()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             if sync:
                 sync()
-            times[name].append(time.perf_counter() - start)
-    return times
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 # ---------------------------------------------------------------- batching conv nets: does it pay?

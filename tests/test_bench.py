@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -64,9 +66,10 @@ def test_the_resnet_benchmark_times_each_side_in_alternation_and_counts_the_prob
     finally:
         torch.set_num_threads(threads)  # the trials set the process's, which other tests share
     assert list(out["seconds"]) == ["engine", "bare", "engine_no_diagnostics"]
-    assert all(len(times) == 2 and min(times) > 0 for times in out["seconds"].values())
+    for clock in ("seconds", "cpu_seconds"):
+        assert all(len(times) == 2 and min(times) > 0 for times in out[clock].values())
     assert out["probes"] == 2 and out["probe_share"] == 2.0  # epochs 0 and 1, 256 samples each
-    assert out["ratio"] == out["engine"] / out["bare"] > 0
+    assert out["ratio"] == out["engine"] / out["bare"] > 0 and out["cpu_ratio"] > 0
 
 
 def test_the_device_benchmark_runs_each_sharing_and_batching_mode(tmp_path):
@@ -136,3 +139,32 @@ def test_the_scale_benchmark_times_ask_and_tell_per_sampler_and_storage(tmp_path
         "model.width",
     ]
     assert figures["journal_load"]["100"]["trials"] == 100
+
+
+def test_the_report_benchmark_grows_a_real_study_and_times_its_report(tmp_path):
+    """scripts/bench_report.py with a 2-trial template run for real, grown to 30 trials: the copies
+    are in both stores (MLflow's trial runs with their curves, Optuna's trials) and the report of
+    all 30 was timed."""
+    out = tmp_path / "report.json"
+    subprocess.run(
+        [sys.executable, "scripts/bench_report.py", "--trials", "30", "--template", "2", "--keep", "--json", str(out)],
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+    )
+    (study,) = json.loads(out.read_text())["studies"]
+    folder = Path(study["folder"])
+    try:
+        assert study["grown_trials"] == 28 and study["report"]["rc"] == 0
+        assert study["report"]["wall_s"] > 0 and study["report"]["cpu_s"] > 0 and study["report"]["peak_rss_mb"] > 100
+        page = (folder / "studies" / "reportbench" / "report" / "report.html").read_text()
+        assert "<p>30 trials, 30 runs" in page and "Figure skipped: no run" not in page
+        con = sqlite3.connect(f"file:{folder / 'mlflow.db'}?mode=ro", uri=True)
+        (curves,) = con.execute(
+            "SELECT COUNT(DISTINCT run_uuid) FROM metrics WHERE key = 'val_accuracy' AND run_uuid IN "
+            "(SELECT run_uuid FROM tags WHERE key = 'initstudy.role' AND value = 'trial')"
+        ).fetchone()
+        con.close()
+        assert curves == 30
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
