@@ -109,6 +109,7 @@ def test_a_local_study_records_every_trial_in_the_team_store_and_resumes(stack, 
         "tracking.log_weights=false",
         "study.report=false",
         "study.progress=false",
+        "study.writers=2",  # the record written by writer processes, through the team's server
     ]
     # The second run resumes the first, given the URL with its password: none may reach the record.
     for n_trials, storage in ((3, postgres["optuna_bare"]), (5, postgres["optuna"])):
