@@ -78,3 +78,29 @@ def test_asking_for_a_new_trial_makes_the_trial_study_ask_would_without_scanning
     assert trial.number == 1 and trial.suggest_float("scale", 0.1, 10.0, log=True) > 0
     study.tell(trial, 0.2)
     assert [(t.number, t.state.name, t.value) for t in study.trials] == [(0, "COMPLETE", 0.1), (1, "COMPLETE", 0.2)]
+
+
+def test_a_trials_suggests_held_go_to_the_journal_in_one_append_and_read_back_as_suggested(tmp_path, monkeypatch):
+    from optuna.storages.journal import JournalFileBackend
+
+    from pipeline.study.storage import held_appends
+
+    path = str(tmp_path / "optuna.journal")
+    study = optuna.create_study(storage=open_storage(path), study_name="held")
+    appends = []
+    append = JournalFileBackend.append_logs  # what reaches the file
+    monkeypatch.setattr(
+        JournalFileBackend, "append_logs", lambda self, logs: (appends.append(len(logs)), append(self, logs))
+    )
+    trial = ask_new(study)
+    with held_appends(study):
+        suggested = {
+            "scale": trial.suggest_float("scale", 0.01, 100.0, log=True),
+            "activation": trial.suggest_categorical("activation", ["relu", "tanh"]),
+            "depth": trial.suggest_int("depth", 1, 8),
+        }
+    assert appends == [1, 3]  # the trial's creation, then its three params at once
+    assert study._storage.get_trial(trial._trial_id).params == suggested  # read back once written
+    study.tell(trial, 0.5)
+    reread = optuna.load_study(study_name="held", storage=open_storage(path)).trials[0]
+    assert reread.params == suggested and reread.value == 0.5

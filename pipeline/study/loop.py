@@ -36,6 +36,7 @@ from pipeline.study.progress import Progress
 from pipeline.study.storage import (
     ask_new,
     check_storage,
+    held_appends,
     open_storage,
     repair_torn_tail,
     set_user_attrs,
@@ -361,7 +362,8 @@ class _Loop:
         trial = self.study.ask() if self.waiting else ask_new(self.study)
         self.waiting = max(0, self.waiting - 1)
         self.asked += 1
-        params = space.suggest(trial, self.plan.axes)
+        with held_appends(self.study):  # a record per suggest, written as one
+            params = space.suggest(trial, self.plan.axes)
         pending = _Pending(trial, params, self.plan.seeds())
         self.in_flight[trial.number] = pending
         try:

@@ -6,8 +6,11 @@ A spec is an RDB URL (``sqlite:///...``, ``postgresql://...``) or the path of a 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -52,10 +55,9 @@ def open_storage(spec: str):
     ``CONNECT_TIMEOUT_S``; a sqlite URL goes to Optuna as it is."""
     if spec.endswith(".journal"):
         from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
 
         Path(spec).parent.mkdir(parents=True, exist_ok=True)  # Optuna makes the file, not its folder
-        return JournalStorage(JournalFileBackend(spec))
+        return JournalStorage(_journal_file()(spec))
     if spec.startswith(DATABASE_SERVERS):
         return _database_server(spec)
     return spec
@@ -74,6 +76,42 @@ def ask_new(study):
         return study.ask()
     study._thread_local.cached_all_trials = None  # as Study.ask: the new trial is not in any cache
     return optuna.Trial(study, study._storage.create_new_trial(study._study_id))
+
+
+@functools.lru_cache(maxsize=1)
+def _journal_file():
+    """Optuna's journal file backend, whose appends can be held and written as one (``held_appends``)."""
+    from optuna.storages.journal import JournalFileBackend
+
+    class JournalFile(JournalFileBackend):
+        held: Optional[list] = None
+
+        def append_logs(self, logs: list) -> None:
+            if self.held is None:
+                super().append_logs(logs)
+            else:
+                self.held.extend(logs)
+
+    return JournalFile
+
+
+@contextlib.contextmanager
+def held_appends(study) -> Iterator[None]:
+    """The journal records written inside, written at its end in one append (one lock, write and
+    fsync: ~0.4 ms each with its read back). For a trial's suggests, which each write a record:
+    until the end, Optuna's copy of the trial lacks the params suggested inside (the suggests'
+    own answers, which the space uses, do not), so nothing inside may read them back."""
+    backend = getattr(getattr(study, "_storage", None), "_backend", None)
+    if not isinstance(backend, _journal_file()) or backend.held is not None:
+        yield
+        return
+    backend.held = []
+    try:
+        yield
+    finally:
+        logs, backend.held = backend.held, None
+        if logs:
+            backend.append_logs(logs)
 
 
 def set_user_attrs(trial, attrs: dict) -> None:
