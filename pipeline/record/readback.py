@@ -1,13 +1,18 @@
-"""Reading recorded studies and runs back, as plain data (the report, reproduce)."""
+"""Reading recorded studies and runs back, as plain data (the report, reproduce).
+
+A study's trial runs are read in bulk: on a database store straight from its tables, only the
+params, tags and metrics asked for (pipeline/record/tables.py: a few queries whatever the number of
+runs); on a server through ``search_runs`` pages. Curves come in bulk too (``many_histories``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
 from pipeline.config import ConfigError
-from pipeline.record import names
+from pipeline.record import names, tables
 from pipeline.record.runs import MAX_SEARCH_RESULTS, filter_string
 from pipeline.record.store import client
 from pipeline.record.uris import check_store_exists, resolve_uri
@@ -24,6 +29,21 @@ class RunRecord:
     tags: dict[str, str]
     metrics: dict[str, float]  # the latest value of each metric
     artifact_uri: Optional[str] = None
+    experiment_id: str = ""
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What a bulk read keeps of each run: these params, tags and latest metrics, and the metrics
+    whose names start with one of ``metric_prefixes``."""
+
+    params: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    metric_prefixes: tuple[str, ...] = ()
+
+    def keeps_metric(self, key: str) -> bool:
+        return key in self.metrics or key.startswith(self.metric_prefixes)
 
 
 def _record(run) -> RunRecord:
@@ -35,6 +55,7 @@ def _record(run) -> RunRecord:
         dict(run.data.tags),
         dict(run.data.metrics),
         run.info.artifact_uri,
+        run.info.experiment_id,
     )
 
 
@@ -55,7 +76,18 @@ def study_names(uri: str) -> list[str]:
 
 
 def study_runs(uri: str, study: str) -> tuple[RunRecord, list[RunRecord]]:
-    """The parent run of ``study`` and its trial runs (one per trial and seed).
+    """The parent run of ``study`` and its trial runs (one per trial and seed), whole.
+
+    Raises:
+        ConfigError: the store does not exist, or holds no study of that name (the message lists
+            the studies it does hold).
+    """
+    parent = study_parent(uri, study)
+    return parent, trial_runs(uri, parent)
+
+
+def study_parent(uri: str, study: str) -> RunRecord:
+    """The parent run of ``study``.
 
     Raises:
         ConfigError: the store does not exist, or holds no study of that name (the message lists
@@ -73,8 +105,38 @@ def study_runs(uri: str, study: str) -> tuple[RunRecord, list[RunRecord]]:
         held = study_names(uri)
         listing = f"studies here: {', '.join(held)}" if held else "no study is recorded there yet"
         raise ConfigError(f"unknown study '{study}' in {resolve_uri(uri)}; {listing}")
-    children = _search_all(mlflow_client, [found.experiment_id], filter_string({names.ROLE_TAG: names.TRIAL_ROLE}))
-    return _record(parents[0]), [_record(r) for r in children]
+    return _record(parents[0])
+
+
+def trial_runs(uri: str, parent: RunRecord, wanted: Optional[Wanted] = None) -> list[RunRecord]:
+    """The trial runs of the study whose parent run is ``parent``: whole, or (``wanted``) only the
+    params, tags and metrics named there, read in bulk (the same records on every kind of store)."""
+    if wanted is not None and tables.readable(uri):
+        found = tables.experiment_runs(
+            uri,
+            parent.experiment_id,
+            params=wanted.params,
+            tags=(*wanted.tags, names.ROLE_TAG),
+            metrics=wanted.metrics,
+            metric_prefixes=wanted.metric_prefixes,
+        )
+        trials = [(i, r) for i, r in found.items() if r["tags"].pop(names.ROLE_TAG, None) == names.TRIAL_ROLE]
+        return [
+            RunRecord(
+                i, r["name"], r["status"], r["params"], r["tags"], r["metrics"], r["artifact_uri"], parent.experiment_id
+            )
+            for i, r in trials
+        ]
+    query = filter_string({names.ROLE_TAG: names.TRIAL_ROLE})
+    runs = [_record(r) for r in _search_all(client(uri), [parent.experiment_id], query)]
+    return runs if wanted is None else [_keep(r, wanted) for r in runs]
+
+
+def _keep(record: RunRecord, wanted: Wanted) -> RunRecord:
+    record.params = {k: v for k, v in record.params.items() if k in wanted.params}
+    record.tags = {k: v for k, v in record.tags.items() if k in wanted.tags}
+    record.metrics = {k: v for k, v in record.metrics.items() if wanted.keeps_metric(k)}
+    return record
 
 
 def _search_all(mlflow_client, experiment_ids: list[str], filter_text: str) -> list:
@@ -96,6 +158,17 @@ def metric_histories(uri: str, run_id: str, keys: Iterable[str]) -> dict[str, li
         if points:
             histories[key] = sorted((m.step, m.value) for m in points)
     return histories
+
+
+def many_histories(
+    uri: str, run_ids: Sequence[str], keys: Iterable[str]
+) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """``{run_id: {key: [(step, value), ...]}}`` for many runs: a query per 500 runs on a database
+    store; on a server a call per run and key (callers bound ``run_ids``: the report's sample)."""
+    keys = list(keys)
+    if tables.readable(uri):
+        return tables.metric_histories(uri, run_ids, keys)
+    return {run_id: metric_histories(uri, run_id, keys) for run_id in run_ids}
 
 
 def batch_mates(uri: str, run_id: str) -> list[str]:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import base64
 import csv
 import datetime
+import hashlib
 import html
 import json
 import logging
 import statistics
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from pipeline.config import AXES
 from pipeline.config.stores import without_password
 from pipeline.record import names
 from pipeline.record.artifacts import download_artifact
-from pipeline.record.readback import RunRecord, metric_histories, study_runs
+from pipeline.record.readback import RunRecord, Wanted, many_histories, study_parent, trial_runs
 from pipeline.record.runs import Run
 from pipeline.report import figures as plots
 from pipeline.report.importances import EvaluatorError, Importances, NothingToWeigh
@@ -44,6 +45,20 @@ CURVES = ("val_accuracy", "val_loss")
 LAYERS_ARTIFACT = names.LAYERS_ARTIFACT
 AT_INIT_PREFIXES = ("init_", "theory_", "isometry_")  # epoch 0's measured and predicted metrics
 THEORY_KEYS = (plots.DEPTH, "activation.slope")  # config values the theory figures read, axes or not
+RUN_TAGS = (
+    names.OPTUNA_TRIAL_TAG,
+    names.SEED_TAG,
+    names.OPTUNA_STATE_TAG,
+    names.DIVERGED_TAG,
+    names.FAILURE_REASON_TAG,
+)
+#: Runs whose curves and per-layer tables the report reads, at most (plus ``SAMPLE_PER_VALUE``
+#: below): the four figures drawn from them show statistics over runs, which a sample this size
+#: estimates well, and reading them costs a run each (a curve, an artifact).
+SAMPLE_RUNS = 1000
+SAMPLE_KEYS = ("initializer", "activation")  # what those figures group by: every value keeps some runs
+SAMPLE_PER_VALUE = 10
+TABLE_ROWS = 2000  # trials listed in the page's trials table, at most
 
 
 @dataclass
@@ -64,7 +79,14 @@ class Drawn:
     note: str = ""
 
 
-def build_report(study: str, uri: str, output_dir: str, storage: Optional[str] = None, log_to_run: bool = True) -> Path:
+def build_report(
+    study: str,
+    uri: str,
+    output_dir: str,
+    storage: Optional[str] = None,
+    log_to_run: bool = True,
+    sample_size: int = SAMPLE_RUNS,
+) -> Path:
     """Draw every figure of ``study``, write its HTML page and log the folder to the study's parent run.
 
     Args:
@@ -73,6 +95,7 @@ def build_report(study: str, uri: str, output_dir: str, storage: Optional[str] =
         output_dir: ``study.output_dir``; the report is written to ``<output_dir>/<study>/report/``.
         storage: the Optuna storage URL; default: the parent run's ``storage`` param.
         log_to_run: log the report folder to the parent run (artifact dir ``report/``).
+        sample_size: read the curves and per-layer tables of at most this many runs (``choose_sample``).
 
     Returns:
         The path of ``report.html``.
@@ -80,15 +103,17 @@ def build_report(study: str, uri: str, output_dir: str, storage: Optional[str] =
     Raises:
         ConfigError: the store holds no such study (the message lists the studies it holds).
     """
-    parent, children = study_runs(uri, study)
+    parent = study_parent(uri, study)
+    children = trial_runs(uri, parent, wanted(_space_keys(parent)))
     optuna_study, optuna_note = load_optuna(study, storage or parent.params.get(names.STORAGE_PARAM), output_dir)
     importances = _start_importances(optuna_study)  # in a helper process, while this one reads and draws
     try:
-        runs = load_runs(uri, children, _space_keys(parent))
+        sample = choose_sample(children, sample_size)
+        runs = load_runs(uri, children, _space_keys(parent), sample)
         objective = (parent.params.get(names.OBJECTIVES_PARAM) or "val_accuracy").split(",")[0]
         out = _fresh_dir(Path(output_dir, study, REPORT_DIR))
         references = json.loads(parent.tags.get(names.REFERENCE_SCALES_TAG) or "{}")
-        specs = figure_specs(runs, optuna_study, optuna_note, objective, references, importances)
+        specs = figure_specs(runs, optuna_study, optuna_note, objective, references, importances, sample.note())
         drawn = [_draw(spec, out) for spec in specs]
     finally:
         if isinstance(importances, Importances):
@@ -103,29 +128,104 @@ def build_report(study: str, uri: str, output_dir: str, storage: Optional[str] =
 # ---- reading the study back ---------------------------------------------------------------------
 
 
-def load_runs(uri: str, children: list[RunRecord], space_keys: Iterable[str] = ()) -> list[plots.TrialRun]:
-    """The study's trial runs with their curves and per-layer diagnostics, as plain data.
+def wanted(space_keys: Iterable[str] = ()) -> Wanted:
+    """What the report reads of each trial run: the axes (those beyond the five too), the tags that
+    say how it ended, its final accuracy, epoch 0's metrics, and its curves' latest points (which
+    say whether it logged curves)."""
+    return Wanted(
+        params=(*AXES, *_extra_keys(space_keys)),
+        tags=RUN_TAGS,
+        metrics=("final_accuracy", *CURVES),
+        metric_prefixes=AT_INIT_PREFIXES,
+    )
+
+
+def _extra_keys(space_keys: Iterable[str]) -> list[str]:
+    return [key for key in dict.fromkeys([*space_keys, *THEORY_KEYS]) if key not in AXES]
+
+
+@dataclass
+class Sample:
+    """The runs whose curves and per-layer tables the report reads: every run that logged any
+    metric, or, past ``bound`` of them, a fixed pseudo-random draw (``choose_sample``)."""
+
+    run_ids: list[str]
+    out_of: int  # the runs that logged metrics
+    bound: int
+
+    def note(self) -> str:
+        """What the figures drawn from the sample say about it ("" when it holds every run)."""
+        if len(self.run_ids) >= self.out_of:
+            return ""
+        return (
+            f"Drawn from a sample: the curves and per-layer tables of {len(self.run_ids):,} of the study's "
+            f"{self.out_of:,} runs that logged metrics, chosen by a hash of the run id (a fixed pseudo-random "
+            f"draw of {self.bound:,}, the same at every rebuild), plus runs of any {' or '.join(SAMPLE_KEYS)} "
+            f"the draw left with fewer than {SAMPLE_PER_VALUE}; n counts sampled runs. The other figures and "
+            "the tables use every run."
+        )
+
+
+def choose_sample(children: list[RunRecord], bound: int = SAMPLE_RUNS) -> Sample:
+    """The runs (that logged any metric) whose curves and layers the report reads: all, up to
+    ``bound``; beyond, the ``bound`` first by a hash of their run id, then, for each value of
+    ``SAMPLE_KEYS`` with fewer than ``SAMPLE_PER_VALUE`` runs in the draw, its next runs by hash."""
+    eligible = sorted((r for r in children if r.metrics), key=lambda r: _hash(r.run_id))
+    chosen = eligible[:bound]
+    taken = {r.run_id for r in chosen}
+    for key in SAMPLE_KEYS if len(eligible) > bound else ():
+        held = Counter(r.params.get(key) for r in chosen)
+        for record in eligible[bound:]:
+            value = record.params.get(key)
+            if held[value] < SAMPLE_PER_VALUE and record.run_id not in taken:
+                chosen.append(record)
+                taken.add(record.run_id)
+                held[value] += 1
+    return Sample([r.run_id for r in chosen], len(eligible), bound)
+
+
+def _hash(run_id: str) -> bytes:
+    return hashlib.blake2b(run_id.encode(), digest_size=8).digest()
+
+
+def load_runs(
+    uri: str, children: list[RunRecord], space_keys: Iterable[str] = (), sample: Optional[Sample] = None
+) -> list[plots.TrialRun]:
+    """The study's trial runs as plain data, in trial and seed order; the runs of ``sample`` (by
+    default ``choose_sample``'s) with their curves and per-layer diagnostics.
 
     Args:
         uri: The MLflow tracking URI.
         children: The trial runs.
         space_keys: The study's axes (``space.*`` of its parent run); those beyond the five
             axes (``model.depth``, ``initializer.std``...) join each run's ``axes``.
+        sample: Which runs' curves and layers to read (one bulk read of their curves, an artifact each).
     """
-    extra = [key for key in dict.fromkeys([*space_keys, *THEORY_KEYS]) if key not in AXES]
+    extra = _extra_keys(space_keys)
+    sample = sample or choose_sample(children)
+    records = {child.run_id: child for child in children}
+    runs = {run_id: _trial_run(record, extra) for run_id, record in records.items()}
+    sampled = [run_id for run_id in sample.run_ids if run_id in runs]
+    for run_id, curves in many_histories(uri, sampled, CURVES).items():
+        runs[run_id].curves = curves
     with tempfile.TemporaryDirectory(prefix="initstudy-report-") as tmp:
-        return [_trial_run(uri, child, Path(tmp, child.run_id), extra) for child in children]
+        for run_id in sampled:
+            artifact_uri = records[run_id].artifact_uri
+            runs[run_id].layers = _read_layers(
+                download_artifact(uri, run_id, LAYERS_ARTIFACT, Path(tmp, run_id), artifact_uri)
+            )
+    return sorted(runs.values(), key=lambda r: (r.trial, r.seed))
 
 
 def _space_keys(parent: RunRecord) -> list[str]:
     return [key.removeprefix("space.") for key in parent.params if key.startswith("space.")]
 
 
-def _trial_run(uri: str, record: RunRecord, tmp: Path, extra: Iterable[str] = ()) -> plots.TrialRun:
+def _trial_run(record: RunRecord, extra: Iterable[str] = ()) -> plots.TrialRun:
     state = record.tags.get(names.OPTUNA_STATE_TAG, "RUNNING")
     if state == "RUNNING" and record.status in ("FAILED", "KILLED"):
         state = "FAIL"  # a run a dead driver left behind: its trial was told FAIL
-    run = plots.TrialRun(
+    return plots.TrialRun(
         trial=int(record.tags.get(names.OPTUNA_TRIAL_TAG, -1)),
         seed=int(record.tags.get(names.SEED_TAG, 0)),
         state=state,
@@ -135,10 +235,6 @@ def _trial_run(uri: str, record: RunRecord, tmp: Path, extra: Iterable[str] = ()
         reason=record.tags.get(names.FAILURE_REASON_TAG, ""),
         at_init={k: v for k, v in record.metrics.items() if k.startswith(AT_INIT_PREFIXES)},
     )
-    if record.metrics:  # a run that failed before training logged nothing: no curves, no table
-        run.curves = metric_histories(uri, record.run_id, CURVES)
-        run.layers = _read_layers(download_artifact(uri, record.run_id, LAYERS_ARTIFACT, tmp, record.artifact_uri))
-    return run
 
 
 def _axes(params: dict[str, str]) -> dict:
@@ -215,9 +311,13 @@ def figure_specs(
     objective: str,
     references: Optional[dict[str, float]] = None,
     importances=None,
+    sample_note: str = "",
 ) -> list[FigureSpec]:
     """Every figure of the report, in page order. ``importances``: from ``_start_importances``, if
-    the caller started them early (else they are computed when their figure is drawn)."""
+    the caller started them early (else they are computed when their figure is drawn);
+    ``sample_note``: ``Sample.note()``, added to the captions of the figures drawn from the sample."""
+    sampled = f" {sample_note}" if sample_note else ""
+    weighed = f" {importances.note}" if isinstance(importances, Importances) and importances.note else ""
     return [
         FigureSpec(
             "trial_outcomes",
@@ -233,14 +333,14 @@ def figure_specs(
             "Convergence by initializer",
             "Validation accuracy and loss per epoch (epoch 0 = the network as initialized), one line per "
             "initializer: the mean over its runs (every seed of every trial) with a ± 1 std band. Failed "
-            "runs are left out; pruned runs count until they stopped.",
+            "runs are left out; pruned runs count until they stopped." + sampled,
             lambda: plots.plot_convergence(runs, "initializer"),
         ),
         FigureSpec(
             "convergence_by_activation",
             "Convergence",
             "Convergence by activation",
-            "The same curves grouped by activation function.",
+            "The same curves grouped by activation function." + sampled,
             lambda: plots.plot_convergence(runs, "activation"),
         ),
         FigureSpec(
@@ -278,7 +378,7 @@ def figure_specs(
             "Per hidden layer, at initialization (epoch 0 of diagnostics/layers.csv): the std of the layer's "
             "output and the norm of the backprop gradient with respect to its pre-activation, geometric mean "
             "over runs. Flat lines propagate; a line falling with depth vanishes, a rising one explodes "
-            "(a backprop ratio first/last of 0.7-1.4 is healthy).",
+            "(a backprop ratio first/last of 0.7-1.4 is healthy)." + sampled,
             lambda: plots.plot_signal_at_init(runs),
         ),
         FigureSpec(
@@ -286,7 +386,7 @@ def figure_specs(
             "Signal propagation at initialization",
             "Dead and saturated units",
             "Share of hidden units that are dead (activation input ≤ 0 on every probe sample) and, for "
-            "tanh/sigmoid, saturated, at initialization and after the last epoch, mean over layers and runs.",
+            "tanh/sigmoid, saturated, at initialization and after the last epoch, mean over layers and runs." + sampled,
             lambda: plots.plot_unit_health(runs),
         ),
         FigureSpec(
@@ -305,7 +405,7 @@ def figure_specs(
             "Optuna",
             "Parameter importances",
             f"Optuna's fANOVA importance of each study axis for the objective {objective} (the share of its "
-            "variance each axis explains, over the complete trials; seed 0 of the evaluator's forest).",
+            "variance each axis explains, over the complete trials; seed 0 of the evaluator's forest)." + weighed,
             lambda: _importances(optuna_study, optuna_note, objective, importances),
         ),
         FigureSpec(
@@ -492,7 +592,9 @@ def _summary_html(optuna_study, parent: RunRecord) -> str:
     return head + f"<pre>{html.escape(text)}</pre>"
 
 
-def _trials_table(runs: list[plots.TrialRun]) -> str:
+def _trials_table(runs: list[plots.TrialRun], limit: int = TABLE_ROWS) -> str:
+    """A row per trial, the first ``limit`` trials by number (every trial is in the parent run's
+    trials.csv: a page of 100,000 rows would be tens of megabytes)."""
     outcomes = plots.trial_outcomes(runs)
     by_trial: dict[int, list[plots.TrialRun]] = defaultdict(list)
     for run in runs:
@@ -501,23 +603,25 @@ def _trials_table(runs: list[plots.TrialRun]) -> str:
         f"<th>{h}</th>"
         for h in ("trial", "outcome", *AXES, "seeds", "final test accuracy (mean ± std)", "failure reason")
     )
-    rows = []
-    for number, trial_runs in sorted(by_trial.items()):
-        axes = trial_runs[0].axes
-        finals = [r.final_accuracy for r in trial_runs if r.final_accuracy is not None and r.state == "COMPLETE"]
-        accuracy = (
-            f"{statistics.fmean(finals):.4f} ± {statistics.stdev(finals) if len(finals) > 1 else 0.0:.4f}"
-            if finals
-            else "–"
-        )
-        reason = next((r.reason for r in trial_runs if r.reason), "")
-        cells = [
-            number,
-            outcomes[number][0],
-            *(plots.fmt(axes.get(k, "–")) for k in AXES),
-            len(trial_runs),
-            accuracy,
-            reason[:200],
-        ]
-        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
-    return f"<h2 id='trials'>Trials</h2><table><tr>{head}</tr>{''.join(rows)}</table>"
+    numbers = sorted(by_trial)
+    rows = [_trial_row(number, outcomes[number][0], by_trial[number]) for number in numbers[:limit]]
+    cut = (
+        f"<p class='note'>The first {limit:,} of {len(numbers):,} trials, by number; every trial is in "
+        f"<code>{names.TRIALS_ARTIFACT}</code>, an artifact of the study's parent run.</p>"
+        if len(numbers) > limit
+        else ""
+    )
+    return f"<h2 id='trials'>Trials</h2>{cut}<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _trial_row(number: int, outcome: str, members: list[plots.TrialRun]) -> str:
+    axes = members[0].axes
+    finals = [r.final_accuracy for r in members if r.final_accuracy is not None and r.state == "COMPLETE"]
+    accuracy = (
+        f"{statistics.fmean(finals):.4f} ± {statistics.stdev(finals) if len(finals) > 1 else 0.0:.4f}"
+        if finals
+        else "–"
+    )
+    reason = next((r.reason for r in members if r.reason), "")
+    cells = [number, outcome, *(plots.fmt(axes.get(k, "–")) for k in AXES), len(members), accuracy, reason[:200]]
+    return "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"

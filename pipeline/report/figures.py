@@ -10,9 +10,10 @@ figure (the palette follows the sorted values of the whole study).
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -184,11 +185,9 @@ def plot_accuracy_heatmap(runs: list[TrialRun], rows: str = "initializer", cols:
     if not done:
         raise NoFigure("no complete trial has a final accuracy")
     row_values, col_values = values_of(done, rows), values_of(done, cols)
-    cells = {
-        (r, c): [x.final_accuracy for x in done if x.axes.get(rows) == r and x.axes.get(cols) == c]
-        for r in row_values
-        for c in col_values
-    }
+    cells: dict[tuple, list[float]] = {(r, c): [] for r in row_values for c in col_values}
+    for run in done:
+        cells[run.axes.get(rows, "(not recorded)"), run.axes.get(cols, "(not recorded)")].append(run.final_accuracy)
     grid = [[_mean_std(cells[r, c])[0] if cells[r, c] else math.nan for c in col_values] for r in row_values]
     fig, axes = _new(1, size=(2.2 + 1.7 * len(col_values), 1.6 + 0.75 * len(row_values)))
     ax = axes[0, 0]
@@ -744,7 +743,8 @@ def plot_trial_outcomes(runs: list[TrialRun]) -> Figure:
         raise NoFigure("the study has no trial runs")
     names = list(OUTCOMES) + (["running"] if any(o == "running" for o, _ in outcomes.values()) else [])
     fig, axes = _new(2, size=(5.0, 3.8))
-    counts = [sum(o == name for o, _ in outcomes.values()) for name in names]
+    tally = Counter(outcomes.values())  # (outcome, initializer) -> trials
+    counts = [sum(n for (o, _), n in tally.items() if o == name) for name in names]
     bars = axes[0, 0].bar(names, counts, color=[OUTCOME_COLORS[n] for n in names])
     axes[0, 0].bar_label(bars)
     _label(axes[0, 0], f"All {len(outcomes)} trials", "outcome", "trials")
@@ -752,7 +752,7 @@ def plot_trial_outcomes(runs: list[TrialRun]) -> Figure:
     inits = sorted({i for _, i in outcomes.values()}, key=_sort_key)
     bottom = [0] * len(inits)
     for name in names:
-        heights = [sum(o == name and i == init for o, i in outcomes.values()) for init in inits]
+        heights = [tally[name, init] for init in inits]
         axes[0, 1].bar(range(len(inits)), heights, bottom=bottom, color=OUTCOME_COLORS[name], label=name)
         bottom = [b + h for b, h in zip(bottom, heights)]
     axes[0, 1].set_xticks(range(len(inits)), [fmt(i) for i in inits], rotation=30, ha="right")
@@ -793,7 +793,7 @@ def plot_optimization_history(trials: list, objective: str, direction: str) -> F
     numbers = [t.number for t in complete]
     values = [t.values[0] for t in complete]
     pick: Callable = max if direction == "maximize" else min
-    best = [pick(values[: i + 1]) for i in range(len(values))]
+    best = list(itertools.accumulate(values, pick))
     ax.scatter(numbers, values, color="#1f77b4", s=24, zorder=3, label=f"complete trial (n={len(complete)})")
     ax.step(numbers, best, where="post", color="#d62728", label=f"best so far ({direction})")
     for state, name, marker in (("PRUNED", "pruned", "v"), ("FAIL", "failed", "x")):

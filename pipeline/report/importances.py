@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import random
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 
 HELPER_MODULE = "pipeline.report.importances"
 HELPER_TIMEOUT_S = 300.0
+#: Complete trials the evaluator weighs, at most: its forest of fully grown trees and the fANOVA
+#: decomposition over every split cost more than linearly in the trials (~6 CPU-s at 500 trials,
+#: ~14 at 1,000, ~33 at 2,000 on 2 busy CPUs). Past it, a fixed random draw of this many.
+MAX_TRIALS = 1000
 _ROOT = Path(__file__).resolve().parents[2]  # where ``pipeline`` can be imported from
 
 
@@ -37,20 +42,40 @@ class EvaluatorError(RuntimeError):
     """Optuna's evaluator raised (in the helper): its type and message."""
 
 
-def inputs(optuna_study) -> dict:
-    """What the evaluator needs from a study: its complete trials, its directions, the axes that vary.
+def inputs(optuna_study, max_trials: int = MAX_TRIALS) -> dict:
+    """What the evaluator needs from a study: its complete trials (at most ``max_trials``:
+    ``weighed``), its directions, the axes that vary.
 
     Raises ``NothingToWeigh`` (saying why) when importances cannot be computed.
     """
     complete = [t for t in optuna_study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and t.values]
     if len(complete) < 2:
         raise NothingToWeigh(f"parameter importances need at least 2 complete trials; this study has {len(complete)}")
+    trials = weighed(complete, max_trials)
     varying = sorted(
-        k for k in {k for t in complete for k in t.params} if len({repr(t.params.get(k)) for t in complete}) > 1
+        k for k in {k for t in trials for k in t.params} if len({repr(t.params.get(k)) for t in trials}) > 1
     )
     if not varying:
         raise NothingToWeigh("no study axis varies across the complete trials")
-    return {"trials": complete, "directions": [d.name.lower() for d in optuna_study.directions], "params": varying}
+    return {"trials": trials, "directions": [d.name.lower() for d in optuna_study.directions], "params": varying}
+
+
+def weighed(complete: list, max_trials: int = MAX_TRIALS) -> list:
+    """The complete trials the evaluator weighs: all of them, or past ``max_trials`` a draw of that
+    many at random (seed 0: the same draw for the same trials), in trial order."""
+    if len(complete) <= max_trials:
+        return complete
+    return sorted(random.Random(0).sample(complete, max_trials), key=lambda t: t.number)
+
+
+def weighed_note(used: int, complete: int) -> str:
+    """What the figure says when the evaluator weighed a draw of the complete trials ("" otherwise)."""
+    if used >= complete:
+        return ""
+    return (
+        f"Weighed over {used:,} of the study's {complete:,} complete trials, drawn at random (seed 0): the "
+        "evaluator's cost grows faster than the trials."
+    )
 
 
 def compute(trials: list, directions: list[str], params: list[str]) -> dict[str, float]:
@@ -73,8 +98,10 @@ def compute(trials: list, directions: list[str], params: list[str]) -> dict[str,
 class Importances:
     """A study's importances, being computed in a helper process; ``result()`` waits for them."""
 
-    def __init__(self, optuna_study) -> None:
-        self._payload = inputs(optuna_study)
+    def __init__(self, optuna_study, max_trials: int = MAX_TRIALS) -> None:
+        self._payload = inputs(optuna_study, max_trials)
+        complete = sum(t.state.name == "COMPLETE" and bool(t.values) for t in optuna_study.get_trials(deepcopy=False))
+        self.note = weighed_note(len(self._payload["trials"]), complete)  # "" unless a draw was weighed
         self._file: Optional[Path] = None
         self._helper: Optional[subprocess.Popen] = None
         try:

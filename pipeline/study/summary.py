@@ -81,9 +81,9 @@ def _group_by(key: str, trials: list) -> dict[str, list[float]]:
     groups: dict[str, list[float]] = defaultdict(list)
     values = [t.params[key] for t in trials]
     if values and all(isinstance(v, float) for v in values) and len(set(values)) > 4:
-        edges = statistics.quantiles(values, n=4)
+        edges, low, high = statistics.quantiles(values, n=4), min(values), max(values)
         for t in trials:
-            groups[_bin_label(t.params[key], edges, min(values), max(values))].append(t.values[0])
+            groups[_bin_label(t.params[key], edges, low, high)].append(t.values[0])
         return dict(sorted(groups.items()))
     for value in sorted(set(values), key=lambda v: (isinstance(v, str), v)):
         groups[_label(value)] = [t.values[0] for t in trials if t.params[key] == value]
