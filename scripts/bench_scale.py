@@ -110,10 +110,11 @@ def open_study(plan, storage: str, folder: Path):
 def one_trial(study, plan) -> None:
     """What the loop does with Optuna per trial (``_ask``, then ``_tell`` with one seed's result)."""
     from pipeline.study import objectives, space
-    from pipeline.study.storage import ask_new, set_user_attrs
+    from pipeline.study.storage import ask_new, held_appends, set_user_attrs
 
     trial = ask_new(study)
-    params = space.suggest(trial, plan.axes)
+    with held_appends(study):
+        params = space.suggest(trial, plan.axes)
     result = {"run_id": f"{trial.number:032x}", "pruned": False, "diverged": False, "epochs": 3}
     result["summary"] = {"final_val_accuracy": synthetic_accuracy(params, trial.number)}
     state, values, attrs = objectives.outcome({0: result}, {}, plan.seeds(), plan.cfg.study.objectives)

@@ -104,3 +104,22 @@ def test_a_trials_suggests_held_go_to_the_journal_in_one_append_and_read_back_as
     study.tell(trial, 0.5)
     reread = optuna.load_study(study_name="held", storage=open_storage(path)).trials[0]
     assert reread.params == suggested and reread.value == 0.5
+
+
+def test_the_journal_keeps_no_offset_per_record_and_reads_on_from_its_last(tmp_path):
+    from optuna.storages.journal import JournalFileBackend
+
+    from pipeline.study.storage import JOURNAL_FILE_OFFSETS
+
+    path = str(tmp_path / "optuna.journal")
+    assert hasattr(JournalFileBackend(path), JOURNAL_FILE_OFFSETS)  # what the project's backend prunes
+    study = optuna.create_study(storage=open_storage(path), study_name="offsets")
+    for value in range(20):
+        trial = ask_new(study)
+        trial.suggest_float("scale", 0.1, 10.0)
+        set_user_attrs(trial, {"seeds": [0], "n_seeds": 1})
+        study.tell(trial, value)
+    assert len(getattr(study._storage._backend, JOURNAL_FILE_OFFSETS)) <= 2  # Optuna's own: one per record
+    other = optuna.load_study(study_name="offsets", storage=open_storage(path))
+    other.tell(ask_new(other), 20.0)  # another process's writes...
+    assert [t.value for t in study.trials] == list(range(21))  # ...read on from where this one was

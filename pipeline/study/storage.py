@@ -26,6 +26,8 @@ PRIVATE_OPTUNA_APIS = (
     ("optuna.storages.journal._storage", "JournalOperation"),
     ("optuna.storages.journal._storage", "JournalStorage._sync_with_backend"),
 )
+#: Where Optuna's journal file backend keeps each record's file offset (pruned by ``JournalFile``).
+JOURNAL_FILE_OFFSETS = "_log_number_offset"
 JOURNAL_STORAGE_FIELDS = ("_backend", "_thread_lock", "_replay_result")  # a JournalStorage's own
 STUDY_FIELDS = ("_storage", "_study_id", "_thread_local")  # an optuna.Study's own
 
@@ -92,7 +94,28 @@ def _journal_file():
             else:
                 self.held.extend(logs)
 
+        def read_logs(self, log_number_from: int):
+            # Optuna's backend remembers the file offset of every record it has read (~1.4 KB a
+            # trial, 140 MB over 10^5 trials), where a storage only ever reads on from its last.
+            for log in super().read_logs(log_number_from):
+                yield _names_interned(log)
+            offsets = getattr(self, JOURNAL_FILE_OFFSETS, None)
+            if isinstance(offsets, dict) and len(offsets) > 2:
+                last = max(offsets)
+                setattr(self, JOURNAL_FILE_OFFSETS, {0: 0, last: offsets[last]})
+
     return JournalFile
+
+
+def _names_interned(log: dict) -> dict:
+    """A journal record whose param and attribute names are shared strings: Optuna keeps every
+    trial's, each decoded anew (~0.5 KB a trial)."""
+    if "param_name" in log:
+        log["param_name"] = sys.intern(log["param_name"])
+    for field in ("user_attr", "system_attr"):
+        if isinstance(log.get(field), dict):
+            log[field] = {sys.intern(key): value for key, value in log[field].items()}
+    return log
 
 
 @contextlib.contextmanager
