@@ -110,7 +110,7 @@ def open_study(plan, storage: str, folder: Path):
 def one_trial(study, plan) -> None:
     """What the loop does with Optuna per trial (``_ask``, then ``_tell`` with one seed's result)."""
     from pipeline.study import objectives, space
-    from pipeline.study.storage import ask_new, held_appends, set_user_attrs
+    from pipeline.study.optuna_journal import ask_new, held_appends, set_user_attrs
 
     trial = ask_new(study)
     with held_appends(study):

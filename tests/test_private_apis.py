@@ -12,14 +12,14 @@ import pytest
 from pipeline.record.store import PRIVATE_MLFLOW_APIS
 from pipeline.record.tables import COLUMNS_READ, MODELS, PRIVATE_MLFLOW_TABLES
 from pipeline.study.cluster import PRIVATE_RAY_APIS
-from pipeline.study.storage import (
+from pipeline.study.optuna_journal import (
     JOURNAL_STORAGE_FIELDS,
     PRIVATE_OPTUNA_APIS,
     STUDY_FIELDS,
     ask_new,
-    open_storage,
     set_user_attrs,
 )
+from pipeline.study.storage import open_storage
 
 PRIVATE_APIS = [*PRIVATE_MLFLOW_APIS, *PRIVATE_MLFLOW_TABLES, *PRIVATE_RAY_APIS, *PRIVATE_OPTUNA_APIS]
 
@@ -83,7 +83,7 @@ def test_asking_for_a_new_trial_makes_the_trial_study_ask_would_without_scanning
 def test_a_trials_suggests_held_go_to_the_journal_in_one_append_and_read_back_as_suggested(tmp_path, monkeypatch):
     from optuna.storages.journal import JournalFileBackend
 
-    from pipeline.study.storage import held_appends
+    from pipeline.study.optuna_journal import held_appends
 
     path = str(tmp_path / "optuna.journal")
     study = optuna.create_study(storage=open_storage(path), study_name="held")
@@ -109,7 +109,7 @@ def test_a_trials_suggests_held_go_to_the_journal_in_one_append_and_read_back_as
 def test_the_journal_keeps_no_offset_per_record_and_reads_on_from_its_last(tmp_path):
     from optuna.storages.journal import JournalFileBackend
 
-    from pipeline.study.storage import JOURNAL_FILE_OFFSETS
+    from pipeline.study.optuna_journal import JOURNAL_FILE_OFFSETS
 
     path = str(tmp_path / "optuna.journal")
     assert hasattr(JournalFileBackend(path), JOURNAL_FILE_OFFSETS)  # what the project's backend prunes

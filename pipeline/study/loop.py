@@ -31,17 +31,10 @@ from pipeline.study import cluster, space
 from pipeline.study import objectives as obj
 from pipeline.study.grouping import batch_key, task_cost
 from pipeline.study.lock import StudyLock
+from pipeline.study.optuna_journal import SNAPSHOT_EVERY, ask_new, held_appends, save_snapshot, set_user_attrs
 from pipeline.study.plan import StudyPlan, blind_trials, plan_study
 from pipeline.study.progress import Progress
-from pipeline.study.storage import (
-    ask_new,
-    check_storage,
-    held_appends,
-    open_storage,
-    repair_torn_tail,
-    set_user_attrs,
-    unreadable,
-)
+from pipeline.study.storage import check_storage, open_storage, repair_torn_tail, unreadable
 from pipeline.study.study_run import StudyRun, state_tags, untagged_runs
 from pipeline.study.worker import PruneDecider, trial_task, warm_up
 
@@ -141,12 +134,15 @@ def _run_with_writers(plan: StudyPlan, writers: Writers, mlflow_ready, optuna_re
         try:
             loop = _Loop(plan, study, record, slots, writers)
             loop.run()
+            save_snapshot(study._storage)
             writers.sync()  # the runs' last tags are in the store before the summary reads it
             return _done(plan, record, record.finish(study, plan))
         except BaseException as err:
             if loop is not None:
                 with contextlib.suppress(Exception):  # the study's own error is the one to report
                     loop.abandon(f"the study stopped ({type(err).__name__}) while this trial ran")
+                with contextlib.suppress(Exception):
+                    save_snapshot(study._storage)
             _record_stop(record, study, plan, err)
             raise
 
@@ -435,6 +431,8 @@ class _Loop:
         self.writers.tag(untagged_runs(frozen, pending.results, pending.keys), state_tags(frozen))
         self.writers.forget(pending.keys)
         self.done += 1
+        if self.done % SNAPSHOT_EVERY == 0:  # a resume replays only the journal's records after it
+            save_snapshot(self.study._storage)
         if frozen.state == TrialState.FAIL:
             self.failed += 1
             self.last_failure = frozen.user_attrs.get("failure_reason", "?")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from pathlib import Path
 
 import optuna
 import pytest
@@ -14,6 +15,7 @@ from pipeline.cli import main
 from pipeline.study import space
 from pipeline.study.grouping import task_cost
 from pipeline.study.loop import run_study
+from pipeline.study.optuna_journal import SNAPSHOT_SUFFIX
 from pipeline.study.plan import TPE_STARTUP_TRIALS, plan_study
 from pipeline.study.storage import default_storage, open_storage
 
@@ -171,6 +173,8 @@ def test_too_many_failures_stop_the_study_with_a_clear_error_and_a_report_of_wha
 def test_rerun_resumes_the_study_and_reuses_the_parent_run(study_args):
     run_study(study_args("resume", "study.n_trials=2", "study.sampler=random"))
     first = optuna_study(study_args, "resume").trials
+    # The study left a snapshot of its journal: the rerun replays only the records after it.
+    assert Path(default_storage(f"{study_args.tmp_path}/studies", "resume") + SNAPSHOT_SUFFIX).is_file()
     run_study(study_args("resume", "study.n_trials=4", "study.sampler=random"))
     trials = optuna_study(study_args, "resume").trials
     assert len(trials) == 4 and [t.params for t in trials[:2]] == [t.params for t in first]
