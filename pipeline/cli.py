@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -262,12 +263,23 @@ def print_config(command: str, mode: str, args: list[str]) -> int:
     return 0
 
 
+def _stop_on_sigterm() -> None:
+    """A stop from outside (``kill``, ``ray job stop``, a batch system's time limit: SIGTERM) ends the
+    command as Ctrl-C does: its runs ended KILLED, its study's record whole and resumable."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def console() -> None:
     """The ``initstudy`` console script and ``python -m pipeline``: run the command, then leave.
 
     Everything is recorded and Ray is shut down by then; unloading torch, Ray and MLflow module by
     module at interpreter exit costs another second, so the process ends at once (output flushed).
     """
+    _stop_on_sigterm()
     rc = main()
     sys.stdout.flush()
     sys.stderr.flush()

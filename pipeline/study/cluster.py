@@ -13,9 +13,11 @@ import functools
 import logging
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
@@ -49,14 +51,23 @@ def start(cfg: ClusterConfig) -> dict[str, float]:
     global _started_here
     if not ray.is_initialized():
         _check_reachable(cfg.address)
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         try:
             ray.init(**_init_args(cfg))
         except ConnectionError as err:
             raise ConfigError(f"cluster.address={cfg.address}: cannot reach a Ray cluster ({err})") from err
+        _keep_python_handler(signal.SIGTERM, on_sigterm)
         _started_here = True
         if not cfg.address:
             _start_reaper()
     return ray.cluster_resources()
+
+
+def _keep_python_handler(signum: int, handler) -> None:
+    """Put back the handler the command had: Ray's core installs its own for SIGTERM, which aborts
+    the process (no run ended, no study record closed) where the command stops cleanly."""
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signum, handler)
 
 
 def _check_reachable(address: Optional[str], timeout_s: float = CONNECT_TIMEOUT_S) -> None:

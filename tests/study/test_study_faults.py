@@ -177,3 +177,30 @@ def test_a_running_trials_curve_reaches_the_store_while_it_trains(tmp_path, loca
     run_id, points_while_running = seen[0]
     finished = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(run_id, "val_accuracy")
     assert points_while_running < len(finished) == 1501
+
+
+@pytest.mark.slow
+def test_a_terminated_driver_stops_as_on_ctrl_c_leaving_its_record_whole(tmp_path):
+    """SIGTERM (kill, ray job stop, a batch system's limit) ends the study as Ctrl-C does."""
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        *study_args(tmp_path, "term", "study.n_trials=3", "train.epochs=2000", WRITERS),
+    ]
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: any(r.info.status == "RUNNING" for r in children(tmp_path, "term")), 180)
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(120) == 130, driver.stderr.read()[-2000:]
+    finally:
+        driver.kill()
+    runs = children(tmp_path, "term")
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    assert {r.info.status for r in runs} <= {"FAILED", "FINISHED"}
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = client.search_runs(
+        [client.get_experiment_by_name("term").experiment_id], "tags.`initstudy.role` = 'study'"
+    )
+    assert [p.info.status for p in parent] == ["KILLED"]
