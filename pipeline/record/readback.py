@@ -34,16 +34,11 @@ class RunRecord:
 
 @dataclass(frozen=True)
 class Wanted:
-    """What a bulk read keeps of each run: these params, tags and latest metrics, and the metrics
-    whose names start with one of ``metric_prefixes``."""
+    """What a bulk read keeps of each run: these params, tags and latest metrics."""
 
     params: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
-    metric_prefixes: tuple[str, ...] = ()
-
-    def keeps_metric(self, key: str) -> bool:
-        return key in self.metrics or key.startswith(self.metric_prefixes)
 
 
 def _record(run) -> RunRecord:
@@ -118,7 +113,6 @@ def trial_runs(uri: str, parent: RunRecord, wanted: Optional[Wanted] = None) -> 
             params=wanted.params,
             tags=(*wanted.tags, names.ROLE_TAG),
             metrics=wanted.metrics,
-            metric_prefixes=wanted.metric_prefixes,
         )
         trials = [(i, r) for i, r in found.items() if r["tags"].pop(names.ROLE_TAG, None) == names.TRIAL_ROLE]
         return [
@@ -135,7 +129,7 @@ def trial_runs(uri: str, parent: RunRecord, wanted: Optional[Wanted] = None) -> 
 def _keep(record: RunRecord, wanted: Wanted) -> RunRecord:
     record.params = {k: v for k, v in record.params.items() if k in wanted.params}
     record.tags = {k: v for k, v in record.tags.items() if k in wanted.tags}
-    record.metrics = {k: v for k, v in record.metrics.items() if wanted.keeps_metric(k)}
+    record.metrics = {k: v for k, v in record.metrics.items() if k in wanted.metrics}
     return record
 
 

@@ -44,7 +44,8 @@ HTML_FILE = "report.html"
 CURVES = ("val_accuracy", "val_loss")
 LAYERS_ARTIFACT = names.LAYERS_ARTIFACT
 AT_INIT_PREFIXES = ("init_", "theory_", "isometry_")  # epoch 0's measured and predicted metrics
-THEORY_KEYS = (plots.DEPTH, "activation.slope")  # config values the theory figures read, axes or not
+#: Config values the trainable-region figure reads, axes or not: read when the study's runs span depths.
+THEORY_KEYS = (plots.DEPTH, "activation.slope")
 RUN_TAGS = (
     names.OPTUNA_TRIAL_TAG,
     names.SEED_TAG,
@@ -130,27 +131,27 @@ def build_report(
 
 def wanted(space_keys: Iterable[str] = ()) -> Wanted:
     """What the report reads of each trial run: the axes (those beyond the five too), the tags that
-    say how it ended, its final accuracy, epoch 0's metrics, and its curves' latest points (which
-    say whether it logged curves)."""
+    say how it ended, its final accuracy and the epoch-0 metrics the figures read."""
     return Wanted(
         params=(*AXES, *_extra_keys(space_keys)),
         tags=RUN_TAGS,
-        metrics=("final_accuracy", *CURVES),
-        metric_prefixes=AT_INIT_PREFIXES,
+        metrics=("final_accuracy", *plots.AT_INIT_KEYS),
     )
 
 
 def _extra_keys(space_keys: Iterable[str]) -> list[str]:
-    return [key for key in dict.fromkeys([*space_keys, *THEORY_KEYS]) if key not in AXES]
+    space_keys = list(space_keys)
+    theory = THEORY_KEYS if plots.DEPTH in space_keys else ()
+    return [key for key in dict.fromkeys([*space_keys, *theory]) if key not in AXES]
 
 
 @dataclass
 class Sample:
-    """The runs whose curves and per-layer tables the report reads: every run that logged any
-    metric, or, past ``bound`` of them, a fixed pseudo-random draw (``choose_sample``)."""
+    """The runs whose curves and per-layer tables the report reads: every run (but failed ones
+    that logged nothing), or, past ``bound`` of them, a fixed pseudo-random draw (``choose_sample``)."""
 
     run_ids: list[str]
-    out_of: int  # the runs that logged metrics
+    out_of: int  # the runs it was drawn from
     bound: int
 
     def note(self) -> str:
@@ -159,7 +160,7 @@ class Sample:
             return ""
         return (
             f"Drawn from a sample: the curves and per-layer tables of {len(self.run_ids):,} of the study's "
-            f"{self.out_of:,} runs that logged metrics, chosen by a hash of the run id (a fixed pseudo-random "
+            f"{self.out_of:,} runs, chosen by a hash of the run id (a fixed pseudo-random "
             f"draw of {self.bound:,}, the same at every rebuild), plus runs of any {' or '.join(SAMPLE_KEYS)} "
             f"the draw left with fewer than {SAMPLE_PER_VALUE}; n counts sampled runs. The other figures and "
             "the tables use every run."
@@ -167,10 +168,10 @@ class Sample:
 
 
 def choose_sample(children: list[RunRecord], bound: int = SAMPLE_RUNS) -> Sample:
-    """The runs (that logged any metric) whose curves and layers the report reads: all, up to
-    ``bound``; beyond, the ``bound`` first by a hash of their run id, then, for each value of
+    """The runs whose curves and layers the report reads: all (but failed runs that logged nothing),
+    up to ``bound``; beyond, the ``bound`` first by a hash of their run id, then, for each value of
     ``SAMPLE_KEYS`` with fewer than ``SAMPLE_PER_VALUE`` runs in the draw, its next runs by hash."""
-    eligible = sorted((r for r in children if r.metrics), key=lambda r: _hash(r.run_id))
+    eligible = sorted((r for r in children if _logged(r)), key=lambda r: _hash(r.run_id))
     chosen = eligible[:bound]
     taken = {r.run_id for r in chosen}
     for key in SAMPLE_KEYS if len(eligible) > bound else ():
@@ -182,6 +183,13 @@ def choose_sample(children: list[RunRecord], bound: int = SAMPLE_RUNS) -> Sample
                 taken.add(record.run_id)
                 held[value] += 1
     return Sample([r.run_id for r in chosen], len(eligible), bound)
+
+
+def _logged(record: RunRecord) -> bool:
+    """Whether a run may have curves: it has a metric, or it did not fail (a pruned run without
+    diagnostics has only its curves, which the bulk read does not fetch)."""
+    failed = record.tags.get(names.OPTUNA_STATE_TAG) == "FAIL" or record.status in ("FAILED", "KILLED")
+    return bool(record.metrics) or not failed
 
 
 def _hash(run_id: str) -> bytes:

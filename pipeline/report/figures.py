@@ -30,6 +30,7 @@ from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullF
 from pipeline.record.trial_plot import FLOOR
 
 OUTCOMES = ("complete", "diverged", "pruned", "failed")
+BEST_PLACE_POINTS = 5000
 OUTCOME_COLORS = {
     "complete": "#2ca02c",
     "diverged": "#ff7f0e",
@@ -110,6 +111,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def fmt(value: Any) -> str:
     """An axis value as a label: floats to 3 significant digits."""
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _array(values: Iterable[float]) -> np.ndarray:
+    """Points for ``scatter`` as an array: matplotlib masks a list point by point (seconds at 10^5)."""
+    return np.fromiter(values, dtype=float)
 
 
 def _new(ncols: int, nrows: int = 1, size: tuple[float, float] = (5.0, 4.0), **kwargs):
@@ -238,7 +244,7 @@ def plot_accuracy_by_category(runs: list[TrialRun], keys: tuple[str, ...] = ("no
         )
         for i, values in enumerate(data, start=1):
             jitter = [i + 0.18 * ((k % 5) - 2) / 2 for k in range(len(values))]
-            ax.scatter(jitter, values, s=14, alpha=0.6, color="#1f77b4", zorder=3)
+            ax.scatter(_array(jitter), _array(values), s=14, alpha=0.6, color="#1f77b4", zorder=3)
         _label(ax, f"by {key}", key, "final test accuracy (fraction)", integer_x=False)
     axes[0, 0].set_ylim(-0.02, 1.02)
     fig.suptitle("Final test accuracy by " + " and by ".join(keys) + " (complete runs; box = quartiles, dots = runs)")
@@ -276,11 +282,17 @@ def plot_accuracy_vs_scale(
             if (initializer, value) in marks:
                 _mark_reference(ax, group, colors[value], fmt(value), *marks[initializer, value])
         _scale_axes(ax, scales, f"{fmt(initializer)}: final test accuracy against scale")
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc=_legend_place(members))
     for ax in list(axes.flat)[len(initializers) :]:
         ax.set_visible(False)
     fig.suptitle("Accuracy against scale, critical scale dashed (x = diverged)")
     return fig
+
+
+def _legend_place(points: list) -> str:
+    """Where a panel's legend goes: where it hides the fewest points, or, over ``BEST_PLACE_POINTS``
+    points (matplotlib counts them for each place it tries: seconds at 10^5), at the lower left."""
+    return "best" if len(points) <= BEST_PLACE_POINTS else "lower left"
 
 
 def _scale_figure(runs: list[TrialRun], done: list[TrialRun], key: str) -> Figure:
@@ -320,8 +332,8 @@ def _critical_marks(
 def _scale_series(ax, group: list[TrialRun], color, label: str) -> None:
     by_scale = group_runs(group, "scale")
     ax.plot(
-        list(by_scale),
-        [statistics.fmean(r.final_accuracy for r in g) for g in by_scale.values()],
+        _array(by_scale),
+        _array(statistics.fmean(r.final_accuracy for r in g) for g in by_scale.values()),
         color=color,
         alpha=0.5,
         linewidth=1,
@@ -329,14 +341,15 @@ def _scale_series(ax, group: list[TrialRun], color, label: str) -> None:
     ok = [r for r in group if not r.diverged]
     bad = [r for r in group if r.diverged]
     ax.scatter(
-        [r.axes["scale"] for r in ok],
-        [r.final_accuracy for r in ok],
+        _array(r.axes["scale"] for r in ok),
+        _array(r.final_accuracy for r in ok),
         color=color,
         s=28,
         label=f"{label} (n={len(group)})",
         zorder=3,
     )
-    ax.scatter([r.axes["scale"] for r in bad], [r.final_accuracy for r in bad], color=color, s=50, marker="x", zorder=3)
+    bad_x, bad_y = _array(r.axes["scale"] for r in bad), _array(r.final_accuracy for r in bad)
+    ax.scatter(bad_x, bad_y, color=color, s=50, marker="x", zorder=3)
 
 
 def _mark_reference(ax, group: list[TrialRun], color, label: str, predicted: float, source: str) -> None:
@@ -495,6 +508,13 @@ PREDICTED_RATIOS = (
     ("init_grad_norm_ratio", "theory_grad_norm_ratio", "backprop gradient ratio ‖∂L/∂h₁‖ / ‖∂L/∂h_L‖"),
     ("init_act_std_ratio", "theory_act_std_ratio", "activation std ratio, last / first hidden layer"),
 )
+#: Every epoch-0 metric the figures read: of a large study's runs the report reads only these.
+AT_INIT_KEYS = (
+    *(key for measured, predicted, _ in PREDICTED_RATIOS for key in (measured, predicted)),
+    "theory_sigma_w2",
+    "theory_critical_sigma_w2",
+    "theory_sigma_b2",
+)
 MARKERS = "osD^vP*Xh<>p"
 TRAINABLE_DEPTHS = 6.0  # Schoenholz et al. 2017: nets train up to about 6 xi_c layers
 SAME_SIGMA = 1.02  # grid points whose measured sigma_w^2 agree this closely share a column
@@ -541,7 +561,7 @@ def plot_theory_vs_measured(runs: list[TrialRun]) -> Figure:
             groups[run.axes.get("activation"), run.axes.get("initializer")].append(run)
         for (activation, initializer), group in groups.items():
             x, y = [r.at_init[predicted] for r in group], [r.at_init[measured] for r in group]
-            ax.scatter(x, y, color=colors[activation], marker=markers[initializer], s=26, alpha=0.75)
+            ax.scatter(_array(x), _array(y), color=colors[activation], marker=markers[initializer], s=26, alpha=0.75)
         _identity_line(ax, [v for r in pairs for v in (r.at_init[predicted], r.at_init[measured])])
         _label(ax, f"{what}\n(n = {len(pairs)} runs)", f"predicted ({predicted})", f"measured ({measured})", False)
     handles = _theory_legend(runs, colors, markers)
@@ -794,7 +814,8 @@ def plot_optimization_history(trials: list, objective: str, direction: str) -> F
     values = [t.values[0] for t in complete]
     pick: Callable = max if direction == "maximize" else min
     best = list(itertools.accumulate(values, pick))
-    ax.scatter(numbers, values, color="#1f77b4", s=24, zorder=3, label=f"complete trial (n={len(complete)})")
+    label = f"complete trial (n={len(complete)})"
+    ax.scatter(_array(numbers), _array(values), color="#1f77b4", s=24, zorder=3, label=label)
     ax.step(numbers, best, where="post", color="#d62728", label=f"best so far ({direction})")
     for state, name, marker in (("PRUNED", "pruned", "v"), ("FAIL", "failed", "x")):
         marked = [t.number for t in trials if t.state.name == state]
