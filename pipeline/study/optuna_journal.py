@@ -9,7 +9,8 @@ record's file offset, and Study.ask scans every trial. Here, below its public AP
   records after it; a snapshot that does not match the file's bytes is ignored;
 - ``held_appends`` and ``set_user_attrs`` write a trial's suggests, and its user attributes, in one
   append each;
-- the backend keeps one file offset, and param and attribute names are shared strings;
+- the backend keeps one file offset, param and attribute names are shared strings, and equal
+  distributions one object;
 - ``ask_new`` asks without the scan where the driver knows no trial is WAITING.
 
 Each private name used is listed in ``PRIVATE_OPTUNA_APIS`` (or the ``*_FIELDS`` tuples), tested in
@@ -36,6 +37,7 @@ PRIVATE_OPTUNA_APIS = (
     ("optuna.storages.journal._storage", "JournalOperation"),
     ("optuna.storages.journal._storage", "JournalStorage._sync_with_backend"),
     ("optuna.storages.journal._storage", "JournalStorage.restore_replay_result"),
+    ("optuna.storages.journal._storage", "json_to_distribution"),
 )
 #: Where Optuna's journal file backend keeps each record's file offset (pruned by ``JournalFile``).
 JOURNAL_FILE_OFFSETS = "_log_number_offset"
@@ -62,6 +64,8 @@ def ask_new(study):
 def _journal_file():
     """Optuna's journal file backend, whose appends can be held and written as one (``held_appends``)."""
     from optuna.storages.journal import JournalFileBackend
+
+    _share_distributions()
 
     class JournalFile(JournalFileBackend):
         held: Optional[list] = None
@@ -90,6 +94,15 @@ def _journal_file():
                 setattr(self, JOURNAL_FILE_OFFSETS, {0: 0, last: offsets[last]})
 
     return JournalFile
+
+
+def _share_distributions() -> None:
+    """One distribution object per distinct JSON in the replayed trials: the replay decodes one per
+    trial and param (~1 KB a trial), all equal; Optuna never changes a distribution in place."""
+    from optuna.storages.journal import _storage
+
+    if not hasattr(_storage.json_to_distribution, "cache_info"):
+        _storage.json_to_distribution = functools.lru_cache(maxsize=4096)(_storage.json_to_distribution)
 
 
 def _names_interned(log: dict) -> dict:

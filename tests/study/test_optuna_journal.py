@@ -90,3 +90,11 @@ def test_a_snapshot_that_no_longer_matches_its_journal_is_ignored(journal, monke
     assert len(read) == _records(journal)  # every record replayed: the snapshot was not used
     if damage == "rewritten before it":
         assert reopened[0][4]["n_seeds"] == 7  # the file's truth, not the snapshot's
+
+
+def test_replayed_trials_share_equal_distributions_and_names(journal):
+    trials = optuna.load_study(study_name="snap", storage=open_journal(journal)).trials
+    first, last = trials[0], trials[-1]
+    assert first.distributions["scale"] is last.distributions["scale"]  # one object, not one per trial
+    assert next(iter(first.params)) is next(iter(last.params))  # the name too
+    assert first.distributions["scale"] == optuna.distributions.FloatDistribution(0.1, 10.0, log=True)
