@@ -219,8 +219,7 @@ def submit(fn: Callable, payload: dict, cfg: ClusterConfig):
     Ray does not retry it: a retried generator's items would be taken for the first attempt's
     (Ray skips those it has already seen), so the driver retries a task whose worker died.
     """
-    remote = _remote(fn).options(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial, max_retries=0)
-    return remote.remote(payload)
+    return _with_resources(fn, cfg.cpus_per_trial, cfg.gpus_per_trial).remote(payload)
 
 
 @functools.cache
@@ -228,6 +227,13 @@ def _remote(fn: Callable):
     """``fn`` as a Ray remote function, made once: Ray pickles and exports a new one (~3 ms) on its
     first call in each session."""
     return ray.remote(fn)
+
+
+@functools.lru_cache(maxsize=64)
+def _with_resources(fn: Callable, cpus: float, gpus: float):
+    """``_remote(fn)`` with a task's resources, made once per resources: each ``options`` call
+    builds a wrapper class that Ray keeps (~150 bytes a task, for the driver's whole life)."""
+    return _remote(fn).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
 
 
 def next_item(stream) -> tuple[Optional[dict], Optional[str], bool]:
