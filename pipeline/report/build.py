@@ -162,8 +162,8 @@ class Sample:
             f"Drawn from a sample: the curves and per-layer tables of {len(self.run_ids):,} of the study's "
             f"{self.out_of:,} runs, chosen by a hash of the run id (a fixed pseudo-random "
             f"draw of {self.bound:,}, the same at every rebuild), plus runs of any {' or '.join(SAMPLE_KEYS)} "
-            f"the draw left with fewer than {SAMPLE_PER_VALUE}; n counts sampled runs. The other figures and "
-            "the tables use every run."
+            f"the draw left with fewer than {SAMPLE_PER_VALUE}; n counts sampled runs. Figures without such a "
+            "note, and the summary tables, use every run."
         )
 
 
