@@ -206,13 +206,13 @@ def _open_optuna_study(plan: StudyPlan) -> optuna.Study:
 
 def _recover_interrupted(study: optuna.Study, record: StudyRun) -> None:
     """Trials left RUNNING by a driver that died: mark them FAIL and queue their params again."""
+    ended = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         handle = optuna.trial.Trial(study, trial._trial_id)
-        handle.set_user_attr("interrupted", True)
-        handle.set_user_attr("failure_reason", "the driver stopped mid-trial")
-        frozen = study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        set_user_attrs(handle, {"interrupted": True, "failure_reason": "the driver stopped mid-trial"})
+        ended.append(study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True))
         study.enqueue_trial(trial.params, skip_if_exists=False)
-        record.trial_ended(frozen)
+    record.trials_ended(ended)
     record.close_stale_runs(reason="the driver stopped mid-trial")
 
 

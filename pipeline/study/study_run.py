@@ -18,10 +18,12 @@ from pipeline.config import ConfigError
 from pipeline.config.stores import masked, masked_tree
 from pipeline.record import names
 from pipeline.record.provenance import command_line
-from pipeline.record.runs import Run, find_runs, reopen_run, start_run, tag_run
+from pipeline.record.runs import Run, find_runs, reopen_run, runs_with_tag, start_run, tag_run
 from pipeline.record.uris import for_workers, local_store
 from pipeline.study.plan import StudyPlan
 from pipeline.study.summary import study_summary
+
+CLOCK_SKEW_S = 600  # how far a worker node's clock may lag the driver's
 
 
 @dataclass
@@ -104,11 +106,17 @@ class StudyRun:
             run.log_params({k: str(v) for k, v in params.items()})
             run.end("FAILED", reason=reason)
 
-    def trial_ended(self, frozen) -> None:
-        """Tag every run the store holds of a trial a dead driver left with Optuna's final state."""
-        tags = {names.STUDY_TAG: self.plan.cfg.study.name, names.OPTUNA_TRIAL_TAG: frozen.number}
-        for run_id in find_runs(self.plan.cfg.tracking, self.plan.cfg.study.name, tags):
-            tag_run(self.plan.cfg.tracking.uri, run_id, state_tags(frozen))
+    def trials_ended(self, frozen_trials: list) -> None:
+        """Tag every run the store holds of trials a dead driver left with Optuna's final state
+        (one read of the store, not a search per trial). A server is searched from the earliest
+        of their starts, less ``CLOCK_SKEW_S`` for nodes whose clocks differ."""
+        by_number = {str(frozen.number): frozen for frozen in frozen_trials}
+        starts = [frozen.datetime_start.timestamp() for frozen in frozen_trials if frozen.datetime_start]
+        since_ms = int((min(starts) - CLOCK_SKEW_S) * 1000) if starts else 0
+        cfg = self.plan.cfg
+        found = runs_with_tag(cfg.tracking, cfg.study.name, names.OPTUNA_TRIAL_TAG, set(by_number), since_ms)
+        for run_id, number in found:
+            tag_run(cfg.tracking.uri, run_id, state_tags(by_number[number]))
 
     def close_stale_runs(self, reason: str) -> None:
         """End the study's trial runs left RUNNING (by a dead driver, or a stopped study) as FAILED, with the reason."""

@@ -544,3 +544,23 @@ def test_a_fresh_store_opened_by_mlflow_and_a_study_at_once_opens_in_both(tmp_pa
         study = subprocess.run([sys.executable, "-c", ours, uri], capture_output=True, text=True, timeout=120)
         assert other.wait(timeout=120) == 0, other.stderr.read()[-500:]
         assert study.returncode == 0, study.stderr[-500:]
+
+
+@pytest.mark.parametrize("bulk", [True, False], ids=["database read", "search"])
+def test_runs_with_a_tag_among_values_are_found_in_one_read(tmp_path, monkeypatch, bulk):
+    """What a resume uses to find the runs of the trials a dead driver left (pipeline/study/study_run.py)."""
+    from pipeline.record import tables
+    from pipeline.record.runs import runs_with_tag
+
+    tracking = config_from_dict(
+        compose([*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/a"])
+    ).tracking
+    made = {}
+    for number in range(6):
+        with start_run(tracking, "tagged", tags={"optuna_trial": number}) as run:
+            made[run.run_id] = str(number)
+    if not bulk:
+        monkeypatch.setattr(tables, "readable", lambda uri: False)  # as for a server: MLflow's search
+    found = runs_with_tag(tracking, "tagged", "optuna_trial", {"1", "4", "9"}, since_ms=0)
+    assert sorted(found) == sorted((run_id, n) for run_id, n in made.items() if n in {"1", "4"})
+    assert runs_with_tag(tracking, "no such experiment", "optuna_trial", {"1"}, since_ms=0) == []
