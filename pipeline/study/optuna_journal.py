@@ -177,10 +177,21 @@ def open_journal(path: str):
     storage.restore_replay_result(snapshot["state"])
     if storage._replay_result is fresh:  # Optuna refused it (another version): replay it all
         return JournalStorage(_journal_file()(path))
+    _share_restored(storage._replay_result)
     setattr(backend, JOURNAL_FILE_OFFSETS, {0: 0, snapshot["log_number"]: snapshot["offset"]})
     with storage._thread_lock:
         storage._sync_with_backend()  # the records written after the snapshot
     return storage
+
+
+def _share_restored(replay) -> None:
+    """Equal distributions as one object, names as shared strings, in a restored state: a snapshot
+    keeps whatever sharing the process that wrote it had (one object per trial and param, ~1 KB a
+    trial, from a process that predates this)."""
+    canonical: dict = {}
+    for trial in getattr(replay, "_trials", {}).values():
+        trial.distributions = {sys.intern(k): canonical.setdefault(d, d) for k, d in trial.distributions.items()}
+        trial.params = {sys.intern(k): value for k, value in trial.params.items()}
 
 
 def save_snapshot(storage) -> bool:

@@ -92,7 +92,10 @@ def test_a_snapshot_that_no_longer_matches_its_journal_is_ignored(journal, monke
         assert reopened[0][4]["n_seeds"] == 7  # the file's truth, not the snapshot's
 
 
-def test_replayed_trials_share_equal_distributions_and_names(journal):
+@pytest.mark.parametrize("from_snapshot", [False, True], ids=["replayed", "from a snapshot"])
+def test_reopened_trials_share_equal_distributions_and_names(journal, from_snapshot):
+    if from_snapshot:
+        assert save_snapshot(open_journal(journal))
     trials = optuna.load_study(study_name="snap", storage=open_journal(journal)).trials
     first, last = trials[0], trials[-1]
     assert first.distributions["scale"] is last.distributions["scale"]  # one object, not one per trial
