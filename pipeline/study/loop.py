@@ -286,8 +286,9 @@ class _Loop:
     def abandon(self, reason: str) -> None:
         """Stop the tasks in flight and end their runs FAILED: a stopped study leaves none RUNNING.
 
-        Their Optuna trials stay RUNNING: a rerun of the study marks them FAIL and queues their
-        params again (``_recover_interrupted``).
+        Trials whose every seed came back are told to Optuna once the writers have ended their runs
+        (work done is kept); the others stay RUNNING: a rerun of the study marks them FAIL and
+        queues their params again (``_recover_interrupted``).
         """
         streams = list(self.pending)
         cluster.cancel(streams)
@@ -296,6 +297,7 @@ class _Loop:
             for task in self.pending.values():
                 self.writers.end_open(task.keys, reason)
             self.writers.sync()
+            self._tell_recorded(check_failures=False)
         self.pending.clear()
         self.record.close_stale_runs(reason=reason)
 
@@ -412,14 +414,14 @@ class _Loop:
         if len(pending.results) + len(pending.failures) == len(pending.seeds):
             self.recording.append(pending)
 
-    def _tell_recorded(self) -> None:
+    def _tell_recorded(self, check_failures: bool = True) -> None:
         """Tell Optuna the trials whose runs have all ended in the store."""
         recorded = [pending for pending in self.recording if self.writers.ended.issuperset(pending.keys)]
         for pending in recorded:
             self.recording.remove(pending)
-            self._tell(pending)
+            self._tell(pending, check_failures)
 
-    def _tell(self, pending: _Pending) -> None:
+    def _tell(self, pending: _Pending, check_failures: bool = True) -> None:
         del self.in_flight[pending.trial.number]
         for result in pending.results.values():
             result["run_id"] = self.writers.run_ids[result["run_key"]]
@@ -438,7 +440,8 @@ class _Loop:
             self.last_failure = frozen.user_attrs.get("failure_reason", "?")
         running = len({pending.trial.number for task in self.pending.values() for pending, _ in task.members})
         self.progress.update(frozen, running, queued=len(self.in_flight) - running, failed=self.failed)
-        self._check_failure_rate()
+        if check_failures:  # not while stopping: the study's own reason to stop stands
+            self._check_failure_rate()
 
     def _check_failure_rate(self) -> None:
         study_cfg = self.plan.cfg.study
