@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,16 +264,23 @@ class _Loop:
         self.recording_max = max(64, 4 * slots * self.batch_max)
 
     def run(self) -> None:
-        while self._wanted() > 0 or self.pending or self.queued or self.recording:
-            self._refill()
-            self._send()
-            if self.pending:
-                self._take_streams(RECORD_POLL_S if self.recording else POLL_S)
-                self.writers.poll()
-            else:
-                self.writers.poll(POLL_S)
-            self._tell_recorded()
+        with _interrupts_between_steps() as stop:
+            while self._wanted() > 0 or self.pending or self.queued or self.recording:
+                if stop:  # a Ctrl-C or SIGTERM came during the last step: stop here, between steps
+                    raise KeyboardInterrupt
+                self._step()
         self.progress.close()
+
+    def _step(self) -> None:
+        """Ask, send, take what came back, tell what is recorded."""
+        self._refill()
+        self._send()
+        if self.pending:
+            self._take_streams(RECORD_POLL_S if self.recording else POLL_S)
+            self.writers.poll()
+        else:
+            self.writers.poll(POLL_S)
+        self._tell_recorded()
 
     def _take_streams(self, timeout_s: float) -> None:
         ready = cluster.wait(list(self.pending), timeout_s)[0]
@@ -450,6 +459,33 @@ class _Loop:
                 f"{self.failed} of {self.done} trials failed (> study.max_failure_rate={study_cfg.max_failure_rate}); "
                 f"last reason: {self.last_failure}"
             )
+
+
+@contextlib.contextmanager
+def _interrupts_between_steps():
+    """Ctrl-C and SIGTERM noted, not raised mid-step, for the loop to stop between steps: raised
+    inside a step, they could leave a trial whose runs were written but whose outcome was never
+    read (recorded, not told). A second signal is raised at once. Yields a list that is non-empty
+    once a signal came."""
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def note(signum, frame):
+        if came:
+            raise KeyboardInterrupt
+        came.append(signum)
+
+    for signum, handler in previous.items():
+        if callable(handler):  # one that would raise (SIG_IGN and SIG_DFL are left as they are): deferred
+            signal.signal(signum, note)
+    try:
+        yield came
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _task_groups(members: list[tuple], batch_max: int, free: int) -> list[list[tuple]]:

@@ -202,3 +202,18 @@ def test_a_terminated_driver_stops_as_on_ctrl_c_leaving_its_record_whole(tmp_pat
         [client.get_experiment_by_name("term").experiment_id], "tags.`initstudy.role` = 'study'"
     )
     assert [p.info.status for p in parent] == ["KILLED"]
+
+
+def test_a_signal_during_a_loop_step_is_noted_for_the_step_to_end_and_a_second_is_raised():
+    """Raised mid-step, a Ctrl-C could leave a trial recorded but never told (pipeline/study/loop.py)."""
+    from pipeline.study.loop import _interrupts_between_steps
+
+    before = signal.getsignal(signal.SIGINT)
+    with _interrupts_between_steps() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the step goes on
+        assert stop == [signal.SIGINT]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the user insists
+            time.sleep(0.2)
+    assert signal.getsignal(signal.SIGINT) is before
