@@ -6,6 +6,7 @@ the same number of worker processes, and each figure is the median of --repeats 
 
     python scripts/bench.py                       # W16 and W64, 1-epoch overhead, diagnostics cost
     python scripts/bench.py --memory-trials 500   # plus driver memory over 500 tiny trials
+    python scripts/bench.py --resnet              # only ResNet-20 / CIFAR-10: engine vs bare loop (~15 min)
 
 Prints trials/min for each side and their ratio, the fixed per-trial overhead, the time from
 command to first trial running, the cost of diagnostics as a share of trial time and, with
