@@ -178,10 +178,9 @@ class Writers:
 
     def poll(self, timeout_s: float = 0.0) -> int:
         """Take in what the writers answered (waiting up to ``timeout_s`` for a first answer)."""
-        if timeout_s > 0 and not any(isinstance(c, _Inline) and c.answers for c in self.channels):
-            processes = [c.connection for c in self.channels if isinstance(c, _Process)]
-            if processes:
-                wait(processes, timeout_s)
+        processes = [c.connection for c in self.channels if isinstance(c, _Process)]  # none: answers are at hand
+        if timeout_s > 0 and processes:
+            wait(processes, timeout_s)
         answers = [answer for channel in self.channels for answer in channel.receive()]
         for answer in answers:
             self._take(answer)
