@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from pipeline.record.store import PRIVATE_MLFLOW_APIS
-from pipeline.record.tables import COLUMNS_READ, MODELS, PRIVATE_MLFLOW_TABLES
+from pipeline.record.tables import COLUMNS_READ, COLUMNS_WRITTEN, MODELS, PRIVATE_MLFLOW_TABLES
 from pipeline.study.cluster import PRIVATE_RAY_APIS
 from pipeline.study.optuna_journal import (
     JOURNAL_STORAGE_FIELDS,
@@ -123,3 +123,10 @@ def test_the_journal_keeps_no_offset_per_record_and_reads_on_from_its_last(tmp_p
     other = optuna.load_study(study_name="offsets", storage=open_storage(path))
     other.tell(ask_new(other), 20.0)  # another process's writes...
     assert [t.value for t in study.trials] == list(range(21))  # ...read on from where this one was
+
+
+@pytest.mark.parametrize("model, columns", COLUMNS_WRITTEN.items(), ids=lambda x: str(x))
+def test_the_bulk_writes_fill_every_column_of_mlflows_tables(model, columns):
+    # pipeline/record/tables.py inserts whole runs: a column MLflow adds must be looked at (and filled).
+    table = getattr(importlib.import_module(MODELS), model).__table__
+    assert set(columns) == set(table.columns.keys()), f"{model}: {set(table.columns.keys()) ^ set(columns)}"

@@ -21,8 +21,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.config import TrackingConfig
+from pipeline.record import tables
 from pipeline.record.provenance import provenance
-from pipeline.record.runs import FLUSH_EVERY_S, EndsOnExit, start_run  # MLflow only where a store is written
+from pipeline.record.runs import (  # MLflow only where a store is written
+    FLUSH_EVERY_S,
+    EndsOnExit,
+    WholeRun,
+    start_run,
+    write_whole_runs,
+)
 
 Outbox = Callable[[str, list], None]  # (run key, operations) -> None
 
@@ -120,6 +127,27 @@ class Replay:
     def __init__(self, tracking_cfg: TrackingConfig) -> None:
         self.tracking_cfg = tracking_cfg
         self.runs: dict[str, Any] = {}  # journal key -> runs.Run
+        self.writes_whole = tables.readable(tracking_cfg.uri)  # a database store: whole runs in bulk
+
+    def apply_many(self, flushes: list[tuple[str, list[tuple]]]) -> None:
+        """Flushes of several journals (``(key, ops)``, in order): those that are a whole run (a
+        short trial's, opened and ended in one flush) written together in one transaction."""
+        whole = [(key, ops) for key, ops in flushes if self._is_whole(ops)]
+        for key, ops in flushes:
+            if not self._is_whole(ops):
+                self.apply(key, ops)
+        if whole:
+            handles = write_whole_runs(self.tracking_cfg, [_whole_run(ops) for _, ops in whole])
+            self.runs.update(zip([key for key, _ in whole], handles))
+
+    def _is_whole(self, ops: list[tuple]) -> bool:
+        return (
+            self.writes_whole
+            and len(ops) > 1
+            and ops[0][0] == "open"
+            and ops[-1][0] == "end"
+            and bool(ops[0][1]["run_name"])
+        )
 
     def apply(self, key: str, ops: list[tuple]) -> None:
         """One flush of one journal; the run's buffered writes go to the store in one call."""
@@ -173,3 +201,30 @@ class Replay:
         """Drop finished journals: a long study's driver must not keep every run's handle."""
         for key in keys:
             self.runs.pop(key, None)
+
+
+def _whole_run(ops: list[tuple]) -> WholeRun:
+    """A journal's whole run (its one flush, ``open`` to ``end``) as a ``runs.WholeRun``."""
+    opening, end = ops[0][1], ops[-1]
+    run = WholeRun(
+        experiment=opening["experiment"],
+        run_name=opening["run_name"],
+        parent_run_id=opening["parent_run_id"],
+        opening_tags=opening["tags"],
+        reproducible=opening["reproducible"],
+        start_ms=opening["start_ms"],
+        status=end[1],
+        reason=end[2],
+        end_ms=end[3],
+    )
+    for op in ops[1:-1]:
+        if op[0] == "params":
+            run.params.update(op[1])
+            run.tags.update(op[2])
+        elif op[0] == "metrics":
+            run.metrics += [(key, value, op[3], op[1]) for key, value in op[2].items()]
+        elif op[0] == "tags":
+            run.tags.update(op[1])
+        elif op[0] == "files":
+            run.files.append((op[1], op[2]))
+    return run

@@ -9,6 +9,8 @@ from __future__ import annotations
 import socket
 import tempfile
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -17,13 +19,16 @@ from urllib.request import url2pathname
 from pipeline.config import ConfigError, TrackingConfig
 from pipeline.record import names
 from pipeline.record.provenance import provenance, reproduce_command
-from pipeline.record.store import client, ensure_experiment
+from pipeline.record.store import client, ensure_experiment, run_artifact_uri
 from pipeline.record.uris import local_store, resolve_uri
 
 PARAM_BATCH = 100  # MLflow's limit of params (and of tags) per log_batch call
 METRIC_BATCH = 1000  # MLflow's limit of metrics, and of all entities, per log_batch call
 FLUSH_EVERY_S = 2.0  # curves reach the store at least this often while a trial runs
 MAX_SEARCH_RESULTS = 5000
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param's value
+MAX_REASON_CHARS = 5000
+RUN_NAME_TAG = "mlflow.runName"  # MLflow's own: the name its UI shows
 
 
 class EndsOnExit:
@@ -61,7 +66,7 @@ class Run(EndsOnExit):
         """Params (and ``tags``), now or (``buffered``) in the next metric write."""
         from mlflow.entities import Param, RunTag
 
-        self._pending_params += [Param(k, v[:6000]) for k, v in params.items()]
+        self._pending_params += [Param(k, v[:MAX_PARAM_CHARS]) for k, v in params.items()]
         self._pending_tags += [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         if not buffered:
             self.flush()
@@ -131,7 +136,7 @@ class Run(EndsOnExit):
         if self.ended:
             return
         if reason:
-            self.set_tags({names.FAILURE_REASON_TAG: reason[:5000]}, buffered=True)
+            self.set_tags({names.FAILURE_REASON_TAG: reason[:MAX_REASON_CHARS]}, buffered=True)
         self.flush()
         self.client.set_terminated(self.run_id, status=status, end_time=end_ms)
         self.ended = True
@@ -171,14 +176,80 @@ def start_run(
     if parent_run_id:
         _check_parent_store(tracking.uri)
     experiment_id = ensure_experiment(tracking, experiment)
-    all_tags = {**provenance(), **{k: str(v) for k, v in (tags or {}).items()}}
-    if parent_run_id:
-        all_tags[names.PARENT_RUN_TAG] = parent_run_id
+    all_tags = _opening_tags(tags, parent_run_id)
     run = client(tracking.uri).create_run(experiment_id, start_time=start_ms, run_name=run_name, tags=all_tags)
     handle = Run(tracking.uri, run.info.run_id, run.info.artifact_uri)
     if reproducible:  # with the run's first write
         handle.set_tags({names.REPRODUCE_TAG: reproduce_command(handle.run_id)}, buffered=True)
     return handle
+
+
+def _opening_tags(tags: Optional[dict], parent_run_id: Optional[str]) -> dict[str, str]:
+    opening = {**provenance(), **{k: str(v) for k, v in (tags or {}).items()}}
+    if parent_run_id:
+        opening[names.PARENT_RUN_TAG] = parent_run_id
+    return opening
+
+
+@dataclass
+class WholeRun:
+    """A run known whole before it is written: what ``start_run``, the buffered writes and ``end``
+    would give MLflow, for ``write_whole_runs``."""
+
+    experiment: str
+    run_name: str
+    parent_run_id: Optional[str]
+    opening_tags: dict[str, str]
+    reproducible: bool
+    start_ms: int
+    status: str = "FINISHED"
+    end_ms: Optional[int] = None
+    reason: Optional[str] = None
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)  # set after the opening ones, in order
+    metrics: list[tuple[str, float, int, int]] = field(default_factory=list)  # (key, value, ms, step)
+    files: list[tuple[Optional[str], dict[str, bytes]]] = field(default_factory=list)  # (artifact dir, files)
+
+
+def write_whole_runs(tracking: TrackingConfig, whole: list[WholeRun]) -> list[Run]:
+    """Ended runs, written to a database store in one transaction (pipeline/record/tables.py):
+    the same record as ``start_run`` and its run's writes, ~10x cheaper. Their handles, ended."""
+    from pipeline.record import tables
+
+    handles, records = [], []
+    for run in whole:
+        handle, record = _whole_run_record(tracking, run)
+        for artifact_dir, files in run.files:
+            handle.log_files(files, artifact_dir)
+        handles.append(handle)
+        records.append(record)
+    tables.insert_runs(tracking.uri, records)
+    return handles
+
+
+def _whole_run_record(tracking: TrackingConfig, run: WholeRun) -> tuple[Run, dict]:
+    if run.parent_run_id:
+        _check_parent_store(tracking.uri)
+    experiment_id = ensure_experiment(tracking, run.experiment)
+    run_id = uuid.uuid4().hex
+    handle = Run(tracking.uri, run_id, run_artifact_uri(tracking.uri, experiment_id, run_id))
+    handle.ended = True
+    tags = _opening_tags(run.opening_tags, run.parent_run_id)
+    tags.setdefault(RUN_NAME_TAG, run.run_name)
+    if run.reproducible:
+        tags[names.REPRODUCE_TAG] = reproduce_command(run_id)
+    tags.update(run.tags)
+    if run.reason:
+        tags[names.FAILURE_REASON_TAG] = run.reason[:MAX_REASON_CHARS]
+    columns = {
+        "run_uuid": run_id, "name": run.run_name, "source_type": "UNKNOWN", "source_name": "",
+        "entry_point_name": "", "user_id": tags.get("mlflow.user", "unknown"), "status": run.status,
+        "start_time": run.start_ms, "end_time": run.end_ms or int(time.time() * 1000), "deleted_time": None,
+        "source_version": "", "lifecycle_stage": "active", "artifact_uri": handle.artifact_uri,
+        "experiment_id": int(experiment_id),
+    }  # fmt: skip
+    params = {k: v[:MAX_PARAM_CHARS] for k, v in run.params.items()}
+    return handle, {"run": columns, "tags": tags, "params": params, "metrics": run.metrics}
 
 
 def _check_parent_store(uri: str) -> None:

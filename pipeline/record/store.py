@@ -183,6 +183,18 @@ def _find_or_create_experiment(tracking: TrackingConfig, name: str) -> str:
         return mlflow_client.get_experiment_by_name(name).experiment_id
 
 
+def run_artifact_uri(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where MLflow puts a new run's artifacts: ``<experiment's artifact location>/<run id>/artifacts``."""
+    from mlflow.utils.uri import append_to_uri_path
+
+    return append_to_uri_path(_artifact_location(resolve_uri(uri), experiment_id), run_id, "artifacts")
+
+
+@functools.lru_cache(maxsize=64)
+def _artifact_location(resolved_uri: str, experiment_id: str) -> str:
+    return _client(resolved_uri).get_experiment(experiment_id).artifact_location
+
+
 def experiment_of(uri: str, run_id: str) -> str:
     """The name of the experiment a run belongs to."""
     mlflow_client = client(uri)

@@ -1,4 +1,5 @@
-"""A study's trial runs read in bulk, straight from a database store's tables.
+"""A study's trial runs read, and whole trial runs written, in bulk, straight from and to a
+database store's tables.
 
 MLflow's ``search_runs`` builds a ``Run`` entity with every param, tag and latest metric of each
 run: ~4 ms of CPU a run on sqlite (a trial run holds ~60 params, ~27 tags, ~18 metrics), 400 s for
@@ -9,6 +10,13 @@ number of runs. The queries are SQLAlchemy Core over MLflow's own table models, 
 private schema: the models and the columns read are named in ``PRIVATE_MLFLOW_TABLES`` and
 ``COLUMNS_READ`` (tests/test_private_apis.py fails loudly if an upgrade renames one). A server
 store (``http://``) is read through the client instead (pipeline/record/readback.py).
+
+Writing: MLflow's client spends ~30 ms of CPU on a tiny trial's run (create, one ``log_batch``,
+end: seven transactions of ORM work), the largest share of a small trial's whole cost. A run
+that a writer receives whole (opened and ended in one journal flush, pipeline/record/journal.py)
+is inserted instead, with many others, in one transaction: the rows MLflow's ``create_run``,
+``log_batch`` and ``set_terminated`` would leave (``COLUMNS_WRITTEN``; tests/record/test_tables.py
+compares the two, run by run).
 """
 
 from __future__ import annotations
@@ -33,6 +41,29 @@ COLUMNS_READ = {
     "SqlParam": ("run_uuid", "key", "value"),
     "SqlLatestMetric": ("run_uuid", "key", "value", "is_nan"),
     "SqlMetric": ("run_uuid", "key", "step", "value", "is_nan"),
+}
+#: The columns written, per model (``insert_runs``).
+COLUMNS_WRITTEN = {
+    "SqlRun": (
+        "run_uuid",
+        "name",
+        "source_type",
+        "source_name",
+        "entry_point_name",
+        "user_id",
+        "status",
+        "start_time",
+        "end_time",
+        "deleted_time",
+        "source_version",
+        "lifecycle_stage",
+        "artifact_uri",
+        "experiment_id",
+    ),
+    "SqlTag": ("run_uuid", "key", "value"),
+    "SqlParam": ("run_uuid", "key", "value"),
+    "SqlLatestMetric": ("run_uuid", "key", "value", "timestamp", "step", "is_nan"),
+    "SqlMetric": ("run_uuid", "key", "value", "timestamp", "step", "is_nan"),
 }
 DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's database stores
 HISTORY_CHUNK = 500  # run ids per metric-history query (well under every database's bound-parameter limit)
@@ -136,3 +167,60 @@ def _engine(resolved_uri: str):
     from sqlalchemy.pool import NullPool
 
     return sqlalchemy.create_engine(resolved_uri, poolclass=NullPool)
+
+
+def insert_runs(uri: str, runs: Sequence[dict[str, Any]]) -> None:
+    """Whole runs in one transaction. Each: ``{"run": {SqlRun column: value}, "tags": {key: value},
+    "params": {key: value}, "metrics": [(key, value, timestamp_ms, step), ...]}``; metrics are
+    stored as MLflow stores them (NaN as 0 with ``is_nan``, infinities clamped, exact repeats
+    dropped), each key's latest by (step, timestamp, value) in ``latest_metrics``."""
+    models = _models()
+    rows: dict[Any, list[dict]] = defaultdict(list)
+    for run in runs:
+        run_id = run["run"]["run_uuid"]
+        rows[models.SqlRun].append(run["run"])
+        rows[models.SqlTag] += [{"run_uuid": run_id, "key": k, "value": v} for k, v in run["tags"].items()]
+        rows[models.SqlParam] += [{"run_uuid": run_id, "key": k, "value": v} for k, v in run["params"].items()]
+        metrics = _metric_rows(run_id, run["metrics"])
+        rows[models.SqlMetric] += metrics
+        rows[models.SqlLatestMetric] += _latest(metrics)
+    with _write_engine(resolve_uri(uri)).begin() as connection:
+        for model in (models.SqlRun, models.SqlTag, models.SqlParam, models.SqlMetric, models.SqlLatestMetric):
+            if rows[model]:
+                connection.execute(model.__table__.insert(), rows[model])
+
+
+def _metric_rows(run_id: str, metrics: Iterable[tuple]) -> list[dict]:
+    unique = {}
+    for key, value, timestamp, step in metrics:
+        is_nan = math.isnan(value)
+        stored = 0.0 if is_nan else max(-_FLOAT_MAX, min(_FLOAT_MAX, value))
+        row = {"run_uuid": run_id, "key": key, "value": stored, "timestamp": timestamp, "step": step, "is_nan": is_nan}
+        unique.setdefault((key, stored, timestamp, step, is_nan), row)
+    return list(unique.values())
+
+
+_FLOAT_MAX = 1.7976931348623157e308  # SQL has no infinities: MLflow stores them as the largest double
+
+
+def _latest(metric_rows: list[dict]) -> list[dict]:
+    latest: dict[str, dict] = {}
+    for row in metric_rows:
+        held = latest.get(row["key"])
+        if held is None or (row["step"], row["timestamp"], row["value"]) > (
+            held["step"],
+            held["timestamp"],
+            held["value"],
+        ):
+            latest[row["key"]] = row
+    return list(latest.values())
+
+
+@functools.lru_cache(maxsize=8)
+def _write_engine(resolved_uri: str):
+    """A pooled engine for a writer's many transactions; on sqlite, one that waits for the other
+    writers' transactions (the file has one writer at a time) instead of failing after 5 s."""
+    import sqlalchemy
+
+    connect_args = {"timeout": 120} if resolved_uri.startswith("sqlite") else {}
+    return sqlalchemy.create_engine(resolved_uri, connect_args=connect_args)

@@ -5,7 +5,10 @@ metrics and tags, end it): written by the driver, that caps a study at ~20 trial
 core, whatever the cluster. ``Writers`` hands the workers' journal flushes
 (pipeline/record/journal.py) to ``study.writers`` processes (``python -m
 pipeline.record.writers FD``), each applying them with its own ``journal.Replay``. A run's flushes
-all go to one writer, chosen by its journal key, so each run is written once and in order.
+all go to one writer, chosen by its journal key, so each run is written once and in order. A
+writer takes its whole backlog at once: the short trials' runs in it, each whole in one flush, go
+to a database store in one transaction (pipeline/record/tables.py, ~3 ms of CPU a run instead of
+~30 through MLflow's client).
 
 Every message is plain data over a socket pair (``multiprocessing.connection``):
 
@@ -42,6 +45,7 @@ from pipeline.config import TrackingConfig
 
 WRITER_MODULE = "pipeline.record.writers"
 CLOSE_TIMEOUT_S = 60.0
+BATCH_MAX = 256  # messages a writer takes from its backlog at once
 _ROOT = Path(__file__).resolve().parents[2]  # where ``pipeline`` can be imported from
 
 
@@ -51,9 +55,26 @@ class WriterFailed(RuntimeError):
 
 def handle(replay, message: tuple) -> list[tuple]:
     """Apply one message to ``replay`` (a ``journal.Replay``); the answers it calls for."""
+    return handle_all(replay, [message])
+
+
+def handle_all(replay, messages: list[tuple]) -> list[tuple]:
+    """``handle`` over ``messages`` in order, each run of consecutive writes applied together
+    (whole runs in one transaction: pipeline/record/tables.py)."""
+    answers: list[tuple] = []
+    writes: list[tuple] = []
+    for message in messages:
+        if message[0] == "write":
+            writes.append(message)
+            continue
+        answers += _write_all(replay, writes)
+        writes = []
+        answers += _handle_other(replay, message)
+    return answers + _write_all(replay, writes)
+
+
+def _handle_other(replay, message: tuple) -> list[tuple]:
     kind = message[0]
-    if kind == "write":
-        return _write(replay, message[1], message[2])
     if kind == "end_open":
         keys, reason = message[1], message[2]
         return [("ended", key, replay.run_id(key)) for key in replay.end_open(keys, reason)]
@@ -66,11 +87,16 @@ def handle(replay, message: tuple) -> list[tuple]:
     return []
 
 
-def _write(replay, key: str, ops: list) -> list[tuple]:
-    replay.apply(key, ops)
-    answers = [("opened", key, replay.run_id(key))] if ops and ops[0][0] == "open" else []
-    if replay.ended(key):
-        answers.append(("ended", key, replay.run_id(key)))
+def _write_all(replay, writes: list[tuple]) -> list[tuple]:
+    if not writes:
+        return []
+    replay.apply_many([(key, ops) for _, key, ops in writes])
+    answers = []
+    for _, key, ops in writes:
+        if ops and ops[0][0] == "open":
+            answers.append(("opened", key, replay.run_id(key)))
+        if replay.ended(key):
+            answers.append(("ended", key, replay.run_id(key)))
     return answers
 
 
@@ -233,19 +259,40 @@ def _serve(connection: Connection) -> None:
 
     replay = Replay(tracking_cfg)
     while True:
-        message = inbox.get()
-        if message is None:  # the driver is gone: no run stays RUNNING
-            replay.end_open(list(replay.runs), "the study's driver stopped")
-            return
-        if message[0] == "close":
-            return
+        messages = _waiting(inbox)
+        last = messages[-1]
+        stopping = last is None or last[0] == "close"
         try:
-            answers = handle(replay, message)
+            answers = handle_all(replay, messages[:-1] if stopping else messages)
         except Exception:
-            connection.send(("failed", traceback.format_exc()))
+            _send_all(connection, [("failed", traceback.format_exc())])
             raise
+        _send_all(connection, answers)
+        if last is None:  # the driver is gone: no run stays RUNNING
+            replay.end_open(list(replay.runs), "the study's driver stopped")
+        if stopping:
+            return
+
+
+def _waiting(inbox: queue.Queue) -> list:
+    """The next message (waiting for it) and those queued behind it, up to ``BATCH_MAX`` or a
+    ``close`` (or the driver's end, None), which comes last: a busy writer's backlog is written in
+    a few transactions, not one each."""
+    messages = [inbox.get()]
+    while len(messages) < BATCH_MAX and messages[-1] is not None and messages[-1][0] != "close":
+        try:
+            messages.append(inbox.get_nowait())
+        except queue.Empty:
+            break
+    return messages
+
+
+def _send_all(connection: Connection, answers: list[tuple]) -> None:
+    try:
         for answer in answers:
             connection.send(answer)
+    except OSError:  # the driver is gone; its end (None) is next in the inbox
+        pass
 
 
 def _read(connection: Connection, inbox: queue.Queue) -> None:

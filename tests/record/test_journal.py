@@ -14,6 +14,7 @@ from pipeline.config import config_from_dict
 from pipeline.config.composition import compose
 from pipeline.record import journal
 from pipeline.record.runner import TrialRequest, run_recorded_batch, run_recorded_trial
+from pipeline.record.writers import handle_all
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,9 +39,9 @@ def _journaled(config: dict, experiment: str, **request) -> tuple[list, list[tup
 
 
 def _replayed(config: dict, flushes: list[tuple[str, list]]) -> journal.Replay:
+    """As a writer applies them: a whole run's flush in bulk (pipeline/record/tables.py)."""
     replay = journal.Replay(config_from_dict(config).tracking)
-    for key, ops in flushes:
-        replay.apply(key, ops)
+    handle_all(replay, [("write", key, ops) for key, ops in flushes])
     return replay
 
 
@@ -68,7 +69,8 @@ def _record(client, run_id: str) -> dict:
     }
 
 
-def test_a_journaled_trial_records_what_a_trial_recording_itself_does(store):
+def test_a_journaled_trial_records_what_a_trial_recording_itself_does(store, monkeypatch):
+    monkeypatch.setattr(journal, "FLUSH_EVERY_S", 120.0)  # "short" whatever the machine's load
     config = compose([*TINY, *store, "train.epochs=3", "activation=tanh", "tracking.layer_plot=true"])
     direct = run_recorded_trial(config, experiment="direct")
     outcomes, flushes = _journaled(config, "journaled")
