@@ -6,6 +6,7 @@ Three modes, each printing its figures (``--json FILE`` also writes them):
     python scripts/bench_scale.py --optuna --counts 1000,10000 --samplers random,tpe
     python scripts/bench_scale.py --pipeline 500                # the whole `pipeline run`, local Ray
     python scripts/bench_scale.py --cluster 500                 # the same on scripts/ray_cluster.sh's nodes
+    python scripts/bench_scale.py --pipeline 2000 --postgres    # recorded on scripts/postgres.sh's server
 
 ``--optuna``: Optuna alone, in this process, as the study's loop uses it (pipeline/study/loop.py):
 the sampler built by pipeline/study/plan.py's SAMPLERS, ``study.ask()``, the space's suggests, the
@@ -42,7 +43,6 @@ import math
 import os
 import resource
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -369,35 +369,54 @@ def watch_driver(
     return samples, writer_samples
 
 
-def child_runs(db: Path, name: str) -> list[dict]:
+def child_runs(store_url: str, name: str) -> list[dict]:
     """Every trial run of the study: id, status, start/end, val_accuracy points, Optuna trial number."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    rows = con.execute(
+    import sqlalchemy
+
+    query = sqlalchemy.text(
         """SELECT r.run_uuid, r.status, r.start_time, r.end_time,
                   (SELECT COUNT(DISTINCT m.step) FROM metrics m WHERE m.run_uuid = r.run_uuid AND m.key = 'val_accuracy'),
                   (SELECT t.value FROM tags t WHERE t.run_uuid = r.run_uuid AND t.key = 'optuna_trial')
            FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id
-           WHERE e.name = ? AND EXISTS (SELECT 1 FROM tags t WHERE t.run_uuid = r.run_uuid
-                 AND t.key = 'initstudy.role' AND t.value = 'trial')""",
-        (name,),
-    ).fetchall()
-    con.close()
+           WHERE e.name = :name AND EXISTS (SELECT 1 FROM tags t WHERE t.run_uuid = r.run_uuid
+                 AND t.key = 'initstudy.role' AND t.value = 'trial')"""
+    )
+    engine = sqlalchemy.create_engine(store_url)
+    with engine.connect() as connection:
+        rows = connection.execute(query, {"name": name}).fetchall()
+    engine.dispose()
     keys = ("run_id", "status", "start_ms", "end_ms", "val_points", "trial")
     return [dict(zip(keys, row)) for row in rows]
 
 
-def optuna_trials(journal: Path, name: str) -> dict:
+def optuna_trials(storage: str, name: str) -> dict:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sys.path.insert(0, str(ROOT))
     from pipeline.study.storage import open_storage
 
-    study = optuna.load_study(study_name=name, storage=open_storage(str(journal)))
+    study = optuna.load_study(study_name=name, storage=open_storage(storage))
     states: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         states[t.state.name] = states.get(t.state.name, 0) + 1
     return states
+
+
+def stores(folder: Path, name: str, postgres: bool) -> dict[str, str]:
+    """Where the study records: its MLflow store and its Optuna storage (a journal file, or with
+    ``--postgres`` scripts/postgres.sh's two databases: the server started if it is not running)."""
+    if not postgres:
+        return {
+            "tracking": f"sqlite:///{folder}/mlflow.db",
+            "optuna": str(folder / "studies" / name / "optuna.journal"),
+        }
+    script = str(ROOT / "scripts" / "postgres.sh")
+    subprocess.run(["bash", script, "start"], check=True, capture_output=True)
+    tracking, optuna_url = subprocess.run(
+        ["bash", script, "url"], check=True, capture_output=True, text=True
+    ).stdout.split()
+    return {"tracking": tracking, "optuna": optuna_url}
 
 
 def integrity(runs: list[dict], trials: dict, n: int) -> dict:
@@ -458,18 +477,26 @@ def memory(samples: list[tuple[float, float, float]], runs: list[dict]) -> dict:
 def study_run(trials: int, extra: list[str], env: dict, folder: Path, label: str, args) -> dict:
     """One tiny study through `python -m pipeline run`, measured (see the module's docstring);
     with ``args.attribute``, through ``driver_main``, which adds up where its CPU goes."""
-    name = f"scale{trials}"
-    cmd = tiny_study_cmd(folder, name, trials, extra)
+    name = f"scale{trials}-{folder.name}" if args.postgres else f"scale{trials}"  # a server keeps earlier studies
+    where = stores(folder, name, args.postgres)
+    cmd = [c for c in tiny_study_cmd(folder, name, trials, extra) if not c.startswith("tracking.uri=")]
+    stores_used = [
+        f"tracking.uri={where['tracking']}",
+        *([f"study.storage={where['optuna']}"] if args.postgres else []),
+    ]
+    cmd += stores_used
     if args.attribute:
         cmd = [sys.executable, __file__, "--driver", *cmd[4:]]  # cmd[:4]: python -m pipeline run
         env = {**env, "BENCH_SCALE_LEDGER": str(folder / "ledger.json")}
     started, before = time.perf_counter(), children_cpu_s()
     samples, writer_samples = watch_driver(cmd, env, folder / "driver.log", args.py_spy)
     wall, all_cpu = time.perf_counter() - started, children_cpu_s() - before
-    runs = child_runs(folder / "mlflow.db", name)
-    check = integrity(runs, optuna_trials(folder / "studies" / name / "optuna.journal", name), trials)
+    runs = child_runs(where["tracking"], name)
+    check = integrity(runs, optuna_trials(where["optuna"], name), trials)
     out = {
-        "mode": label,
+        "mode": f"{label}, postgres" if args.postgres else label,
+        "name": name,
+        "stores": stores_used,
         "trials": trials,
         "wall_s": wall,
         "driver_cpu_s": samples[-1][1],
@@ -501,11 +528,11 @@ def print_study(s: dict) -> None:
     )
 
 
-def report_time(folder: Path, name: str) -> dict:
+def report_time(folder: Path, name: str, stores_used: list[str]) -> dict:
     """`python -m pipeline report` of the study just run: wall and CPU seconds (its own and children's)."""
     cmd = [
         sys.executable, "-m", "pipeline", "report", name, f"study.output_dir={folder}/studies",
-        f"tracking.uri=sqlite:///{folder}/mlflow.db", f"tracking.artifact_root={folder}/artifacts",
+        f"tracking.artifact_root={folder}/artifacts", *stores_used,
     ]  # fmt: skip
     before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -678,7 +705,7 @@ def pipeline_mode(trials: int, args, cluster: bool) -> dict:
     else:
         out = study_run(trials, extra, dict(os.environ), folder, "local", args)
     if args.report:
-        out["report"] = report_time(folder, f"scale{trials}")
+        out["report"] = report_time(folder, out["name"], out["stores"])
     if not args.keep:
         shutil.rmtree(folder, ignore_errors=True)
     return out
@@ -723,6 +750,9 @@ def main() -> None:
     ap.add_argument("--load-from", type=int, default=10000, help="time opening the journal at counts from this on")
     ap.add_argument("--load-sampler", default="random", help="whose journals to time opening")
     ap.add_argument("--set", action="append", default=[], help="an extra override of the study (repeatable)")
+    ap.add_argument(
+        "--postgres", action="store_true", help="record on scripts/postgres.sh's server (MLflow and Optuna)"
+    )
     ap.add_argument("--report", action="store_true", help="also time `pipeline report` of the study")
     ap.add_argument("--keep", action="store_true", help="keep the study's folder (printed)")
     ap.add_argument("--head-port", type=int, default=6490, help="--cluster's GCS port (+1: the client server)")
