@@ -1,12 +1,13 @@
 """Scale benchmark: what a study of 10^3 to 10^5 trials costs its driver (issue 23).
 
-Three modes, each printing its figures (``--json FILE`` also writes them):
+Four modes, each printing its figures (``--json FILE`` also writes them):
 
     python scripts/bench_scale.py --optuna                      # ask + tell per trial, 1k/10k/100k
     python scripts/bench_scale.py --optuna --counts 1000,10000 --samplers random,tpe
     python scripts/bench_scale.py --pipeline 500                # the whole `pipeline run`, local Ray
     python scripts/bench_scale.py --cluster 500                 # the same on scripts/ray_cluster.sh's nodes
     python scripts/bench_scale.py --pipeline 2000 --postgres    # recorded on scripts/postgres.sh's server
+    python scripts/bench_scale.py --writers 3000 [--postgres]   # the MLflow writers alone, 0/1/2 processes
 
 ``--optuna``: Optuna alone, in this process, as the study's loop uses it (pipeline/study/loop.py):
 the sampler built by pipeline/study/plan.py's SAMPLERS, ``study.ask()``, the space's suggests, the
@@ -545,6 +546,76 @@ def report_time(folder: Path, name: str, stores_used: list[str]) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- the writers alone
+def writers_mode(runs: int, args) -> dict:
+    """How fast ``study.writers`` processes record: ``runs`` copies of one real tiny trial's
+    journal (one flush, open to end, as a short trial sends it) sent through
+    pipeline/record/writers.py's ``Writers`` with 0 (the driver itself), 1, 2... processes,
+    timed from the first send to the last run's "ended" answer. No Ray, no Optuna, no training:
+    the recording's own capacity, which a study's trials/s cannot exceed."""
+    sys.path.insert(0, str(ROOT))
+    results = {}
+    for processes in args.writer_counts:
+        folder = Path(tempfile.mkdtemp(prefix="bench_writers_"))
+        where = stores(folder, f"writers-{folder.name}", args.postgres)
+        tracking = writer_tracking(folder, where["tracking"])
+        results[processes] = time_writers(tracking, one_trial_flush(tracking, folder.name), runs, processes)
+        print(
+            f"writers={processes}: {runs} runs in {results[processes]['wall_s']:.1f} s, "
+            f"{results[processes]['runs_per_s']:.0f} runs/s, {results[processes]['writer_cpu_ms_per_run']:.1f} "
+            f"CPU-ms a run in the writers ({'postgres' if args.postgres else 'sqlite'})"
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+    return results
+
+
+def writer_tracking(folder: Path, uri: str):
+    from pipeline.config import config_from_dict
+    from pipeline.config.composition import compose
+    from pipeline.record.store import open_store
+
+    config = compose(
+        [*TINY_TRIAL, f"train.epochs={TINY_EPOCHS}", f"tracking.uri={uri}", f"tracking.artifact_root={folder}/a"]
+    )
+    open_store(uri)
+    return config_from_dict(config).tracking, config
+
+
+def one_trial_flush(tracking, experiment: str) -> list:
+    """A real tiny trial trained into a journal: its one flush's operations."""
+    from pipeline.record import journal
+    from pipeline.record.runner import TrialRequest, run_recorded_batch
+
+    flushes: list = []
+    journal.FLUSH_EVERY_S = 600.0  # one flush, however long this first trial's imports take
+    run_recorded_batch(
+        [TrialRequest(tracking[1], experiment, run_name="trial-0-seed-0")],
+        journal.journal_starter(lambda k, ops: flushes.append(ops)),
+    )
+    assert len(flushes) == 1, "a tiny trial's record travels in one flush"
+    return flushes[0]
+
+
+def time_writers(tracking, ops: list, runs: int, processes: int) -> dict:
+    from pipeline.record.writers import Writers
+
+    writers = Writers(tracking[0], processes)
+    keys = [f"bench-{i}" for i in range(runs)]
+    writers.sync()  # the processes started and MLflow imported: not part of their rate
+    pids = [c.process.pid for c in writers.channels if hasattr(c, "process")]
+    cpu_before = sum(proc_cpu_s(pid) or 0.0 for pid in pids) if pids else time.process_time()
+    started = time.perf_counter()
+    for key in keys:
+        writers.write(key, ops)
+        writers.poll()
+    while len(writers.ended) < runs:
+        writers.poll(1.0)
+    wall = time.perf_counter() - started
+    cpu = (sum(proc_cpu_s(pid) or 0.0 for pid in pids) if pids else time.process_time()) - cpu_before
+    writers.close()
+    return {"wall_s": wall, "runs_per_s": runs / wall, "writer_cpu_ms_per_run": 1000 * cpu / runs}
+
+
 # ---------------------------------------------------------------- where the driver's CPU goes
 #: (label, module, attribute path): the driver's functions whose own CPU time (their callees'
 #: timed separately) the ledger adds up; innermost wins, so the Optuna journal's writes are counted
@@ -718,6 +789,13 @@ def _counts(text: str) -> list[int]:
     return sorted(counts)
 
 
+def _process_counts(text: str) -> list[int]:
+    counts = [int(part) if part.strip().isdigit() else -1 for part in text.split(",") if part.strip()]
+    if not counts or any(n < 0 for n in counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give process counts of 0 or more, e.g. 0,1,2")
+    return counts
+
+
 def _names(valid: tuple[str, ...]):
     def parse(text: str) -> list[str]:
         names = [part.strip() for part in text.split(",") if part.strip()]
@@ -736,6 +814,8 @@ def main() -> None:
     ap.add_argument("--optuna", action="store_true", help="ask + tell per trial, per sampler and storage")
     ap.add_argument("--pipeline", type=int, default=0, metavar="N", help="a study of N tiny trials on a local Ray")
     ap.add_argument("--cluster", type=int, default=0, metavar="N", help="the same on a two-node Ray cluster")
+    ap.add_argument("--writers", type=int, default=0, metavar="N", help="N runs through the writers alone")
+    ap.add_argument("--writer-counts", type=_process_counts, default=[0, 1, 2], help="--writers' process counts")
     ap.add_argument("--counts", type=_counts, default=[1000, 10000, 100000], help="--optuna's trial counts")
     ap.add_argument(
         "--samplers",
@@ -772,8 +852,10 @@ def main() -> None:
         report["pipeline"] = pipeline_mode(args.pipeline, args, cluster=False)
     if args.cluster:
         report["cluster"] = pipeline_mode(args.cluster, args, cluster=True)
+    if args.writers:
+        report["writers"] = writers_mode(args.writers, args)
     if len(report) == 1:
-        ap.error("choose a mode: --optuna, --pipeline N or --cluster N")
+        ap.error("choose a mode: --optuna, --pipeline N, --cluster N or --writers N")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
 
