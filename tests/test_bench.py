@@ -168,3 +168,18 @@ def test_the_report_benchmark_grows_a_real_study_and_times_its_report(tmp_path):
         assert curves == 30
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_writers_benchmark_times_every_process_count_it_is_given(tmp_path):
+    """scripts/bench_scale.py --writers: a real tiny trial's journal written N times through 0 and 1
+    writer processes, each count's rate and CPU a run measured."""
+    out = tmp_path / "writers.json"
+    subprocess.run(
+        [sys.executable, "scripts/bench_scale.py", "--writers", "30", "--writer-counts", "0,1", "--json", str(out)],
+        cwd=ROOT,
+        check=True,
+        timeout=240,
+    )
+    figures = json.loads(out.read_text())["writers"]
+    assert set(figures) == {"0", "1"}
+    assert all(f["runs_per_s"] > 0 and f["writer_cpu_ms_per_run"] > 0 for f in figures.values())
