@@ -7,6 +7,7 @@ Four modes, each printing its figures (``--json FILE`` also writes them):
     python scripts/bench_scale.py --pipeline 500                # the whole `pipeline run`, local Ray
     python scripts/bench_scale.py --cluster 500                 # the same on scripts/ray_cluster.sh's nodes
     python scripts/bench_scale.py --pipeline 2000 --postgres    # recorded on scripts/postgres.sh's server
+    python scripts/bench_scale.py --pipeline 2000 --postgres mlflow   # MLflow there, Optuna's journal file
     python scripts/bench_scale.py --writers 3000 [--postgres]   # the MLflow writers alone, 0/1/2 processes
 
 ``--optuna``: Optuna alone, in this process, as the study's loop uses it (pipeline/study/loop.py):
@@ -404,20 +405,18 @@ def optuna_trials(storage: str, name: str) -> dict:
     return states
 
 
-def stores(folder: Path, name: str, postgres: bool) -> dict[str, str]:
-    """Where the study records: its MLflow store and its Optuna storage (a journal file, or with
-    ``--postgres`` scripts/postgres.sh's two databases: the server started if it is not running)."""
+def stores(folder: Path, name: str, postgres: Optional[str]) -> dict[str, str]:
+    """Where the study records: its MLflow store and its Optuna storage (a journal file; with
+    ``--postgres`` scripts/postgres.sh's databases, the server started if it is not running)."""
+    journal = str(folder / "studies" / name / "optuna.journal")
     if not postgres:
-        return {
-            "tracking": f"sqlite:///{folder}/mlflow.db",
-            "optuna": str(folder / "studies" / name / "optuna.journal"),
-        }
+        return {"tracking": f"sqlite:///{folder}/mlflow.db", "optuna": journal}
     script = str(ROOT / "scripts" / "postgres.sh")
     subprocess.run(["bash", script, "start"], check=True, capture_output=True)
     tracking, optuna_url = subprocess.run(
         ["bash", script, "url"], check=True, capture_output=True, text=True
     ).stdout.split()
-    return {"tracking": tracking, "optuna": optuna_url}
+    return {"tracking": tracking, "optuna": optuna_url if postgres == "all" else journal}
 
 
 def integrity(runs: list[dict], trials: dict, n: int) -> dict:
@@ -483,7 +482,7 @@ def study_run(trials: int, extra: list[str], env: dict, folder: Path, label: str
     cmd = [c for c in tiny_study_cmd(folder, name, trials, extra) if not c.startswith("tracking.uri=")]
     stores_used = [
         f"tracking.uri={where['tracking']}",
-        *([f"study.storage={where['optuna']}"] if args.postgres else []),
+        *([f"study.storage={where['optuna']}"] if args.postgres == "all" else []),
     ]
     cmd += stores_used
     if args.attribute:
@@ -495,7 +494,7 @@ def study_run(trials: int, extra: list[str], env: dict, folder: Path, label: str
     runs = child_runs(where["tracking"], name)
     check = integrity(runs, optuna_trials(where["optuna"], name), trials)
     out = {
-        "mode": f"{label}, postgres" if args.postgres else label,
+        "mode": f"{label}, postgres ({args.postgres})" if args.postgres else label,
         "name": name,
         "stores": stores_used,
         "trials": trials,
@@ -831,7 +830,11 @@ def main() -> None:
     ap.add_argument("--load-sampler", default="random", help="whose journals to time opening")
     ap.add_argument("--set", action="append", default=[], help="an extra override of the study (repeatable)")
     ap.add_argument(
-        "--postgres", action="store_true", help="record on scripts/postgres.sh's server (MLflow and Optuna)"
+        "--postgres",
+        nargs="?",
+        const="all",
+        choices=("all", "mlflow"),
+        help="record on scripts/postgres.sh's server: MLflow and Optuna (all), or MLflow only (Optuna's journal file)",
     )
     ap.add_argument("--report", action="store_true", help="also time `pipeline report` of the study")
     ap.add_argument("--keep", action="store_true", help="keep the study's folder (printed)")
