@@ -89,6 +89,7 @@ class _Phi:
         if activation_widening(cfg) != 1:
             raise ValueError(f"activation={cfg.name} is not elementwise: mean-field theory does not apply")
         self.module = build_activation(cfg).double()
+        self.key = repr(cfg)  # the activation and its options: what phi is
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)).requires_grad_(True)
@@ -321,6 +322,22 @@ def critical_sigma_w2(activation: ActivationConfig, sigma_b2: float) -> Optional
 
 
 def _critical(phi: _Phi, sigma_b2: float) -> Optional[float]:
+    """``critical_sigma_w2``, remembered per (activation, sigma_b^2): a study's trials share a few
+    (a trial's scale moves its sigma_w^2 only), and the root search is ~60% of a small trial's
+    predictions."""
+    key = (phi.key, sigma_b2)
+    if key not in _CRITICAL:
+        if len(_CRITICAL) >= _CRITICAL_KEPT:  # random biases: a new sigma_b^2 every trial
+            _CRITICAL.clear()
+        _CRITICAL[key] = _find_critical(phi, sigma_b2)
+    return _CRITICAL[key]
+
+
+_CRITICAL: dict[tuple[str, float], Optional[float]] = {}
+_CRITICAL_KEPT = 256
+
+
+def _find_critical(phi: _Phi, sigma_b2: float) -> Optional[float]:
     gaps = _critical_biases(phi, _Q_GRID) - sigma_b2
     for i in range(len(gaps) - 1):
         if gaps[i] == 0 or gaps[i] * gaps[i + 1] < 0:

@@ -61,6 +61,16 @@ def test_relu_is_critical_at_two_without_bias_and_never_with_one():
     assert theory.predict(RELU, 2.0, 0.05, depth=3).q_star == math.inf
 
 
+def test_the_remembered_critical_value_is_each_activations_own():
+    """Leaky ReLU is critical at 2 / (1 + slope^2): the value remembered for one slope (or one
+    sigma_b^2) is never another's."""
+    for slope in (0.01, 0.2, 0.01, 0.5):
+        leaky = ActivationConfig("leaky_relu", slope=slope)
+        assert theory.critical_sigma_w2(leaky, 0.0) == pytest.approx(2.0 / (1.0 + slope**2), rel=1e-9)
+    assert theory.critical_sigma_w2(TANH, 0.0) == pytest.approx(1.0, rel=1e-6)
+    assert theory.critical_sigma_w2(TANH, 0.05) == pytest.approx(1.76, abs=0.005)
+
+
 @pytest.mark.parametrize("sigma_w2", [0.5, 1.0, 1.5])
 def test_linear_net_multiplies_q_by_sigma_w2_per_layer(sigma_w2):
     mf = theory.predict(LINEAR, sigma_w2, 0.0, depth=6, q0=0.8)
