@@ -57,6 +57,20 @@ def test_a_trials_user_attributes_go_to_the_journal_in_one_append_and_read_back_
     assert reread.user_attrs == attrs and reread.value == 0.5
 
 
+def test_a_trials_user_attributes_go_to_a_database_in_one_transaction_and_read_back_as_set(tmp_path):
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(storage=url, study_name="attrs")
+    trial = study.ask()
+    rdb = study._storage._backend  # Optuna wraps its RDBStorage in a cache
+    rdb.set_trial_user_attr = lambda *a, **k: pytest.fail("one transaction an attribute")
+    attrs = {"seeds": [0, 1], "run_ids": ["a", "b"], "val_accuracy_std": 0.01, "n_seeds": 2}
+    set_user_attrs(trial, attrs)
+    assert trial.user_attrs == attrs
+    study.tell(trial, 0.5)
+    reread = optuna.load_study(study_name="attrs", storage=url).trials[0]
+    assert reread.user_attrs == attrs and reread.value == 0.5
+
+
 def test_an_asked_trials_storage_id_is_still_trial_id(tmp_path):
     # The driver hands a trial's storage id to the pruning oracle and re-opens interrupted trials by it.
     study = optuna.create_study()

@@ -8,7 +8,7 @@ record's file offset, and Study.ask scans every trial. Here, below its public AP
   writes one every ``SNAPSHOT_EVERY`` trials and when the study stops) and replays only the
   records after it; a snapshot that does not match the file's bytes is ignored;
 - ``held_appends`` and ``set_user_attrs`` write a trial's suggests, and its user attributes, in one
-  append each;
+  append each (``set_user_attrs`` also in one transaction of a database's RDB storage);
 - the backend keeps one file offset, param and attribute names are shared strings, and equal
   distributions one object;
 - ``ask_new`` asks without the scan where the driver knows no trial is WAITING.
@@ -38,6 +38,10 @@ PRIVATE_OPTUNA_APIS = (
     ("optuna.storages.journal._storage", "JournalStorage._sync_with_backend"),
     ("optuna.storages.journal._storage", "JournalStorage.restore_replay_result"),
     ("optuna.storages.journal._storage", "json_to_distribution"),
+    ("optuna.storages._rdb.storage", "_create_scoped_session"),
+    ("optuna.storages._rdb.storage", "RDBStorage._set_trial_attr_without_commit"),
+    ("optuna.storages._rdb.models", "TrialUserAttributeModel"),
+    ("optuna.storages._cached_storage", "_CachedStorage"),
 )
 #: Where Optuna's journal file backend keeps each record's file offset (pruned by ``JournalFile``).
 JOURNAL_FILE_OFFSETS = "_log_number_offset"
@@ -137,12 +141,42 @@ def held_appends(study) -> Iterator[None]:
 
 def set_user_attrs(trial, attrs: dict) -> None:
     """A trial's user attributes, in one append to a journal storage (a study trial sets seven: one
-    append each was ~1.5 ms of the driver's ~7 ms a trial); one by one on any other storage."""
+    append each was ~1.5 ms of the driver's ~7 ms a trial) or one transaction of a database's
+    (one each was ~2 ms); one by one on any other storage."""
     storage = trial.storage
-    if not (type(storage).__name__ == "JournalStorage" and all(hasattr(storage, f) for f in JOURNAL_STORAGE_FIELDS)):
+    rdb = _rdb_storage(storage)
+    if rdb is not None:
+        _set_rdb_user_attrs(rdb, trial._trial_id, attrs)
+    elif type(storage).__name__ == "JournalStorage" and all(hasattr(storage, f) for f in JOURNAL_STORAGE_FIELDS):
+        _append_user_attrs(storage, trial._trial_id, attrs)
+    else:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         return
+    trial._cached_frozen_trial.user_attrs.update(attrs)
+
+
+def _rdb_storage(storage):
+    """The ``RDBStorage`` behind ``storage`` (Optuna wraps one in a ``_CachedStorage``, which passes
+    user attributes straight through to it), or None."""
+    from optuna.storages import RDBStorage
+
+    if type(storage).__name__ == "_CachedStorage":
+        storage = getattr(storage, "_backend", None)
+    ready = isinstance(storage, RDBStorage) and hasattr(storage, "_set_trial_attr_without_commit")
+    return storage if ready else None
+
+
+def _set_rdb_user_attrs(rdb, trial_id: int, attrs: dict) -> None:
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(rdb.scoped_session, True) as session:
+        for key, value in attrs.items():
+            rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+
+
+def _append_user_attrs(storage, trial_id: int, attrs: dict) -> None:
     from optuna.storages.journal._storage import JournalOperation
 
     worker = storage._replay_result.worker_id
@@ -150,7 +184,7 @@ def set_user_attrs(trial, attrs: dict) -> None:
         {
             "op_code": JournalOperation.SET_TRIAL_USER_ATTR,
             "worker_id": worker,
-            "trial_id": trial._trial_id,
+            "trial_id": trial_id,
             "user_attr": {key: value},
         }
         for key, value in attrs.items()
@@ -158,7 +192,6 @@ def set_user_attrs(trial, attrs: dict) -> None:
     with storage._thread_lock:
         storage._backend.append_logs(logs)
         storage._sync_with_backend()
-    trial._cached_frozen_trial.user_attrs.update(attrs)
 
 
 def open_journal(path: str):
