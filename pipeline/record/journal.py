@@ -127,7 +127,7 @@ class Replay:
     def __init__(self, tracking_cfg: TrackingConfig) -> None:
         self.tracking_cfg = tracking_cfg
         self.runs: dict[str, Any] = {}  # journal key -> runs.Run
-        self.writes_whole = tables.readable(tracking_cfg.uri)  # a database store: whole runs in bulk
+        self.writes_whole = tables.writable(tracking_cfg.uri)  # a database store: whole runs in bulk
 
     def apply_many(self, flushes: list[tuple[str, list[tuple]]]) -> None:
         """Flushes of several journals (``(key, ops)``, in order): those that are a whole run (a

@@ -69,6 +69,16 @@ DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's database stor
 HISTORY_CHUNK = 500  # run ids per metric-history query (well under every database's bound-parameter limit)
 
 
+def writable(uri: str) -> bool:
+    """Whether whole runs may be inserted into ``uri``'s tables (``insert_runs``): the databases
+    whose inserts are tested against MLflow's own writes (sqlite here, PostgreSQL in the team
+    store's test); MySQL and SQL Server stay with MLflow's client."""
+    return uri.split(":", 1)[0].split("+", 1)[0] in WRITTEN_DATABASES
+
+
+WRITTEN_DATABASES = ("sqlite", "postgresql")
+
+
 def readable(uri: str) -> bool:
     """Whether ``uri`` is a database store these reads can query (not a server, not a file store)."""
     scheme = uri.split(":", 1)[0].split("+", 1)[0]

@@ -129,3 +129,19 @@ def test_a_long_runs_flushes_go_through_mlflow_while_whole_runs_go_in_bulk(track
     client = MlflowClient(tracking.uri)
     assert client.get_run(replay.run_id(key)).info.status == "FINISHED"
     assert client.get_run(replay.run_id("short")).data.metrics["final_accuracy"] == 0.25
+
+
+@pytest.mark.parametrize(
+    "uri, bulk",
+    [
+        ("sqlite:////tmp/x.db", True),
+        ("postgresql+psycopg2://u@h:5433/mlflow", True),
+        ("mysql+pymysql://u@h/mlflow", False),
+        ("http://127.0.0.1:5000", False),
+        ("file:///tmp/mlruns", False),
+    ],
+)
+def test_only_the_databases_held_to_mlflows_writes_take_whole_runs_in_bulk(uri, bulk):
+    from pipeline.record import tables
+
+    assert tables.writable(uri) is bulk
