@@ -325,7 +325,16 @@ def figure_specs(
     the caller started them early (else they are computed when their figure is drawn);
     ``sample_note``: ``Sample.note()``, added to the captions of the figures drawn from the sample."""
     sampled = f" {sample_note}" if sample_note else ""
-    weighed = f" {importances.note}" if isinstance(importances, Importances) and importances.note else ""
+    return [
+        *_outcome_figures(runs, sampled),
+        *_accuracy_figures(runs, references),
+        *_signal_figures(runs, sampled),
+        *_optuna_figures(optuna_study, optuna_note, objective, importances),
+    ]
+
+
+def _outcome_figures(runs: list[plots.TrialRun], sampled: str) -> list[FigureSpec]:
+    """Trial outcomes and convergence curves."""
     return [
         FigureSpec(
             "trial_outcomes",
@@ -351,6 +360,12 @@ def figure_specs(
             "The same curves grouped by activation function." + sampled,
             lambda: plots.plot_convergence(runs, "activation"),
         ),
+    ]
+
+
+def _accuracy_figures(runs: list[plots.TrialRun], references: Optional[dict[str, float]]) -> list[FigureSpec]:
+    """Final accuracy by initializer x activation, by normalization and batch size, against scale."""
+    return [
         FigureSpec(
             "final_accuracy_heatmap",
             "Final accuracy",
@@ -379,6 +394,12 @@ def figure_specs(
             "a star on the best mean measured. Otherwise one colour per initializer.",
             lambda: plots.plot_accuracy_vs_scale(runs, references=references, predicted=plots.critical_scales(runs)),
         ),
+    ]
+
+
+def _signal_figures(runs: list[plots.TrialRun], sampled: str) -> list[FigureSpec]:
+    """Signal propagation at init, unit health, theory beside measurement, the trainable region."""
+    return [
         FigureSpec(
             "signal_at_init",
             "Signal propagation at initialization",
@@ -408,6 +429,13 @@ def figure_specs(
             lambda: plots.plot_theory_vs_measured(runs),
         ),
         *_trainable_region(runs),
+    ]
+
+
+def _optuna_figures(optuna_study, optuna_note: str, objective: str, importances) -> list[FigureSpec]:
+    """Optuna's importances and history."""
+    weighed = f" {importances.note}" if isinstance(importances, Importances) and importances.note else ""
+    return [
         FigureSpec(
             "param_importances",
             "Optuna",
