@@ -557,8 +557,8 @@ def writers_mode(runs: int, args) -> dict:
     for processes in args.writer_counts:
         folder = Path(tempfile.mkdtemp(prefix="bench_writers_"))
         where = stores(folder, f"writers-{folder.name}", args.postgres)
-        tracking = writer_tracking(folder, where["tracking"])
-        results[processes] = time_writers(tracking, one_trial_flush(tracking, folder.name), runs, processes)
+        tracking_cfg, config = writer_config(folder, where["tracking"])
+        results[processes] = time_writers(tracking_cfg, one_trial_flush(config, folder.name), runs, processes)
         print(
             f"writers={processes}: {runs} runs in {results[processes]['wall_s']:.1f} s, "
             f"{results[processes]['runs_per_s']:.0f} runs/s, {results[processes]['writer_cpu_ms_per_run']:.1f} "
@@ -568,7 +568,8 @@ def writers_mode(runs: int, args) -> dict:
     return results
 
 
-def writer_tracking(folder: Path, uri: str):
+def writer_config(folder: Path, uri: str):
+    """A tiny trial's config recording to ``uri``, and its tracking section, the store made."""
     from pipeline.config import config_from_dict
     from pipeline.config.composition import compose
     from pipeline.record.store import open_store
@@ -580,7 +581,7 @@ def writer_tracking(folder: Path, uri: str):
     return config_from_dict(config).tracking, config
 
 
-def one_trial_flush(tracking, experiment: str) -> list:
+def one_trial_flush(config: dict, experiment: str) -> list:
     """A real tiny trial trained into a journal: its one flush's operations."""
     from pipeline.record import journal
     from pipeline.record.runner import TrialRequest, run_recorded_batch
@@ -588,17 +589,17 @@ def one_trial_flush(tracking, experiment: str) -> list:
     flushes: list = []
     journal.FLUSH_EVERY_S = 600.0  # one flush, however long this first trial's imports take
     run_recorded_batch(
-        [TrialRequest(tracking[1], experiment, run_name="trial-0-seed-0")],
+        [TrialRequest(config, experiment, run_name="trial-0-seed-0")],
         journal.journal_starter(lambda k, ops: flushes.append(ops)),
     )
     assert len(flushes) == 1, "a tiny trial's record travels in one flush"
     return flushes[0]
 
 
-def time_writers(tracking, ops: list, runs: int, processes: int) -> dict:
+def time_writers(tracking_cfg, ops: list, runs: int, processes: int) -> dict:
     from pipeline.record.writers import Writers
 
-    writers = Writers(tracking[0], processes)
+    writers = Writers(tracking_cfg, processes)
     keys = [f"bench-{i}" for i in range(runs)]
     writers.sync()  # the processes started and MLflow imported: not part of their rate
     pids = [c.process.pid for c in writers.channels if hasattr(c, "process")]
@@ -782,17 +783,18 @@ def pipeline_mode(trials: int, args, cluster: bool) -> dict:
 
 
 def _counts(text: str) -> list[int]:
-    counts = [int(part) if part.strip().isdigit() else -1 for part in text.split(",") if part.strip()]
-    if not counts or any(n <= 0 for n in counts):
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive trial counts, e.g. 1000,10000")
-    return sorted(counts)
+    return sorted(_numbers(text, least=1, example="1000,10000"))
 
 
 def _process_counts(text: str) -> list[int]:
-    counts = [int(part) if part.strip().isdigit() else -1 for part in text.split(",") if part.strip()]
-    if not counts or any(n < 0 for n in counts):
-        raise argparse.ArgumentTypeError(f"{text!r}: give process counts of 0 or more, e.g. 0,1,2")
-    return counts
+    return _numbers(text, least=0, example="0,1,2")
+
+
+def _numbers(text: str, least: int, example: str) -> list[int]:
+    numbers = [int(part) if part.strip().isdigit() else -1 for part in text.split(",") if part.strip()]
+    if not numbers or any(n < least for n in numbers):
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers of {least} or more, e.g. {example}")
+    return numbers
 
 
 def _names(valid: tuple[str, ...]):

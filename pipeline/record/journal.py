@@ -132,9 +132,11 @@ class Replay:
     def apply_many(self, flushes: list[tuple[str, list[tuple]]]) -> None:
         """Flushes of several journals (``(key, ops)``, in order): those that are a whole run (a
         short trial's, opened and ended in one flush) written together in one transaction."""
-        whole = [(key, ops) for key, ops in flushes if self._is_whole(ops)]
+        whole = []
         for key, ops in flushes:
-            if not self._is_whole(ops):
+            if self._is_whole(ops):
+                whole.append((key, ops))
+            else:
                 self.apply(key, ops)
         if whole:
             handles = write_whole_runs(self.tracking_cfg, [_whole_run(ops) for _, ops in whole])

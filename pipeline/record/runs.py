@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from pipeline.config import ConfigError, TrackingConfig
-from pipeline.record import names
+from pipeline.record import names, tables
 from pipeline.record.provenance import provenance, reproduce_command
 from pipeline.record.store import client, ensure_experiment, run_artifact_uri
 from pipeline.record.uris import local_store, resolve_uri
@@ -214,8 +214,6 @@ class WholeRun:
 def write_whole_runs(tracking: TrackingConfig, whole: list[WholeRun]) -> list[Run]:
     """Ended runs, written to a database store in one transaction (pipeline/record/tables.py):
     the same record as ``start_run`` and its run's writes, ~10x cheaper. Their handles, ended."""
-    from pipeline.record import tables
-
     handles, records = [], []
     for run in whole:
         handle, record = _whole_run_record(tracking, run)
@@ -319,8 +317,6 @@ def runs_with_tag(
     runs): a database store is read in bulk instead (that one tag of every run,
     pipeline/record/tables.py); a server is searched once, from ``since_ms`` on, every page.
     """
-    from pipeline.record import tables
-
     found = client(tracking.uri).get_experiment_by_name(experiment)
     if found is None or not values:
         return []
