@@ -161,8 +161,10 @@ def test_too_many_failures_stop_the_study_with_a_clear_error_and_a_report_of_wha
     )
     assert code == 1
     out, err = capsys.readouterr()
-    assert "trials failed (> study.max_failure_rate=0.5)" in err
-    assert "## Study allfail: 0 complete, 0 pruned, 2 failed" in out and "report: " in out
+    assert "2 of 2 trials failed (> study.max_failure_rate=0.5)" in err
+    # A trial already finished when the study stops is still told, so the summary may count more.
+    summary = re.search(r"## Study allfail: 0 complete, 0 pruned, (\d+) failed", out)
+    assert summary and 2 <= int(summary[1]) < 6 and "report: " in out
     client, parents, children = mlflow_runs(study_args, "allfail")
     assert parents[0].info.status == "FAILED" and "max_failure_rate" in parents[0].data.tags["failure_reason"]
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
