@@ -127,7 +127,7 @@ def load_dataset(cfg: DatasetConfig, device: str | torch.device = "cpu") -> Spli
     if cfg.classes is not None:
         parts, num_classes = _select_classes(parts, list(cfg.classes), raw.num_classes), len(cfg.classes)
     parts["train"] = _truncate(*parts["train"], cfg.max_train, cfg.split_seed)
-    shift, scale = _fit_norm(parts["train"][0], cfg.input_norm)
+    shift, scale = _norm_stats(cfg, parts["train"][0])
     tensors = {}
     for split, (x, y) in parts.items():
         tensors[f"x_{split}"] = torch.from_numpy(_apply_norm(x, shift, scale))
@@ -280,6 +280,23 @@ def _truncate(x: np.ndarray, y: np.ndarray, max_train: Optional[int], seed: int)
         return x, y
     keep = np.sort(np.random.default_rng(seed).permutation(len(y))[:max_train])
     return x[keep], y[keep]
+
+
+def _norm_stats(cfg: DatasetConfig, x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_fit_norm`` once per training split and kind in a process: a study's trials share them."""
+    classes = None if cfg.classes is None else tuple(cfg.classes)
+    key = (_raw_key(cfg), cfg.val_fraction, cfg.test_fraction, cfg.split_seed, classes, cfg.max_train, cfg.input_norm)
+    if key not in _NORM_STATS:
+        if len(_NORM_STATS) >= _NORM_STATS_KEPT:
+            _NORM_STATS.clear()
+        _NORM_STATS[key] = _fit_norm(x_train, cfg.input_norm)
+        for array in _NORM_STATS[key]:
+            array.setflags(write=False)
+    return _NORM_STATS[key]
+
+
+_NORM_STATS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_NORM_STATS_KEPT = 32  # a few KB each (one shift and one scale per feature)
 
 
 def _fit_norm(x_train: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:

@@ -113,11 +113,22 @@ def _gaussian_nodes(means: np.ndarray, stds: np.ndarray, points: int) -> tuple[n
     low, high = means - 10.0 * stds, means + 10.0 * stds
     bulk = low + (high - low) * np.linspace(0.0, 1.0, _BULK_PANELS + 1)
     edges = np.sort(np.concatenate([bulk, np.clip(_FINE_EDGES, low, high)], axis=1), axis=1)
-    half, middle = np.diff(edges, axis=1)[..., None] / 2, (edges[:, 1:] + edges[:, :-1])[..., None] / 2
-    x, w = _legendre(points)
-    nodes = (middle + half * x).reshape(len(means), -1)
-    density = np.exp(-0.5 * ((nodes - means) / stds) ** 2) / (stds * math.sqrt(2.0 * math.pi))
-    return nodes, (half * w).reshape(len(means), -1) * density
+    # (rows, points, panels): the panels innermost, as numpy's loops run fast only over a long last axis.
+    half, middle = np.diff(edges, axis=1)[:, None] / 2, (edges[:, 1:] + edges[:, :-1])[:, None] / 2
+    x, w = (a[:, None] for a in _legendre(points))
+    nodes = half * x
+    nodes += middle
+    nodes = nodes.reshape(len(means), -1)
+    # In place: a pair's inner rule has ~400k nodes, and a fresh array of that size costs more
+    # (its pages first touched) than the arithmetic.
+    weights = np.subtract(nodes, means)
+    weights /= stds
+    np.square(weights, out=weights)
+    weights *= -0.5
+    np.exp(weights, out=weights)
+    weights /= stds * math.sqrt(2.0 * math.pi)
+    weights *= (half * w).reshape(len(means), -1)
+    return nodes, weights
 
 
 def _moments(phi: _Phi, q: float) -> _Moments:
@@ -142,6 +153,8 @@ def _pair(phi: _Phi, q: float, c: float) -> tuple[float, float]:
     over u1, the expectation over u2 given u1 (mean c u1, std sqrt(q (1 - c^2)))."""
     u, w = _gaussian_nodes(0.0, math.sqrt(q), 6)
     f1, df1 = phi(u[0])
+    if c == 0.0:  # independent: each expectation factors (c* of an odd phi without bias)
+        return float(w[0] @ f1) ** 2, float(w[0] @ df1) ** 2
     spread = math.sqrt(q * max(1.0 - c * c, 0.0))
     if spread == 0.0:
         f2, df2 = phi(c * u[0])
@@ -155,7 +168,12 @@ def _pair(phi: _Phi, q: float, c: float) -> tuple[float, float]:
 
 
 def _length_gap(phi: _Phi, sigma_w2: float, sigma_b2: float) -> Callable[[float], float]:
-    return lambda q: sigma_w2 * _moments(phi, q).square + sigma_b2 - q
+    return lambda q: float(_length_gaps(phi, sigma_w2, sigma_b2, np.array([q]))[0])
+
+
+def _length_gaps(phi: _Phi, sigma_w2: float, sigma_b2: float, qs: np.ndarray) -> np.ndarray:
+    """How far the length map moves each q: sigma_w^2 E[phi^2] + sigma_b^2 - q."""
+    return sigma_w2 * _moment_table(phi, qs)[:, 1] + sigma_b2 - qs
 
 
 def _q_star(phi: _Phi, sigma_w2: float, sigma_b2: float, start: float) -> float:
@@ -168,7 +186,9 @@ def _q_star(phi: _Phi, sigma_w2: float, sigma_b2: float, start: float) -> float:
     moved = gap(start)
     if abs(moved) <= 1e-12 * start:
         return start
-    return _root_below(gap, start) if moved < 0 else _root_above(gap, start)
+    if moved < 0:
+        return _root_below(gap, start)
+    return _root_above(gap, start, functools.partial(_length_gaps, phi, sigma_w2, sigma_b2))
 
 
 def _root_below(gap: Callable[[float], float], start: float) -> float:
@@ -177,14 +197,14 @@ def _root_below(gap: Callable[[float], float], start: float) -> float:
     return optimize.brentq(gap, _Q_FLOOR, start, xtol=_Q_FLOOR * 1e-3, rtol=1e-13)
 
 
-def _root_above(gap: Callable[[float], float], start: float) -> float:
-    low = start
-    while low < _Q_CEIL:
-        high = 4.0 * low
-        if gap(high) < 0:
-            return optimize.brentq(gap, low, high, rtol=1e-13)
-        low = high
-    return math.inf  # q grows without bound (ReLU with chi_1 > 1, or sigma_w^2 = 2 and sigma_b > 0)
+def _root_above(gap: Callable[[float], float], start: float, gaps: Callable[[np.ndarray], np.ndarray]) -> float:
+    """The first root above ``start``, bracketed on the ladder start * 4^k up to _Q_CEIL, whose
+    rungs are evaluated together (one call of phi: a growing q often climbs every rung)."""
+    rungs = start * 4.0 ** np.arange(math.ceil(math.log(_Q_CEIL / start, 4.0)) + 1)
+    below = np.flatnonzero(gaps(rungs[1:]) < 0)
+    if not below.size:
+        return math.inf  # q grows without bound (ReLU with chi_1 > 1, or sigma_w^2 = 2 and sigma_b > 0)
+    return optimize.brentq(gap, rungs[below[0]], rungs[below[0] + 1], rtol=1e-13)
 
 
 def _evaluated(q: float) -> float:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import Tensor, nn
 
 from pipeline.config import ConfigError, one_line
@@ -15,10 +15,18 @@ from pipeline.config import ConfigError, one_line
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
     """Write ``model.state_dict()`` to a safetensors file (creating its directory)."""
-    # clone: safetensors refuses tensors that share storage (tied weights) or are not contiguous.
-    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
+    save_file(_saveable(model), str(path))
+
+
+def weights_bytes(model: nn.Module) -> bytes:
+    """``model.state_dict()`` as the content of a safetensors file."""
+    return save(_saveable(model))
+
+
+def _saveable(model: nn.Module) -> dict[str, Tensor]:
+    # clone: safetensors refuses tensors that share storage (tied weights) or are not contiguous.
+    return {key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()}
 
 
 def load_weights_file(path: str | Path) -> dict[str, Tensor]:

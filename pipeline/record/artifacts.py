@@ -4,6 +4,7 @@ pretrained starts, the report)."""
 from __future__ import annotations
 
 import csv
+import io
 import os
 import shutil
 import tempfile
@@ -27,34 +28,36 @@ _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def log_trial_artifacts(recorder, config: dict, layer_table: list[dict], model=None, plot: bool = True) -> None:
-    """The resolved config, the per-layer diagnostics (CSV and plot) and the final weights, in one upload.
+    """The resolved config, the per-layer diagnostics (CSV and plot) and the final weights, in one
+    upload, made in memory: a short trial's temporary directory cost as much as its record.
 
     ``recorder``: a ``runs.Run`` or a journal's run (pipeline/record/journal.py).
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        (root / names.CONFIG_ARTIFACT).write_text(yaml.dump(masked_tree(config), Dumper=_YAML_DUMPER, sort_keys=False))
-        if layer_table:
-            (root / names.LAYERS_ARTIFACT).parent.mkdir(parents=True, exist_ok=True)
-            _write_csv(root / names.LAYERS_ARTIFACT, layer_table)
-            if plot:
-                from pipeline.record.trial_plot import plot_signal_by_depth
+    config_text = yaml.dump(masked_tree(config), Dumper=_YAML_DUMPER, sort_keys=False)
+    files = {names.CONFIG_ARTIFACT: config_text.encode()}
+    if layer_table:
+        files[names.LAYERS_ARTIFACT] = _csv_bytes(layer_table)
+        if plot:
+            from pipeline.record.trial_plot import plot_signal_by_depth
 
-                plot_signal_by_depth(layer_table, root / names.LAYER_PLOT_ARTIFACT)
-        if model is not None:
-            from pipeline.engine.weights import save_weights
+            figure = io.BytesIO()
+            plot_signal_by_depth(layer_table, figure)
+            files[names.LAYER_PLOT_ARTIFACT] = figure.getvalue()
+    if model is not None:
+        from pipeline.engine.weights import weights_bytes
 
-            save_weights(model, root / names.WEIGHTS_ARTIFACT)
-        recorder.log_dir(root)
+        files[names.WEIGHTS_ARTIFACT] = weights_bytes(model)
+    recorder.log_files(files)
 
 
-def _write_csv(path: Path, rows: Iterable[dict]) -> None:
+def _csv_bytes(rows: Iterable[dict]) -> bytes:
     rows = list(rows)
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue().encode()
 
 
 def download_weights(run_id: str, tracking_uri: Optional[str] = None) -> Path:

@@ -63,7 +63,11 @@ class JournalRun(EndsOnExit):
             for path in sorted(Path(local_dir).rglob("*"))
             if path.is_file()
         }
-        self._add(("files", artifact_dir, files), buffered=True)
+        self.log_files(files, artifact_dir)
+
+    def log_files(self, files: dict[str, bytes], artifact_dir: Optional[str] = None) -> None:
+        """Files given as ``{relative path: content}``, as ``runs.Run.log_files`` takes them."""
+        self._add(("files", artifact_dir, dict(files)), buffered=True)
 
     def end(self, status: str, reason: Optional[str] = None) -> None:
         if self.ended:

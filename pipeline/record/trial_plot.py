@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import matplotlib
 
@@ -12,7 +13,7 @@ import matplotlib.pyplot as plt
 FLOOR = 1e-12  # a log axis cannot show 0 (zeros init): such points are drawn at this floor
 
 
-def plot_signal_by_depth(layer_table: list[dict], path: Path) -> None:
+def plot_signal_by_depth(layer_table: list[dict], path: Path | BinaryIO) -> None:
     """Activation std and backprop gradient norm by layer, one line per diagnosed epoch (log y)."""
     epochs = sorted({row["epoch"] for row in layer_table})
     shown = epochs if len(epochs) <= 4 else [epochs[0], epochs[1], epochs[len(epochs) // 2], epochs[-1]]
@@ -25,7 +26,7 @@ def plot_signal_by_depth(layer_table: list[dict], path: Path) -> None:
         axes[1].plot(layers, [above_floor(r["grad_norm"]) for r in rows], marker="o", label=label)
     _style(axes[0], "Activation std by depth", "std of layer output")
     _style(axes[1], "Backprop gradient by depth", "||dL/dh|| (pre-activation)")
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 

@@ -198,6 +198,17 @@ def test_norm_fitted_on_train_only(kind):
     assert normed.x_val.reshape(len(normed.x_val), -1).mean(0).abs().max() > 1e-3  # not refitted on val
 
 
+@pytest.mark.parametrize(
+    "recipe", [{"max_train": 100}, {"classes": [7, 3]}, {"split_seed": 5}, {"val_fraction": 0.3}, {}]
+)
+def test_norm_statistics_are_kept_per_training_split(recipe):
+    # The statistics are remembered per process: another training split must not reuse them.
+    load(input_norm="zscore")
+    raw, normed = load(input_norm="none", **recipe), load(input_norm="zscore", **recipe)
+    for expected, (got, _) in zip(manual_norm(raw, "zscore"), all_splits(normed)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_unknown_input_norm_lists_valid():
     with pytest.raises(ConfigError, match="none, zscore, minmax"):
         load(input_norm="whiten")

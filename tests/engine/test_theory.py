@@ -71,6 +71,23 @@ def test_the_remembered_critical_value_is_each_activations_own():
     assert theory.critical_sigma_w2(TANH, 0.05) == pytest.approx(1.76, abs=0.005)
 
 
+@pytest.mark.parametrize("c", [0.0, 0.5, 0.9, 1.0])
+def test_relu_pair_expectations_are_the_arc_cosine_kernel(c):
+    """Cho & Saul's arc-cosine kernels: E[phi phi] = q (sin t + (pi - t) cos t) / (2 pi) and
+    E[phi' phi'] = (pi - t) / (2 pi), t = arccos c (c = 0: independent inputs, the factored rule)."""
+    q, t = 1.7, math.acos(c)
+    pair = theory._pair(theory._Phi(RELU), q, c)
+    assert pair == pytest.approx((q * (math.sin(t) + (math.pi - t) * c) / (2 * math.pi), (math.pi - t) / (2 * math.pi)))
+
+
+@pytest.mark.parametrize("sigma_w2, sigma_b2, q0", [(30.0, 0.0, 1e-4), (3.0, 0.3, 1e-3)])
+def test_a_growing_length_map_stops_at_its_fixed_point(sigma_w2, sigma_b2, q0):
+    """q* several rungs above the first layer's q: the root itself, not the rung that brackets it."""
+    mf = theory.predict(TANH, sigma_w2, sigma_b2, depth=2, q0=q0)
+    length = lambda q: sigma_w2 * _gaussian_mean(lambda u: math.tanh(u) ** 2, q) + sigma_b2 - q  # noqa: E731
+    assert mf.q[0] < mf.q_star == pytest.approx(optimize.brentq(length, 1e-3, 100.0), rel=1e-8)
+
+
 @pytest.mark.parametrize("sigma_w2", [0.5, 1.0, 1.5])
 def test_linear_net_multiplies_q_by_sigma_w2_per_layer(sigma_w2):
     mf = theory.predict(LINEAR, sigma_w2, 0.0, depth=6, q0=0.8)
