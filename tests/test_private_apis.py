@@ -71,6 +71,33 @@ def test_a_trials_user_attributes_go_to_a_database_in_one_transaction_and_read_b
     assert reread.user_attrs == attrs and reread.value == 0.5
 
 
+def test_a_trials_suggests_held_go_to_a_database_in_one_transaction_and_read_back_as_suggested(tmp_path):
+    from sqlalchemy import event
+
+    from pipeline.study.optuna_journal import held_appends
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(storage=url, study_name="held", sampler=optuna.samplers.RandomSampler(0))
+    study.tell(study.ask({"depth": optuna.distributions.IntDistribution(1, 8)}), 0.1)  # a distribution to check against
+    commits = []
+    event.listen(study._storage._backend.engine, "commit", lambda connection: commits.append(1))
+    trial = ask_new(study)
+    commits.clear()
+    with held_appends(study):
+        suggested = {
+            "scale": trial.suggest_float("scale", 0.01, 100.0, log=True),
+            "activation": trial.suggest_categorical("activation", ["relu", "tanh"]),
+            "depth": trial.suggest_int("depth", 1, 8),
+        }
+        assert not commits  # nothing written yet
+    assert len(commits) == 1  # the three params in one transaction
+    study.tell(trial, 0.5)
+    reread = optuna.load_study(study_name="held", storage=url).trials[1]
+    assert reread.params == suggested and reread.value == 0.5
+    with pytest.raises(ValueError, match="different distribution"), held_appends(study):  # still checked
+        ask_new(study).suggest_categorical("depth", ["a", "b"])
+
+
 def test_an_asked_trials_storage_id_is_still_trial_id(tmp_path):
     # The driver hands a trial's storage id to the pruning oracle and re-opens interrupted trials by it.
     study = optuna.create_study()

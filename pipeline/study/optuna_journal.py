@@ -40,6 +40,8 @@ PRIVATE_OPTUNA_APIS = (
     ("optuna.storages.journal._storage", "json_to_distribution"),
     ("optuna.storages._rdb.storage", "_create_scoped_session"),
     ("optuna.storages._rdb.storage", "RDBStorage._set_trial_attr_without_commit"),
+    ("optuna.storages._rdb.storage", "RDBStorage._set_trial_param"),
+    ("optuna.storages._rdb.storage", "RDBStorage._set_trial_param_without_commit"),
     ("optuna.storages._rdb.models", "TrialUserAttributeModel"),
     ("optuna.storages._cached_storage", "_CachedStorage"),
 )
@@ -122,14 +124,25 @@ def _names_interned(log: dict) -> dict:
 
 @contextlib.contextmanager
 def held_appends(study) -> Iterator[None]:
-    """The journal records written inside, written at its end in one append (one lock, write and
-    fsync: ~0.4 ms each with its read back). For a trial's suggests, which each write a record:
-    until the end, Optuna's copy of the trial lacks the params suggested inside (the suggests'
-    own answers, which the space uses, do not), so nothing inside may read them back."""
-    backend = getattr(getattr(study, "_storage", None), "_backend", None)
-    if not isinstance(backend, _journal_file()) or backend.held is not None:
+    """The params a trial's suggests set inside, written at its end at once: in one append to a
+    journal (one lock, write and fsync: ~0.4 ms each with its read back), or in one transaction of
+    a database's (each its own was ~1.6 ms on PostgreSQL). Until the end, Optuna's copy of the
+    trial lacks the params suggested inside (the suggests' own answers, which the space uses, do
+    not), so nothing inside may read them back."""
+    storage = getattr(study, "_storage", None)
+    backend, rdb = getattr(storage, "_backend", None), _rdb_storage(storage)
+    if isinstance(backend, _journal_file()) and backend.held is None:
+        with _held_journal_records(backend):
+            yield
+    elif rdb is not None and hasattr(rdb, "_set_trial_param_without_commit") and "_set_trial_param" not in vars(rdb):
+        with _held_rdb_params(rdb):
+            yield
+    else:
         yield
-        return
+
+
+@contextlib.contextmanager
+def _held_journal_records(backend) -> Iterator[None]:
     backend.held = []
     try:
         yield
@@ -137,6 +150,24 @@ def held_appends(study) -> Iterator[None]:
         logs, backend.held = backend.held, None
         if logs:
             backend.append_logs(logs)
+
+
+@contextlib.contextmanager
+def _held_rdb_params(rdb) -> Iterator[None]:
+    """``RDBStorage._set_trial_param`` calls (a suggest's write, through Optuna's cache or not)
+    kept, then made in one session."""
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    held: list[tuple] = []
+    rdb._set_trial_param = lambda *args: held.append(args)  # this instance's, for the block alone
+    try:
+        yield
+    finally:
+        del rdb._set_trial_param
+        if held:
+            with _create_scoped_session(rdb.scoped_session, True) as session:
+                for args in held:
+                    rdb._set_trial_param_without_commit(session, *args)
 
 
 def set_user_attrs(trial, attrs: dict) -> None:
