@@ -310,8 +310,8 @@ def find_runs(
 
 def runs_with_tag(
     tracking: TrackingConfig, experiment: str, key: str, values: set[str], since_ms: int
-) -> list[tuple[str, str]]:
-    """(id, value) of the runs in ``experiment`` whose tag ``key`` is one of ``values``.
+) -> list[tuple[str, str, str]]:
+    """(id, value, status) of the runs in ``experiment`` whose tag ``key`` is one of ``values``.
 
     MLflow's search takes one value a query, each a scan of the whole experiment (~1 s at 10^4
     runs): a database store is read in bulk instead (that one tag of every run,
@@ -322,14 +322,15 @@ def runs_with_tag(
         return []
     if tables.readable(tracking.uri):
         runs = tables.experiment_runs(tracking.uri, found.experiment_id, params=[], tags=[key], metrics=[])
-        return [(run_id, run["tags"][key]) for run_id, run in runs.items() if run["tags"].get(key) in values]
+        found = [(run_id, run["tags"].get(key), run["status"]) for run_id, run in runs.items()]
+        return [run for run in found if run[1] in values]
     query = f"attributes.start_time >= {int(since_ms)}"
     ids, token = [], None
     while True:
         page = client(tracking.uri).search_runs(
             [found.experiment_id], query, max_results=MAX_SEARCH_RESULTS, page_token=token
         )
-        ids += [(r.info.run_id, r.data.tags[key]) for r in page if r.data.tags.get(key) in values]
+        ids += [(r.info.run_id, r.data.tags[key], r.info.status) for r in page if r.data.tags.get(key) in values]
         token = page.token
         if not token:
             return ids

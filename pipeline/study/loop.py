@@ -208,14 +208,14 @@ def _open_optuna_study(plan: StudyPlan) -> optuna.Study:
 
 def _recover_interrupted(study: optuna.Study, record: StudyRun) -> None:
     """Trials left RUNNING by a driver that died: mark them FAIL and queue their params again."""
-    ended = []
+    ended, reason = [], "the driver stopped mid-trial"
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         handle = optuna.trial.Trial(study, trial._trial_id)
-        set_user_attrs(handle, {"interrupted": True, "failure_reason": "the driver stopped mid-trial"})
+        set_user_attrs(handle, {"interrupted": True, "failure_reason": reason})
         ended.append(study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True))
         study.enqueue_trial(trial.params, skip_if_exists=False)
-    record.trials_ended(ended)
-    record.close_stale_runs(reason="the driver stopped mid-trial")
+    record.trials_ended(ended, reason)
+    record.close_stale_runs(reason)
 
 
 def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -106,17 +106,21 @@ class StudyRun:
             run.log_params({k: str(v) for k, v in params.items()})
             run.end("FAILED", reason=reason)
 
-    def trials_ended(self, frozen_trials: list) -> None:
+    def trials_ended(self, frozen_trials: list, reason: str) -> None:
         """Tag every run the store holds of trials a dead driver left with Optuna's final state
-        (one read of the store, not a search per trial). A server is searched from the earliest
-        of their starts, less ``CLOCK_SKEW_S`` for nodes whose clocks differ."""
+        (one read of the store, not a search per trial), and end as FAILED, with ``reason``, those
+        that finished before the driver died but were never told: the study runs them again. A
+        server is searched from the earliest of their starts, less ``CLOCK_SKEW_S`` for nodes
+        whose clocks differ."""
         by_number = {str(frozen.number): frozen for frozen in frozen_trials}
         starts = [frozen.datetime_start.timestamp() for frozen in frozen_trials if frozen.datetime_start]
         since_ms = int((min(starts) - CLOCK_SKEW_S) * 1000) if starts else 0
         cfg = self.plan.cfg
         found = runs_with_tag(cfg.tracking, cfg.study.name, names.OPTUNA_TRIAL_TAG, set(by_number), since_ms)
-        for run_id, number in found:
+        for run_id, number, status in found:
             tag_run(cfg.tracking.uri, run_id, state_tags(by_number[number]))
+            if status == "FINISHED":
+                Run(cfg.tracking.uri, run_id).end("FAILED", reason=reason)
 
     def close_stale_runs(self, reason: str) -> None:
         """End the study's trial runs left RUNNING (by a dead driver, or a stopped study) as FAILED, with the reason."""

@@ -557,10 +557,12 @@ def test_runs_with_a_tag_among_values_are_found_in_one_read(tmp_path, monkeypatc
     ).tracking
     made = {}
     for number in range(6):
-        with start_run(tracking, "tagged", tags={"optuna_trial": number}) as run:
-            made[run.run_id] = str(number)
+        run = start_run(tracking, "tagged", tags={"optuna_trial": number})
+        made[run.run_id] = (str(number), "RUNNING" if number == 4 else "FINISHED")
+        if number != 4:  # trial 4's run is left running
+            run.end("FINISHED")
     if not bulk:
         monkeypatch.setattr(tables, "readable", lambda uri: False)  # as for a server: MLflow's search
     found = runs_with_tag(tracking, "tagged", "optuna_trial", {"1", "4", "9"}, since_ms=0)
-    assert sorted(found) == sorted((run_id, n) for run_id, n in made.items() if n in {"1", "4"})
+    assert sorted(found) == sorted((run_id, *made[run_id]) for run_id in made if made[run_id][0] in {"1", "4"})
     assert runs_with_tag(tracking, "no such experiment", "optuna_trial", {"1"}, since_ms=0) == []

@@ -184,6 +184,23 @@ def test_rerun_resumes_the_study_and_reuses_the_parent_run(study_args):
     assert len(parents) == 1 and len(children) == 4
 
 
+def test_a_resume_fails_the_runs_a_dead_driver_finished_but_never_told(study_args):
+    """A driver killed between a run's last write and Optuna's tell leaves a FINISHED run of a
+    RUNNING trial: the trial is run again, so that run ends FAILED like the trial."""
+    run_study(study_args("untold", "study.n_trials=2", "study.sampler=random"))
+    study = optuna_study(study_args, "untold")
+    left = study.ask(fixed_distributions=study.trials[0].distributions)  # RUNNING, as the dead driver left it
+    client, parents, _ = mlflow_runs(study_args, "untold")
+    tags = {"optuna_trial": str(left.number), "initstudy.role": "trial", "mlflow.parentRunId": parents[0].info.run_id}
+    finished = client.create_run(parents[0].info.experiment_id, tags=tags).info.run_id
+    client.set_terminated(finished, "FINISHED")
+    run_study(study_args("untold", "study.n_trials=3", "study.sampler=random"))
+    assert [t.state for t in optuna_study(study_args, "untold").trials].count(TrialState.COMPLETE) == 3
+    run = client.get_run(finished)
+    assert run.info.status == "FAILED" and run.data.tags["optuna_state"] == "FAIL"
+    assert run.data.tags["failure_reason"] == "the driver stopped mid-trial"
+
+
 def test_same_sampler_seed_gives_the_same_trials_in_the_same_order(study_args):
     run_study(study_args("order_a", "study.n_trials=3", "study.seed=5"))
     run_study(study_args("order_b", "study.n_trials=3", "study.seed=5"))
