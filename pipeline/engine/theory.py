@@ -20,6 +20,7 @@ formulas, conventions and where the theory applies.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from pipeline.engine.nn.activations import build_activation
 _Q_FLOOR, _Q_CEIL = 1e-12, 1e12  # where the limits of q* = 0 and q* = inf are evaluated
 _Q_TINY = 1e-200  # q = 0 (no signal) is evaluated here: phi(0) and phi'(0+) as limits
 _MARGINAL = 1e-9  # a multiplier within this of 1 is critical: its depth scale is infinite
+_ROUNDING = 1e-12  # relative: a difference of two quadratures of q's size within this is rounding
 _Q_GRID = np.logspace(-8, 8, 161)  # where critical_sigma_w2 looks for the critical q*
 # Quadrature panels: every activation bends or kinks near 0 (|u| <= 16), at multiples of 0.5 for
 # the kinked ones (ReLU at 0, ReLU6 at 6); the Gaussian's bulk is +-10 std.
@@ -359,10 +361,13 @@ _CRITICAL_KEPT = 256
 
 def _find_critical(phi: _Phi, sigma_b2: float) -> Optional[float]:
     gaps = _critical_biases(phi, _Q_GRID) - sigma_b2
-    for i in range(len(gaps) - 1):
-        if gaps[i] == 0 or gaps[i] * gaps[i + 1] < 0:
+    # A gap within rounding of q - E[phi^2] / E[phi'^2] has no sign (tanh's at sigma_b = 0 and q
+    # = 1e-8 is +-2e-24): the crossing is sought between the nearest gaps that have one.
+    signed = np.flatnonzero(np.abs(gaps) > _ROUNDING * _Q_GRID)
+    for i, j in itertools.pairwise(signed):
+        if gaps[i] * gaps[j] < 0:
             gap = lambda q: float(_critical_biases(phi, np.array([q]))[0]) - sigma_b2  # noqa: E731
-            q = optimize.brentq(gap, _Q_GRID[i], _Q_GRID[i + 1], rtol=1e-13)
+            q = optimize.brentq(gap, _Q_GRID[i], _Q_GRID[j], rtol=1e-13)
             return 1.0 / _moments(phi, q).slope2
     if abs(gaps[0]) <= 1e-9:  # the line ends at q* -> 0 (tanh at sigma_b = 0), or is flat (ReLU)
         return 1.0 / _moments(phi, _Q_FLOOR).slope2
