@@ -183,3 +183,16 @@ def test_the_writers_benchmark_times_every_process_count_it_is_given(tmp_path):
     figures = json.loads(out.read_text())["writers"]
     assert set(figures) == {"0", "1"}
     assert all(f["runs_per_s"] > 0 and f["writer_cpu_ms_per_run"] > 0 for f in figures.values())
+
+
+def test_the_pipeline_benchmark_repeats_a_real_study_and_gives_the_median_and_range(tmp_path):
+    """scripts/bench_scale.py --pipeline N --repeat K: the whole `pipeline run` K times, each run's
+    rate and integrity (every trial a FINISHED child run with its whole curve), then their median."""
+    out = tmp_path / "pipeline.json"
+    command = [sys.executable, "scripts/bench_scale.py", "--pipeline", "30", "--repeat", "2", "--json", str(out)]
+    printed = subprocess.run(command, cwd=ROOT, check=True, timeout=400, capture_output=True, text=True).stdout
+    figures = json.loads(out.read_text())["pipeline"]
+    rates = [run["trials_per_s"] for run in figures["runs"]]
+    assert len(rates) == 2 and all(run["integrity"]["ok"] for run in figures["runs"])
+    assert figures["min_trials_per_s"] == min(rates) <= figures["median_trials_per_s"] <= max(rates)
+    assert f"2 runs: median {figures['median_trials_per_s']:.1f} trials/s" in printed
