@@ -863,6 +863,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.load_journal:
         return load_journal_here(args.load_journal)
+    if args.repeat < 1:
+        ap.error(f"--repeat {args.repeat}: give 1 or more")
     args.window = max(1, min(args.window, min(args.counts) // 2))
     report: dict = {"machine": f"{os.cpu_count()} CPUs"}
     if args.optuna:

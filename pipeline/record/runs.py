@@ -322,8 +322,9 @@ def runs_with_tag(
         return []
     if tables.readable(tracking.uri):
         runs = tables.experiment_runs(tracking.uri, found.experiment_id, params=[], tags=[key], metrics=[])
-        found = [(run_id, run["tags"].get(key), run["status"]) for run_id, run in runs.items()]
-        return [run for run in found if run[1] in values]
+        return [
+            (run_id, run["tags"][key], run["status"]) for run_id, run in runs.items() if run["tags"].get(key) in values
+        ]
     query = f"attributes.start_time >= {int(since_ms)}"
     ids, token = [], None
     while True:

@@ -15,7 +15,7 @@ Writing: MLflow's client spends ~30 ms of CPU on a tiny trial's run (create, one
 end: seven transactions of ORM work), the largest share of a small trial's whole cost. A run
 that a writer receives whole (opened and ended in one journal flush, pipeline/record/journal.py)
 is inserted instead, with many others, in one transaction: the rows MLflow's ``create_run``,
-``log_batch`` and ``set_terminated`` would leave (``COLUMNS_WRITTEN``; tests/record/test_tables.py
+``log_batch`` and ``set_terminated`` would leave (``COLUMNS_WRITTEN``; tests/record/test_whole_runs.py
 compares the two, run by run).
 """
 
@@ -217,13 +217,13 @@ def _latest(metric_rows: list[dict]) -> list[dict]:
     latest: dict[str, dict] = {}
     for row in metric_rows:
         held = latest.get(row["key"])
-        if held is None or (row["step"], row["timestamp"], row["value"]) > (
-            held["step"],
-            held["timestamp"],
-            held["value"],
-        ):
+        if held is None or _recency(row) > _recency(held):
             latest[row["key"]] = row
     return list(latest.values())
+
+
+def _recency(row: dict) -> tuple:
+    return row["step"], row["timestamp"], row["value"]  # MLflow's order for a key's latest value
 
 
 @functools.lru_cache(maxsize=8)

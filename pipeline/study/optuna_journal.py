@@ -8,7 +8,7 @@ record's file offset, and Study.ask scans every trial. Here, below its public AP
   writes one every ``SNAPSHOT_EVERY`` trials and when the study stops) and replays only the
   records after it; a snapshot that does not match the file's bytes is ignored;
 - ``held_appends`` and ``set_user_attrs`` write a trial's suggests, and its user attributes, in one
-  append each (``set_user_attrs`` also in one transaction of a database's RDB storage);
+  append each, or in one transaction each of a database's RDB storage;
 - the backend keeps one file offset, param and attribute names are shared strings, and equal
   distributions one object;
 - ``ask_new`` asks without the scan where the driver knows no trial is WAITING.
@@ -134,7 +134,7 @@ def held_appends(study) -> Iterator[None]:
     if isinstance(backend, _journal_file()) and backend.held is None:
         with _held_journal_records(backend):
             yield
-    elif rdb is not None and hasattr(rdb, "_set_trial_param_without_commit") and "_set_trial_param" not in vars(rdb):
+    elif rdb is not None and "_set_trial_param" not in vars(rdb):
         with _held_rdb_params(rdb):
             yield
     else:
@@ -189,12 +189,14 @@ def set_user_attrs(trial, attrs: dict) -> None:
 
 def _rdb_storage(storage):
     """The ``RDBStorage`` behind ``storage`` (Optuna wraps one in a ``_CachedStorage``, which passes
-    user attributes straight through to it), or None."""
+    params and user attributes straight through to it), or None; None too where it lacks the
+    private writes used here."""
     from optuna.storages import RDBStorage
 
     if type(storage).__name__ == "_CachedStorage":
         storage = getattr(storage, "_backend", None)
-    ready = isinstance(storage, RDBStorage) and hasattr(storage, "_set_trial_attr_without_commit")
+    writes = ("_set_trial_attr_without_commit", "_set_trial_param_without_commit")
+    ready = isinstance(storage, RDBStorage) and all(hasattr(storage, name) for name in writes)
     return storage if ready else None
 
 
